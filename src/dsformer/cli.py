@@ -29,10 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     fac = verbs.add_parser("factorize", help="factorize a pretrained model's linears and save the compact model")
     fac.add_argument("--model", default=None, help="local folder or hub name (default: the embedded all-MiniLM-L6-v2)")
     fac.add_argument("--structure", choices=["ds", "svd", "nm"], default="ds", help="weight structure (default: ds)")
-    fac.add_argument("--ratio", type=_number, default=2.0, help="compression ratio of the factorized layers (default: 2)")
+    fac.add_argument(
+        "--ratio", type=_number, default=2.0, help="compression ratio of the factorized layers (default: 2)"
+    )
     fac.add_argument("--output", default=None, help="folder to write (default: outputs/<model>-<structure>-<ratio>x)")
     fac.add_argument("--json", default=None, help="also write the report as JSON to this file")
-    fac.add_argument("--targets", nargs="+", default=None, help="module names, suffixes or re: patterns (default: block linears)")
+    fac.add_argument(
+        "--targets", nargs="+", default=None, help="module names, suffixes or re: patterns (default: block linears)"
+    )
     fac.add_argument("--exclude", nargs="+", default=None, help="module names, suffixes or re: patterns to leave dense")
     fac.add_argument("--k", type=int, default=None, help="ds: fix the basis size k instead of searching it")
     fac.add_argument("--iters", type=int, default=None, help="ds: alternating-minimization rounds")

@@ -182,7 +182,7 @@ def compress(
             options["importance"] = [importance.get(name) for name in names]
         with torch.no_grad():
             fitted = structure.fit(weights, **options)
-            for name, mod, w, factors in zip(names, modules, weights, fitted):
+            for name, mod, w, factors in zip(names, modules, weights, fitted, strict=True):
                 layer = compact_layer(structure, factors, mod.bias).to(device=w.device)
                 layer.source_kind = "linear" if isinstance(mod, nn.Linear) else "conv1d"
                 _set_module(model, name, layer)

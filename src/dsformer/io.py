@@ -60,7 +60,9 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
             raise CheckpointError(f"output {dest} exists and is not a folder; choose another --output")
         known = {META_FILE, "config.json"}
         if any(dest.iterdir()) and not any((dest / name).exists() for name in known):
-            raise CheckpointError(f"output folder {dest} is not empty and holds no saved model; choose another --output")
+            raise CheckpointError(
+                f"output folder {dest} is not empty and holds no saved model; choose another --output"
+            )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
@@ -125,7 +127,11 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, repor
             "model_class": type(model).__name__,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "layers": layers,
-            "weights": {"file": WEIGHTS_FILE, "bytes": (tmp / WEIGHTS_FILE).stat().st_size, "sha256": _sha256(tmp / WEIGHTS_FILE)},
+            "weights": {
+                "file": WEIGHTS_FILE,
+                "bytes": (tmp / WEIGHTS_FILE).stat().st_size,
+                "sha256": _sha256(tmp / WEIGHTS_FILE),
+            },
             "report": report.to_json() if report is not None else None,
         }
         _write_json(tmp / META_FILE, meta)
@@ -139,7 +145,11 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{folder} is not a folder; give the folder that dsformer factorize --output wrote")
     meta_path = folder / META_FILE
     if not meta_path.exists():
-        hint = " (it looks like a plain Hugging Face model: factorize it first)" if (folder / "config.json").exists() else ""
+        hint = (
+            " (it looks like a plain Hugging Face model: factorize it first)"
+            if (folder / "config.json").exists()
+            else ""
+        )
         raise CheckpointError(f"{folder} has no {META_FILE}, so it is not a dsformer model{hint}")
     try:
         meta = json.loads(meta_path.read_text())
@@ -162,7 +172,8 @@ def _check_weights(folder: Path, meta: dict[str, Any]) -> Path:
     size = weights.stat().st_size
     if size != meta["weights"]["bytes"]:
         raise CheckpointError(
-            f"{weights} has {size} bytes but {meta['weights']['bytes']} were saved: the file is truncated or was replaced"
+            f"{weights} has {size} bytes but {meta['weights']['bytes']} were saved: "
+            "the file is truncated or was replaced"
         )
     if _sha256(weights) != meta["weights"]["sha256"]:
         raise CheckpointError(f"{weights} does not match its saved checksum: the file is corrupt or was changed")
@@ -178,7 +189,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Modu
     weights = _check_weights(folder, meta)
     model_cls = getattr(transformers, meta["model_class"], None)
     if model_cls is None:
-        raise CheckpointError(f"model class {meta['model_class']} is not in this transformers version; upgrade transformers")
+        raise CheckpointError(
+            f"model class {meta['model_class']} is not in this transformers version; upgrade transformers"
+        )
     try:
         config = transformers.AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as err:
@@ -207,7 +220,9 @@ def _load_tensors(model: nn.Module, weights: Path) -> None:
         raise CheckpointError(f"{weights} cannot be read as safetensors: {err}") from None
     for key, tensor in stored.items():
         if key not in expected:
-            raise CheckpointError(f"{weights} holds {key!r}, which the model does not have: the files do not belong together")
+            raise CheckpointError(
+                f"{weights} holds {key!r}, which the model does not have: the files do not belong together"
+            )
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise CheckpointError(
                 f"{weights}: {key} has shape {tuple(tensor.shape)} but the model expects {tuple(expected[key].shape)}"

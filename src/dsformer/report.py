@@ -84,11 +84,19 @@ class Report:
         """A fixed-width table: one row per layer, then the totals."""
         head = ("layer", "shape", "structure", "layout", "params", "bytes", "rel_error")
         rows = [
-            (r.name, f"{r.shape[0]}x{r.shape[1]}", r.structure, r.layout, f"{r.params:,}", f"{r.bytes:,}", f"{r.rel_error:.4f}")
+            (
+                r.name,
+                f"{r.shape[0]}x{r.shape[1]}",
+                r.structure,
+                r.layout,
+                f"{r.params:,}",
+                f"{r.bytes:,}",
+                f"{r.rel_error:.4f}",
+            )
             for r in self.layers
         ]
-        widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-        line = "  ".join("{:<%d}" % w if i < 4 else "{:>%d}" % w for i, w in enumerate(widths))
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
+        line = "  ".join(f"{{:<{w}}}" if i < 4 else f"{{:>{w}}}" for i, w in enumerate(widths))
         out = [line.format(*head), line.format(*("-" * w for w in widths))]
         out += [line.format(*row) for row in rows]
         mean_err = sum(r.rel_error for r in self.layers) / max(1, len(self.layers))

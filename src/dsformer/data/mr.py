@@ -69,7 +69,19 @@ def parse_ground_truth(lines: Iterable[str]) -> list[Sentence]:
 
 
 def _download_sdist(folder: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps", SDIST, "-d", str(folder)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-binary",
+        ":all:",
+        "--no-deps",
+        SDIST,
+        "-d",
+        str(folder),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     path = folder / SDIST_FILE
     if done.returncode != 0 or not path.exists():

@@ -5,14 +5,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 from dsformer.structures.base import CompactLinear
 from dsformer.structures.dense_sparse import DenseSparseConfig, DenseSparseLinear
 from dsformer.structures.low_rank import LowRankConfig, LowRankLinear
 from dsformer.structures.nm_sparse import NMConfig, NMLinear
 
-StructureConfig = Union[DenseSparseConfig, LowRankConfig, NMConfig]
+StructureConfig = DenseSparseConfig | LowRankConfig | NMConfig
 
 STRUCTURES: dict[str, tuple[type, type[CompactLinear]]] = {
     "ds": (DenseSparseConfig, DenseSparseLinear),

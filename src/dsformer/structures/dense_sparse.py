@@ -32,15 +32,13 @@ from torch import nn
 from dsformer.errors import InfeasibleRatioError
 from dsformer.structures.base import CompactLinear, check_ratio, infeasible
 
-# Ridge added to the small per-vector Gram systems, relative to their mean diagonal. Near-duplicate
-# atoms make those systems numerically indefinite in fp32 (METHOD.md); failures are redone in fp64.
-_CODE_RIDGE = 1e-6
+# Ridge of the basis update, relative to the mean diagonal of C^T C: keeps it solvable while atoms go unused.
 _BASIS_RIDGE = 1e-7
-# Conjugate-gradient steps for refitting values on the current support (warm) and on a new one.
+# Conjugate-gradient steps for refitting values on the current support (warm) and on a swapped one.
 _CG_WARM = 2
 _CG_NEW = 4
-# Support proposals tried in successive rounds (see _update_codes).
-_PROPOSALS = [("lsq",)]
+# Atoms swapped per vector and round, as a fraction of s (see _update_codes).
+_SWAP_FRACTION = 0.02
 
 
 @dataclass(frozen=True)
@@ -135,8 +133,8 @@ class DenseSparseConfig:
     gamma: float | None = None
     delta: float | None = None
     iters: int = 25
-    search_iters: int = 6
-    search_points: int = 6
+    search_iters: int = 3
+    search_points: int = 8
     seed: int = 0
 
     name = "ds"
@@ -174,7 +172,7 @@ class DenseSparseConfig:
         warm = warm or [None] * len(weights)
         results: list[DenseSparseFactors | None] = [None] * len(weights)
         groups: dict[Any, list[int]] = {}
-        for i, (w, prev) in enumerate(zip(weights, warm)):
+        for i, (w, prev) in enumerate(zip(weights, warm, strict=True)):
             key = (tuple(w.shape), prev.layout if prev is not None else None)
             groups.setdefault(key, []).append(i)
         for (shape, warm_layout), members in groups.items():
@@ -193,22 +191,48 @@ class DenseSparseConfig:
         return results  # type: ignore[return-value]
 
     def _search(self, stack: torch.Tensor, shape: tuple[int, int]):
-        """Short fits at each candidate ``k``, then the full fit of each layer's best."""
+        """Pick ``k`` per layer by successive halving, then finish each layer's best fit.
+
+        Every candidate layout runs ``search_iters`` rounds; each layer keeps its better half of
+        candidates for another ``search_iters`` rounds, and so on until one is left, so the choice
+        is made on fits that have run for a while (the best ``k`` grows with the rounds).
+        """
         torch.manual_seed(self.seed)
         layouts = self.candidates(*shape)
-        short = self.search_iters if len(layouts) > 1 else self.iters
-        trials = [_alternate(stack, _init(stack, lay.k, lay.s), short) for lay in layouts]
-        errors = torch.stack([t.error for t in trials])  # (candidates, L)
-        best = errors.argmin(0).tolist()
-        per_layer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = [None] * stack.shape[0]  # type: ignore
-        for c in sorted(set(best)):
-            members = [j for j, b in enumerate(best) if b == c]
-            state = trials[c].select(members)
-            if short < self.iters:
-                state = _alternate(stack[members], state, self.iters - short)
+        n_layers = stack.shape[0]
+        every = list(range(n_layers))
+        # candidate -> (layers still trying it, their batched state)
+        vh = torch.linalg.svd(stack, full_matrices=False).Vh
+        trials = {c: (every, _init(stack, lay.k, lay.s, vh)) for c, lay in enumerate(layouts)}
+        done = 0
+        while True:
+            alive = {c: members for c, (members, _) in trials.items() if members}
+            if max(sum(j in m for m in alive.values()) for j in every) == 1 or done >= self.iters:
+                break
+            rounds = min(self.search_iters, self.iters - done)
+            for c, members in alive.items():
+                trials[c] = (members, _alternate(stack[members], trials[c][1], rounds))
+            done += rounds
+            errors = torch.full((len(layouts), n_layers), math.inf)
+            for c, (members, state) in trials.items():
+                errors[c, members] = state.error.float().cpu()
+            for j in every:
+                tried = int(torch.isfinite(errors[:, j]).sum())
+                losers = errors[:, j].argsort()[(tried + 1) // 2 : tried].tolist()
+                for c in losers:
+                    members, state = trials[c]
+                    keep = [m for m in range(len(members)) if members[m] != j]
+                    trials[c] = ([members[m] for m in keep], state.select(keep))
+        chosen: list[DenseSparseLayout] = [layouts[0]] * n_layers
+        per_layer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = [None] * n_layers  # type: ignore[list-item]
+        for c, (members, state) in trials.items():
+            if not members:
+                continue
+            if done < self.iters:
+                state = _alternate(stack[members], state, self.iters - done)
             for m, j in enumerate(members):
-                per_layer[j] = state[m]
-        return per_layer, [layouts[b] for b in best]
+                per_layer[j], chosen[j] = state[m], layouts[c]
+        return per_layer, chosen
 
 
 def _spread(layouts: list[DenseSparseLayout], points: int) -> list[DenseSparseLayout]:
@@ -253,9 +277,10 @@ def _stack_state(factors: list[DenseSparseFactors]) -> _State:
     return _State(basis, indices, values, torch.full((len(factors),), math.inf))
 
 
-def _init(V: torch.Tensor, k: int, s: int) -> _State:
-    """Basis = top-k right singular vectors; support = the s largest coefficients."""
-    _, _, vh = torch.linalg.svd(V, full_matrices=False)
+def _init(V: torch.Tensor, k: int, s: int, vh: torch.Tensor | None = None) -> _State:
+    """Basis = top-k right singular vectors (``vh``: those of ``V``, if known); support = the s largest coefficients."""
+    if vh is None:
+        vh = torch.linalg.svd(V, full_matrices=False).Vh
     basis = vh[:, :k].contiguous()
     corr = V @ basis.mT
     indices = corr.abs().topk(s, dim=-1).indices.sort(dim=-1).values
@@ -268,9 +293,9 @@ def _alternate(V: torch.Tensor, state: _State, iters: int) -> _State:
     sq_norms = V.pow(2).sum(-1)
     basis, indices, values = state.basis, state.indices, state.values
     vec_err = _vector_errors(V, basis, indices, values)
-    for i in range(iters):
+    for _ in range(iters):
         basis, values = _update_basis(V, basis, indices, values, vec_err)
-        indices, values, vec_err = _update_codes(V, sq_norms, basis, indices, values, _PROPOSALS[i % len(_PROPOSALS)])
+        indices, values, vec_err = _update_codes(V, sq_norms, basis, indices, values)
     return _State(basis, indices, values, vec_err.sum(-1))
 
 
@@ -307,45 +332,51 @@ def _update_basis(V, basis, indices, values, vec_err):
     return new, values
 
 
-def _update_codes(V, sq_norms, basis, indices, values, proposals):
-    """Per vector: refit the current support and new ones, keep the best.
+def _update_codes(V, sq_norms, basis, indices, values):
+    """Refit every vector's values on its support, then try one support swap; keep whichever is better.
 
-    Proposals are supports of the ``s`` largest entries of ``"lsq"``, the least-squares
-    coefficients on the whole basis, or ``"step"``, a gradient step from the current values.
-    Refits run conjugate gradients on the masked normal equations, all vectors at once as dense
-    ``(N, k)`` GEMMs; CG never increases the error from its start, and the current support starts
-    from the current values, so no vector gets worse.
+    The swap drops the ``m`` atoms of the support that carry the least energy and adds the ``m``
+    outside atoms whose correlation with the residual promises the largest gain (``m`` is about
+    2% of ``s``). Small swaps are accepted far more often than whole new supports, and a
+    full re-selection (largest least-squares coefficients) gained nothing on top of them.
+    Values are fitted by conjugate gradients on the masked normal equations, all vectors at once
+    as dense ``(N, k)`` GEMMs; CG never increases the error from its start, so no vector gets worse.
     """
     s, k = indices.shape[-1], basis.shape[-2]
     gram = basis @ basis.mT  # (L, k, k)
     corr = V @ basis.mT  # (L, N, k)
-    current = _dense_coefficients(indices, values, k)
-    best_idx = indices
-    best_vals, best_err = _refit(sq_norms, corr, gram, indices, current, _CG_WARM)
-    for kind in proposals:
-        if kind == "lsq":
-            eye = torch.eye(k, dtype=V.dtype, device=V.device)
-            ridge = _CODE_RIDGE * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None]
-            cand = torch.linalg.solve(gram + ridge * eye, corr.mT).mT
-        else:
-            lipschitz = torch.linalg.matrix_norm(gram, ord=2)[:, None, None]
-            cand = current + (corr - current @ gram) / lipschitz
-        proposed = cand.abs().topk(s, dim=-1).indices.sort(dim=-1).values
-        start = _dense_coefficients(proposed, cand.gather(-1, proposed), k)
-        vals, err = _refit(sq_norms, corr, gram, proposed, start, _CG_NEW)
-        take = err < best_err
-        best_idx = torch.where(take[..., None], proposed, best_idx)
-        best_vals = torch.where(take[..., None], vals, best_vals)
-        best_err = torch.minimum(err, best_err)
-    return best_idx, best_vals, best_err
+    mask = _support_mask(indices, k)
+    coeffs, residual, err = _refit(sq_norms, corr, gram, mask, _dense_coefficients(indices, values, k), _CG_WARM)
+    if s == k:  # low rank: nothing to swap
+        return indices, coeffs.gather(-1, indices), err
+
+    diag = gram.diagonal(dim1=-2, dim2=-1)[:, None, :]
+    m = min(k - s, max(1, round(s * _SWAP_FRACTION)))
+    energy = torch.where(mask, coeffs.pow(2) * diag, math.inf)
+    gain = torch.where(mask, -math.inf, residual.pow(2) / diag)
+    drop = energy.topk(m, dim=-1, largest=False).indices
+    add = gain.topk(m, dim=-1).indices
+    swapped = mask.scatter(-1, drop, False).scatter(-1, add, True)
+    new_coeffs, _, new_err = _refit(sq_norms, corr, gram, swapped, coeffs * swapped, _CG_NEW)
+
+    take = new_err < err
+    best = torch.where(take[..., None], swapped, mask)
+    coeffs = torch.where(take[..., None], new_coeffs, coeffs)
+    indices = best.to(torch.int8).topk(s, dim=-1).indices.sort(dim=-1).values
+    return indices, coeffs.gather(-1, indices), torch.minimum(new_err, err)
 
 
-def _refit(sq_norms, corr, gram, indices, start, iters):
-    """Least-squares values on a fixed support, by ``iters`` CG steps from ``start`` (dense ``(L,N,k)``).
+def _support_mask(indices: torch.Tensor, k: int) -> torch.Tensor:
+    mask = torch.zeros(*indices.shape[:-1], k, dtype=torch.bool, device=indices.device)
+    return mask.scatter_(-1, indices, True)
 
-    Returns the values ``(L,N,s)`` and each vector's squared error ``(L,N)``.
+
+def _refit(sq_norms, corr, gram, mask, start, iters):
+    """Least-squares values on the support ``mask``, by ``iters`` CG steps from ``start`` (dense ``(L,N,k)``).
+
+    Returns the dense coefficients, the residual correlations ``corr - x G`` and each vector's
+    squared error ``(L, N)``.
     """
-    mask = torch.zeros_like(start, dtype=torch.bool).scatter_(-1, indices, True)
     x = start
     r = corr - x @ gram  # minus half the gradient, on the whole basis
     g = r * mask
@@ -363,7 +394,7 @@ def _refit(sq_norms, corr, gram, indices, start, iters):
         gg = gg_new
     # ||v - x B||^2 = ||v||^2 - 2 x.corr + x.(x G), and x G = corr - r
     errors = (sq_norms - (x * corr).sum(-1) - (x * r).sum(-1)).clamp_min(0)
-    return x.gather(-1, indices), errors
+    return x, r, errors
 
 
 class DenseSparseLinear(CompactLinear):

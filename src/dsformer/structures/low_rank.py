@@ -85,7 +85,7 @@ class LowRankConfig:
     ) -> list[LowRankFactors]:
         """Factorize each weight; ``importance[i]`` (shape ``(out,)``, positive) weights its rows."""
         importance = importance or [None] * len(weights)
-        return [self._fit_one(w, imp) for w, imp in zip(weights, importance)]
+        return [self._fit_one(w, imp) for w, imp in zip(weights, importance, strict=True)]
 
     def _fit_one(self, w: torch.Tensor, importance: torch.Tensor | None) -> LowRankFactors:
         (layout,) = self.candidates(*w.shape)
@@ -127,7 +127,9 @@ class LowRankLinear(CompactLinear):
     def from_layout(cls, shape: tuple[int, int], layout: dict[str, Any], bias: bool, dtype: torch.dtype):
         rank = int(layout["rank"])
         lay = LowRankLayout(shape[0], shape[1], rank)
-        factors = LowRankFactors(lay, torch.zeros(shape[0], rank, dtype=dtype), torch.zeros(rank, shape[1], dtype=dtype))
+        factors = LowRankFactors(
+            lay, torch.zeros(shape[0], rank, dtype=dtype), torch.zeros(rank, shape[1], dtype=dtype)
+        )
         return cls(factors, torch.zeros(shape[0], dtype=dtype) if bias else None)
 
     def describe(self) -> str:
