@@ -40,7 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
     fac.add_argument("--exclude", nargs="+", default=None, help="module names, suffixes or re: patterns to leave dense")
     fac.add_argument("--k", type=int, default=None, help="ds: fix the basis size k instead of searching it")
     fac.add_argument("--iters", type=int, default=None, help="ds: alternating-minimization rounds")
-    fac.add_argument("--seed", type=int, default=0)
     fac.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     fac.add_argument("--no-save", action="store_true", help="only report, write no model folder")
     fac.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -66,10 +65,10 @@ def _default_output(model: str | None, structure: str, ratio: float) -> str:
 
 def _structure(args: argparse.Namespace):
     from dsformer.structures import structure_config
+    from dsformer.structures.base import check_ratio
 
-    options = {"ratio": args.ratio}
+    options = {"ratio": check_ratio(args.ratio)}
     if args.structure == "ds":
-        options["seed"] = args.seed
         if args.k is not None:
             options["k"] = args.k
         if args.iters is not None:
@@ -83,12 +82,13 @@ def factorize(args: argparse.Namespace) -> None:
     import torch
 
     from dsformer import CompressConfig, compress, save
-    from dsformer.models import load_pretrained
+    from dsformer.io import check_output
+    from dsformer.models import load_pretrained, resolve
 
     structure = _structure(args)
     output = None if args.no_save else Path(args.output or _default_output(args.model, args.structure, args.ratio))
-    if output is not None and output.exists() and not output.is_dir():
-        raise DsformerError(f"output {output} exists and is not a folder; choose another --output")
+    if output is not None:
+        check_output(output, source=resolve(args.model))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise DsformerError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     model, tokenizer = load_pretrained(args.model)
@@ -116,7 +116,9 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 def merge(args: argparse.Namespace) -> None:
     from dsformer import export_dense
+    from dsformer.io import check_output
 
+    check_output(Path(args.output), source=args.path)
     out = export_dense(args.path, args.output)
     print(f"dense Hugging Face model written to {out}")
 
@@ -140,8 +142,20 @@ def data(args: argparse.Namespace) -> None:
     print(f"MR: {count} labelled sentences in {path}")
 
 
+def _quiet_libraries() -> None:
+    """Keep other libraries' progress bars and notices off stderr, where our errors go as one line."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         {"factorize": factorize, "merge": merge, "info": info, "data": data}[args.verb](args)
     except DsformerError as err:

@@ -7,8 +7,8 @@ Example:
     >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
     ...                              intermediate_size=64, vocab_size=100))
     >>> report = compress(model, CompressConfig(LowRankConfig(ratio=2.0)), progress=False)
-    >>> len(report.layers), round(report.ratio_params, 2)
-    (12, 2.02)
+    >>> len(report.layers), report.ratio_params >= 2.0
+    (12, True)
 """
 
 from __future__ import annotations
@@ -107,18 +107,21 @@ def find_targets(model: nn.Module, target_modules: Patterns = None, exclude_modu
             hits = [name for name in modules if name and matches(name, pattern)]
             if not hits:
                 raise TargetError(f"target {pattern!r} matches no module; linear layers include: {_examples(linears)}")
-            wrong = [name for name in hits if not is_linear(modules[name])]
-            if wrong:
-                kind = type(modules[wrong[0]]).__name__
+            # a pattern may also match containers (attention, a whole block): take the linears among its hits
+            hits_linear = [name for name in hits if is_linear(modules[name])]
+            if not hits_linear:
+                kind = type(modules[hits[0]]).__name__
                 raise TargetError(
-                    f"target {pattern!r} matches {wrong[0]!r}, a {kind}, not a linear layer; "
+                    f"target {pattern!r} matches {hits[0]!r}, a {kind}, not a linear layer (nor any linear); "
                     f"linear layers include: {_examples(linears)}"
                 )
-            targets += [name for name in hits if name not in targets]
+            targets += [name for name in hits_linear if name not in targets]
     for pattern in _as_list(exclude_modules):
         if not any(matches(name, pattern) for name in modules if name):
             raise TargetError(f"exclusion {pattern!r} matches no module; linear layers include: {_examples(linears)}")
         targets = [name for name in targets if not matches(name, pattern)]
+    if not targets:
+        raise TargetError("no target layers are left to compress; check target_modules and exclude_modules")
     return targets
 
 

