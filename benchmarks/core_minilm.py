@@ -119,12 +119,36 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def markdown_table(results: dict) -> str:
+    """The README's table: per target ratio, each structure's achieved ratios and median error."""
+    lines = [
+        "| target | structure | ratio by params | ratio by bytes | whole model | median error | median / SVD |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for ratio, entry in results["ratios"].items():
+        per = entry["structures"]
+        svd = [layer["rel_error"] for layer in per["svd"]["layers"].values()]
+        for name in ("ds", "svd", "nm"):
+            t = per[name]["totals"]
+            errs = [layer["rel_error"] for layer in per[name]["layers"].values()]
+            quotient = statistics.median(e / b for e, b in zip(errs, svd, strict=True))
+            lines.append(
+                f"| {ratio}x | {name} | {t['ratio_params']:.2f}x | {t['ratio_bytes']:.2f}x | "
+                f"{t['ratio_model_bytes']:.2f}x | {statistics.median(errs):.3f} | {quotient:.3f} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", type=float, nargs="+", default=[2.0, 2.8, 3.57])
     parser.add_argument("--out", default=str(ROOT / "results" / "core_minilm.json"))
     parser.add_argument("--plot", default=str(ROOT / "docs" / "fit_quality.png"))
+    parser.add_argument("--table-only", action="store_true", help="print the markdown table of an earlier --out")
     args = parser.parse_args()
+    if args.table_only:
+        print(markdown_table(json.loads(Path(args.out).read_text())))
+        return
 
     model, tokenizer = load_pretrained(None)
     model.eval()
@@ -163,6 +187,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, Path(args.plot))
+    print(markdown_table(results))
     print(f"wrote {out} and {args.plot}")
 
 
