@@ -44,6 +44,35 @@ def build_parser() -> argparse.ArgumentParser:
     fac.add_argument("--no-save", action="store_true", help="only report, write no model folder")
     fac.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    com = verbs.add_parser("compress", help="fine-tune and compress a model on a task with one method")
+    com.add_argument("--model", default=None, help="local folder or hub name (default: the embedded all-MiniLM-L6-v2)")
+    com.add_argument("--task", default="mr", help="mr (embedded), sst2, cola, mrpc, rte, stsb, wnli, qnli, mnli, qqp")
+    com.add_argument(
+        "--data-dir", default=None, help="GLUE task folder (default: mr's embedded data; GLUE from the hub)"
+    )
+    com.add_argument("--method", default="dsformer", help="dense, svd, fwsvd, nm, ds-conventional, dsformer")
+    com.add_argument("--ratio", type=_number, default=2.0, help="compression ratio of the target layers (default: 2)")
+    com.add_argument("--trainer", choices=["stf", "conventional"], default=None, help="default: the method's own")
+    com.add_argument("--epochs", type=_number, default=3.0)
+    com.add_argument("--lr", type=_number, default=1e-4)
+    com.add_argument("--batch-size", type=int, default=32)
+    com.add_argument("--max-length", type=int, default=128)
+    com.add_argument("--max-train", type=int, default=None, help="train on a seeded subsample of this many examples")
+    com.add_argument("--seed", type=int, default=0)
+    com.add_argument("--refresh-every", type=int, default=10, help="STF: re-project every this many steps")
+    com.add_argument("--ramp-steps", type=int, default=0, help="STF: steps over which lambda ramps to 1")
+    com.add_argument("--teacher", default=None, help="a saved fine-tuned model: adds a knowledge-distillation loss")
+    com.add_argument("--reference", default=None, help="metrics.json of a dense run, for the difference to dense")
+    com.add_argument("--output", default=None, help="folder to write (default: outputs/<task>-<method>-<ratio>x)")
+    com.add_argument("--resume", action="store_true", help="continue the interrupted run in --output")
+    com.add_argument("--device", default="cpu")
+    com.add_argument("--quiet", action="store_true")
+
+    eva = verbs.add_parser("evaluate", help="evaluate a saved model on its task's test split")
+    eva.add_argument("path")
+    eva.add_argument("--task", default=None, help="default: the task it was trained on (metrics.json)")
+    eva.add_argument("--data-dir", default=None)
+
     mer = verbs.add_parser("merge", help="export a saved compact model as a plain dense Hugging Face folder")
     mer.add_argument("path", help="folder written by dsformer factorize")
     mer.add_argument("output", help="folder to write")
@@ -114,6 +143,97 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def compress_verb(args: argparse.Namespace) -> None:
+    from dsformer.pipeline import RunConfig, run
+    from dsformer.stf import Schedule
+    from dsformer.structures.base import check_ratio
+    from dsformer.train import TrainConfig
+
+    if args.method != "dense":
+        check_ratio(args.ratio)
+    train = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_length=args.max_length,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    config = RunConfig(
+        model=args.model,
+        task=args.task,
+        data_dir=args.data_dir,
+        method=args.method,
+        ratio=args.ratio,
+        trainer=args.trainer,
+        max_train=args.max_train,
+        reference=args.reference,
+        teacher=args.teacher,
+        device=args.device,
+        train=train,
+        schedule=Schedule(refresh_every=args.refresh_every, ramp_steps=args.ramp_steps),
+    )
+    ratio = "" if args.method == "dense" else f"-{args.ratio:g}x"
+    output = Path(args.output or os.path.join("outputs", f"{args.task}-{args.method}{ratio}"))
+    try:
+        metrics = run(config, output, resume=args.resume)
+    except KeyboardInterrupt:
+        raise DsformerError(
+            f"interrupted; the checkpoint is in {output}.work: run the same command with --resume"
+        ) from None
+    print(summary_table([metrics]))
+    print(f"saved to {output} (metrics in {output / 'metrics.json'})")
+
+
+def summary_table(runs: list[dict]) -> str:
+    """Method, ratio, test metric, difference to dense, model size, wall time."""
+    head = ("method", "ratio", "metric", "test", "vs dense", "model MiB", "minutes")
+    rows = []
+    for m in runs:
+        key = m["metric"]
+        diff = m.get("difference_to_dense")
+        rows.append(
+            (
+                f"{m['method']} ({m['trainer']})" if m["method"] != "dense" else "dense",
+                f"{m['ratios']['ratio_params']:.2f}x" if m.get("ratios") else "1.00x",
+                key,
+                f"{100 * m['test'][key]:.2f}",
+                "" if diff is None else f"{100 * diff:+.2f}",
+                f"{m['model_bytes'] / 2**20:.1f}",
+                f"{m['wall_seconds'] / 60:.1f}",
+            )
+        )
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([line.format(*head)] + [line.format(*row) for row in rows])
+
+
+def evaluate_verb(args: argparse.Namespace) -> None:
+    from dsformer.io import load
+    from dsformer.models import load_tokenizer
+    from dsformer.tasks import load_task
+    from dsformer.train import evaluate
+
+    folder = Path(args.path)
+    model = load(folder)
+    tokenizer = load_tokenizer(str(folder))
+    if tokenizer is None:
+        raise DsformerError(f"{folder} holds no tokenizer; it cannot be evaluated on text")
+    task, data_dir = args.task, args.data_dir
+    metrics_file = folder / "metrics.json"
+    if task is None and metrics_file.exists():
+        saved = json.loads(metrics_file.read_text())
+        task, data_dir = saved["task"], data_dir or saved["config"].get("data_dir")
+    if task is None:
+        raise DsformerError(f"{folder} has no metrics.json naming its task; pass --task")
+    data = load_task(task, data_dir)
+    result = evaluate(model, tokenizer, data.test, data.spec)
+    print(
+        f"{folder}: {data.spec.name} test ({len(data.test)} examples): "
+        + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
+    )
+
+
 def merge(args: argparse.Namespace) -> None:
     from dsformer import export_dense
     from dsformer.io import check_output
@@ -157,7 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
-        {"factorize": factorize, "merge": merge, "info": info, "data": data}[args.verb](args)
+        {
+            "factorize": factorize,
+            "compress": compress_verb,
+            "evaluate": evaluate_verb,
+            "merge": merge,
+            "info": info,
+            "data": data,
+        }[args.verb](args)
     except DsformerError as err:
         print(f"dsformer: error: {err}", file=sys.stderr)
         return 2

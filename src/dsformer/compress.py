@@ -189,7 +189,7 @@ def compress(
                 layer = compact_layer(structure, factors, mod.bias).to(device=w.device)
                 layer.source_kind = "linear" if isinstance(mod, nn.Linear) else "conv1d"
                 _set_module(model, name, layer)
-                layers.append(_layer_report(name, w, layer))
+                layers.append(layer_report(name, w, layer))
         bar.update(len(names))
     bar.close()
     order = list(chosen)
@@ -197,7 +197,8 @@ def compress(
     return Report(layers, time.perf_counter() - start, bytes_before, model_bytes(model))
 
 
-def _layer_report(name: str, weight: torch.Tensor, layer: CompactLinear) -> LayerReport:
+def layer_report(name: str, weight: torch.Tensor, layer: CompactLinear) -> LayerReport:
+    """One report row: how well the compact layer reproduces the dense ``(out, in)`` weight, at what size."""
     error = (layer.materialize().float() - weight.float()).norm() / weight.float().norm().clamp_min(1e-30)
     return LayerReport(
         name=name,

@@ -48,11 +48,15 @@ EXPORT_FILE = "dsformer-export.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def check_output(path: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
+def check_output(
+    path: str | os.PathLike,
+    source: str | os.PathLike | None = None,
+    markers: tuple[str, ...] = (META_FILE, EXPORT_FILE),
+) -> Path:
     """Refuse an output that would destroy anything but an earlier dsformer output.
 
-    ``path`` may be absent, an empty folder, or a folder that dsformer wrote before (it holds
-    ``dsformer.json`` or ``dsformer-export.json``), which is then replaced. ``source``, the
+    ``path`` may be absent, an empty folder, or a folder that dsformer wrote before (it holds one
+    of ``markers``: ``dsformer.json`` or ``dsformer-export.json`` by default), which is then replaced. ``source``, the
     folder being read, is never a valid output.
     """
     dest = Path(path)
@@ -61,7 +65,7 @@ def check_output(path: str | os.PathLike, source: str | os.PathLike | None = Non
     if dest.exists():
         if not dest.is_dir():
             raise CheckpointError(f"output {dest} exists and is not a folder; choose another --output")
-        ours = any((dest / name).exists() for name in (META_FILE, EXPORT_FILE))
+        ours = any((dest / name).exists() for name in markers)
         if any(dest.iterdir()) and not ours:
             raise CheckpointError(
                 f"output folder {dest} is not empty and was not written by dsformer; choose another --output"
@@ -70,13 +74,13 @@ def check_output(path: str | os.PathLike, source: str | os.PathLike | None = Non
 
 
 @contextlib.contextmanager
-def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_folder(path: str | os.PathLike, markers: tuple[str, ...] = (META_FILE, EXPORT_FILE)) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename.
 
     The destination is checked by :func:`check_output` first, so a mistyped path never deletes a
     user's files.
     """
-    dest = check_output(path)
+    dest = check_output(path, markers=markers)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
@@ -118,8 +122,17 @@ def _write_json(path: Path, data: Any) -> None:
         os.fsync(f.fileno())
 
 
-def save(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, report: Report | None = None) -> Path:
-    """Save a compressed model (with its tokenizer, if given) as a folder that :func:`load` reads."""
+def save(
+    model: nn.Module,
+    path: str | os.PathLike,
+    tokenizer: Any = None,
+    report: Report | None = None,
+    extra_files: dict[str, Any] | None = None,
+) -> Path:
+    """Save a compressed model (with its tokenizer, if given) as a folder that :func:`load` reads.
+
+    ``extra_files`` maps file names to JSON-able data written into the same folder (metrics).
+    """
     layers = {
         name: {
             "structure": layer.structure,
@@ -149,6 +162,8 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, repor
             "report": report.to_json() if report is not None else None,
         }
         _write_json(tmp / META_FILE, meta)
+        for name, data in (extra_files or {}).items():
+            _write_json(tmp / name, data)
     return Path(path)
 
 

@@ -29,11 +29,12 @@ def resolve(model: str | None) -> str:
     return model
 
 
-def load_pretrained(model: str | None, task_head: bool = False) -> tuple[Any, Any]:
+def load_pretrained(model: str | None, task_head: bool = False, num_labels: int | None = None) -> tuple[Any, Any]:
     """Load a Hugging Face model and its tokenizer (``None`` when the source has none).
 
     A local folder is read as it is; any other string is a hub name (fetched online, or read from
-    the local cache when ``HF_HUB_OFFLINE=1``).
+    the local cache when ``HF_HUB_OFFLINE=1``). ``task_head`` adds a sequence-classification head
+    with ``num_labels`` outputs (1: regression).
     """
     from transformers import AutoModel, AutoModelForSequenceClassification
 
@@ -42,8 +43,9 @@ def load_pretrained(model: str | None, task_head: bool = False) -> tuple[Any, An
     if looks_local and not (Path(source).expanduser() / "config.json").exists():
         raise DsformerError(f"model folder {source} has no config.json; give a Hugging Face model folder or hub name")
     auto = AutoModelForSequenceClassification if task_head else AutoModel
+    options = {"num_labels": num_labels} if task_head and num_labels is not None else {}
     try:
-        loaded = auto.from_pretrained(source)
+        loaded = auto.from_pretrained(source, **options)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DsformerError(f"cannot load model {source!r}: {first}") from None

@@ -1,0 +1,129 @@
+"""The compression methods, each a way to turn a pretrained model into a trained compact one.
+
+Every method starts from the same pretrained checkpoint and uses the same training recipe
+(:mod:`dsformer.train`); they differ in the structure and in how it is trained:
+
+| method            | structure      | default trainer | what happens before training                     |
+|-------------------|----------------|-----------------|--------------------------------------------------|
+| ``dense``         | none           | -               | nothing: the fine-tuned reference                 |
+| ``svd``           | low rank       | conventional    | truncated SVD of the pretrained weights           |
+| ``fwsvd``         | low rank       | conventional    | Fisher-weighted SVD (row importance from task gradients) |
+| ``nm``            | N:M            | stf             | magnitude mask, re-selected straight-through (SR-STE style) |
+| ``ds-conventional`` | dense-sparse | conventional    | DS fit once; basis and values train, support frozen |
+| ``dsformer``      | dense-sparse   | stf             | STF: latent weights, warm-started projections      |
+
+``trainer="conventional"`` fits once and trains the factors; ``"stf"`` keeps latent dense weights
+and trains through the projection, which separates the structure from the training algorithm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dsformer.compress import CompressConfig, compress, find_targets, linear_weight
+from dsformer.errors import DsformerError
+from dsformer.report import Report
+from dsformer.stf import STF, Schedule
+from dsformer.structures import DenseSparseConfig, LowRankConfig, NMConfig, StructureConfig
+from dsformer.tasks import TaskData
+from dsformer.train import TrainConfig, _batch, encode
+
+METHODS = ("dense", "svd", "fwsvd", "nm", "ds-conventional", "dsformer")
+DEFAULT_TRAINER = {
+    "svd": "conventional",
+    "fwsvd": "conventional",
+    "nm": "stf",
+    "ds-conventional": "conventional",
+    "dsformer": "stf",
+}
+
+
+@dataclass
+class Prepared:
+    """A model ready for training: an STF controller for straight-through methods, a report otherwise."""
+
+    stf: STF | None
+    report: Report | None
+
+
+def structure_for(method: str, ratio: float) -> StructureConfig | None:
+    if method not in METHODS:
+        raise DsformerError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "dense":
+        return None
+    if method in ("svd", "fwsvd"):
+        return LowRankConfig(ratio=ratio)
+    if method == "nm":
+        return NMConfig(ratio=ratio)
+    return DenseSparseConfig(ratio=ratio)
+
+
+def prepare(
+    method: str,
+    model: nn.Module,
+    ratio: float,
+    trainer: str | None = None,
+    data: TaskData | None = None,
+    tokenizer=None,
+    train_config: TrainConfig | None = None,
+    schedule: Schedule | None = None,
+    targets=None,
+    progress: bool = True,
+) -> Prepared:
+    """Apply ``method``'s structure to ``model`` in place, ready for :func:`dsformer.train.train`."""
+    structure = structure_for(method, ratio)
+    if structure is None:
+        return Prepared(None, None)
+    trainer = trainer or DEFAULT_TRAINER[method]
+    if trainer not in ("stf", "conventional"):
+        raise DsformerError(f"unknown trainer {trainer!r}; choose stf or conventional")
+    if method == "ds-conventional" and trainer == "stf":
+        raise DsformerError("ds-conventional is DS trained conventionally; for DS with STF use --method dsformer")
+    if method == "dsformer" and trainer == "conventional":
+        raise DsformerError(
+            "dsformer is DS trained with STF; for DS trained conventionally use --method ds-conventional"
+        )
+    if trainer == "stf":
+        if method == "fwsvd":
+            raise DsformerError("fwsvd weights the SVD fit; with --trainer stf use --method svd")
+        return Prepared(STF.wrap(model, structure, targets=targets, schedule=schedule), None)
+    importance = None
+    if method == "fwsvd":
+        if data is None or tokenizer is None:
+            raise DsformerError("fwsvd needs task data to estimate Fisher information")
+        importance = fisher_importance(model, tokenizer, data, train_config or TrainConfig(), targets)
+    report = compress(
+        model, CompressConfig(structure, target_modules=targets), importance=importance, progress=progress
+    )
+    return Prepared(None, report)
+
+
+def fisher_importance(
+    model: nn.Module, tokenizer, data: TaskData, config: TrainConfig, targets=None, batches: int = 32
+) -> dict[str, torch.Tensor]:
+    """Row importance of each target weight: squared task-loss gradients summed over inputs (FWSVD)."""
+    names = find_targets(model, targets)
+    modules = {name: model.get_submodule(name) for name in names}
+    sums = {name: torch.zeros(linear_weight(m).shape[0]) for name, m in modules.items()}
+    features = encode(tokenizer, data.train, config.max_length)
+    labels = [e.label for e in data.train]
+    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    for b in range(min(batches, max(1, len(order) // config.batch_size))):
+        idx = order[b * config.batch_size : (b + 1) * config.batch_size]
+        batch = _batch(tokenizer, [features[i] for i in idx], [labels[i] for i in idx], data.spec.is_regression)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        for name, module in modules.items():
+            grad = module.weight.grad
+            grad = grad if isinstance(module, nn.Linear) else grad.T  # Conv1D stores (in, out)
+            sums[name] += grad.detach().float().pow(2).sum(1).cpu()
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return {name: value.clamp_min(1e-12) for name, value in sums.items()}

@@ -1,0 +1,114 @@
+"""One compression run end to end: load, apply a method, fine-tune, finalize, save, write metrics.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsformer import __version__
+from dsformer.errors import DsformerError
+from dsformer.hardware import describe
+from dsformer.io import save
+from dsformer.methods import prepare
+from dsformer.models import load_pretrained
+from dsformer.report import model_bytes
+from dsformer.stf import Schedule
+from dsformer.tasks import load_task
+from dsformer.train import TrainConfig, train
+
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class RunConfig:
+    model: str | None = None
+    task: str = "mr"
+    data_dir: str | None = None
+    method: str = "dsformer"
+    ratio: float = 2.0
+    trainer: str | None = None
+    max_train: int | None = None
+    reference: str | None = None  # metrics.json of a dense run, for the difference to dense
+    teacher: str | None = None
+    device: str = "cpu"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    schedule: Schedule = field(default_factory=Schedule)
+
+
+def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> dict[str, Any]:
+    """Train ``config.method`` on ``config.task`` and save the compact model and ``metrics.json`` to ``output``.
+
+    Training state lives in ``output/work`` (checkpoints for ``resume``); the final model folder
+    is written atomically at the end.
+    """
+    from dsformer.io import check_output
+
+    out = check_output(output, source=config.model)
+    work = out.with_name(out.name + ".work")
+    start = time.perf_counter()
+    data = load_task(config.task, config.data_dir, seed=config.train.seed, max_train=config.max_train)
+    model, tokenizer = load_pretrained(config.model, task_head=True, num_labels=data.spec.num_labels)
+    if tokenizer is None:
+        raise DsformerError(f"model {config.model!r} has no tokenizer; give a folder or hub name that includes one")
+    torch.manual_seed(config.train.seed)
+    device = torch.device(config.device)
+    model.to(device)
+    dense_bytes = model_bytes(model)
+    teacher = None
+    if config.teacher:
+        from dsformer.io import load
+
+        teacher = load(config.teacher, device=device)
+    prepared = prepare(
+        config.method,
+        model,
+        config.ratio,
+        trainer=config.trainer,
+        data=data,
+        tokenizer=tokenizer,
+        train_config=config.train,
+        schedule=config.schedule,
+        progress=config.train.progress,
+    )
+    result = train(model, tokenizer, data, config.train, work, stf=prepared.stf, teacher=teacher, resume=resume)
+    report = prepared.stf.finalize(iters=0) if prepared.stf is not None else prepared.report
+    metrics: dict[str, Any] = {
+        "method": config.method,
+        "trainer": config.trainer or ("-" if config.method == "dense" else None),
+        "task": data.spec.name,
+        "metric": data.spec.metrics[0],
+        "ratio": config.ratio if config.method != "dense" else 1.0,
+        "test": result.test,
+        "validation": result.validation,
+        "best_step": result.best_step,
+        "steps": result.steps,
+        "mean_step_seconds": result.mean_step_seconds,
+        "wall_seconds": time.perf_counter() - start,
+        "ratios": report.totals() if report is not None else None,
+        "model_bytes": model_bytes(model),
+        "dense_model_bytes": dense_bytes,
+        "history": result.history,
+        "sizes": data.sizes(),
+        "config": {**asdict(config), "train": asdict(config.train), "schedule": asdict(config.schedule)},
+        "hardware": describe(),
+        "dsformer": __version__,
+    }
+    if metrics["trainer"] is None:
+        from dsformer.methods import DEFAULT_TRAINER
+
+        metrics["trainer"] = DEFAULT_TRAINER[config.method]
+    if config.reference:
+        dense = json.loads(Path(config.reference).read_text())
+        key = data.spec.metrics[0]
+        metrics["dense_test"] = dense["test"][key]
+        metrics["difference_to_dense"] = result.test[key] - dense["test"][key]
+    save(model.cpu(), out, tokenizer=tokenizer, report=report, extra_files={METRICS_FILE: metrics})
+    shutil.rmtree(work, ignore_errors=True)  # checkpoints are only needed to resume an unfinished run
+    return metrics

@@ -1,0 +1,201 @@
+"""The Straight-Through Factorizer (STF): train the factorization under the task loss.
+
+Each target linear keeps a latent dense weight ``W̃`` (initialized from the pretrained ``W``).
+The layer computes with ``Ŵ_λ = (1 - λ) W̃ + λ Π(W̃)``, where ``Π`` projects onto the structure
+(dense-sparse, low rank or N:M) by a few fitting rounds warm-started from the previous
+projection, so the discrete support keeps moving. The backward pass is straight-through:
+``∂L/∂W̃ := ∂L/∂Ŵ``. :meth:`STF.finalize` turns the last projection into compact layers.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from dsformer.stf import STF
+    >>> from dsformer.structures import DenseSparseConfig
+    >>> model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 32))
+    >>> stf = STF.wrap(model, DenseSparseConfig(ratio=2.0), targets=["0", "2"])
+    >>> model(torch.randn(4, 32)).sum().backward()   # gradients reach the latent weights
+    >>> model[0].weight.grad is not None
+    True
+    >>> report = stf.finalize()
+    >>> type(model[0]).__name__
+    'DenseSparseLinear'
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from dsformer.compress import _set_module, find_targets, layer_report, linear_weight
+from dsformer.report import Report, model_bytes
+from dsformer.structures import CompactLinear, DenseSparseConfig, StructureConfig, compact_layer
+
+
+class STFLinear(nn.Module):
+    """A linear layer whose forward uses the projection of its latent weight, with straight-through gradients."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, source_kind: str = "linear") -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight.detach().clone())  # the latent dense weight W̃
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self.register_buffer("projected", weight.detach().clone())  # Π(W̃), refreshed by STF
+        self.ramp = 1.0  # λ
+        self.factors = None  # the last projection's factors (warm start of the next)
+        self.source_kind = source_kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        # value (1-λ) W̃ + λ Π(W̃), gradient identity with respect to W̃
+        w_hat = w + self.ramp * (self.projected.to(w.dtype) - w).detach()
+        return nn.functional.linear(x, w_hat, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, ramp={self.ramp:g}"
+
+
+@dataclass
+class Schedule:
+    """When to re-project and how strongly: refresh every ``refresh_every`` steps with ``iters`` fitting
+    rounds; ``λ`` ramps linearly from ``ramp_start`` to 1 over the first ``ramp_steps`` steps (0: always 1)."""
+
+    refresh_every: int = 10
+    iters: int = 2
+    ramp_steps: int = 0
+    ramp_start: float = 0.0
+    final_iters: int = 10
+
+    def ramp(self, step: int) -> float:
+        if self.ramp_steps <= 0 or step >= self.ramp_steps:
+            return 1.0
+        return self.ramp_start + (1.0 - self.ramp_start) * step / self.ramp_steps
+
+
+def _support(factors) -> torch.Tensor | None:
+    """The discrete pattern of a projection as a boolean mask (None for low rank, which has none)."""
+    indices = getattr(factors, "indices", None)
+    if indices is None:
+        return None
+    width = factors.layout.k if hasattr(factors.layout, "k") else factors.layout.m
+    mask = torch.zeros(*indices.shape[:-1], width, dtype=torch.bool, device=indices.device)
+    return mask.scatter_(-1, indices.long(), True)
+
+
+class STF:
+    """The STF layers of one model and their shared projection schedule."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, tuple[STFLinear, StructureConfig]], schedule: Schedule):
+        self.model = model
+        self.layers = layers
+        self.schedule = schedule
+        self.support_change = 0.0  # fraction of support entries that moved at the last refresh
+
+    @classmethod
+    def wrap(
+        cls,
+        model: nn.Module,
+        structure: StructureConfig | None = None,
+        targets=None,
+        exclude=None,
+        schedule: Schedule | None = None,
+    ) -> STF:
+        """Replace the target linears by :class:`STFLinear` (in place) and project them once."""
+        structure = structure or DenseSparseConfig()
+        names = find_targets(model, targets, exclude)
+        layers = {}
+        for name in names:
+            module = model.get_submodule(name)
+            structure.candidates(*linear_weight(module).shape)  # fail before changing anything
+        for name in names:
+            module = model.get_submodule(name)
+            kind = "linear" if isinstance(module, nn.Linear) else "conv1d"
+            layer = STFLinear(linear_weight(module), module.bias, kind)
+            _set_module(model, name, layer)
+            layers[name] = (layer, structure)
+        stf = cls(model, layers, schedule or Schedule())
+        stf.refresh(first=True)
+        stf.set_step(0)
+        return stf
+
+    def set_step(self, step: int) -> None:
+        ramp = self.schedule.ramp(step)
+        for layer, _ in self.layers.values():
+            layer.ramp = ramp
+
+    def maybe_refresh(self, step: int) -> bool:
+        """Re-project after optimizer step ``step`` when the schedule says so; set λ for the next step."""
+        self.set_step(step)
+        if step % self.schedule.refresh_every == 0:
+            self.refresh()
+            return True
+        return False
+
+    @torch.no_grad()
+    def refresh(self, first: bool = False, iters: int | None = None) -> float:
+        """Project every latent weight, warm-started from its last projection; returns the support-change rate."""
+        groups: dict[tuple[int, tuple[int, int]], list[str]] = {}
+        for name, (layer, structure) in self.layers.items():
+            groups.setdefault((id(structure), tuple(layer.weight.shape)), []).append(name)
+        moved = total = 0
+        for names in groups.values():
+            structure = self.layers[names[0]][1]
+            layers = [self.layers[n][0] for n in names]
+            fit_config = structure
+            if isinstance(structure, DenseSparseConfig) and not first:
+                fit_config = replace(structure, iters=iters or self.schedule.iters)
+            warm = None if first else [layer.factors for layer in layers]
+            fitted = fit_config.fit([layer.weight.detach() for layer in layers], warm=warm)
+            for layer, factors in zip(layers, fitted, strict=True):
+                old, new = _support(layer.factors), _support(factors)
+                if old is not None and new is not None and old.shape == new.shape:
+                    moved += int((old & ~new).sum())
+                    total += int(new.sum())
+                layer.factors = factors
+                layer.projected.copy_(factors.reconstruct().to(layer.projected.dtype))
+        self.support_change = moved / total if total else 0.0
+        return self.support_change
+
+    def factor_state(self) -> dict[str, torch.Tensor]:
+        """The current projections' tensors, for checkpoints (exact resume needs the warm starts)."""
+        state = {}
+        for name, (layer, _) in self.layers.items():
+            for field in ("basis", "values", "indices", "left", "right"):
+                tensor = getattr(layer.factors, field, None)
+                if tensor is not None:
+                    state[f"{name}.{field}"] = tensor.detach().contiguous()
+        return state
+
+    def load_factor_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name, (layer, _) in self.layers.items():
+            factors = copy.copy(layer.factors)
+            for field in ("basis", "values", "indices", "left", "right"):
+                key = f"{name}.{field}"
+                if key in state:
+                    setattr(factors, field, state[key].to(getattr(factors, field).device))
+            layer.factors = factors
+            layer.projected.copy_(factors.reconstruct().to(layer.projected.dtype))
+
+    @torch.no_grad()
+    def finalize(self, iters: int | None = None) -> Report:
+        """Swap in compact layers holding the projections; returns the report.
+
+        ``iters``: fitting rounds of one more projection first (``None``: the schedule's
+        ``final_iters``; ``0``: keep the last projection, exactly what training evaluated).
+        """
+        bytes_before = model_bytes(self.model) - sum(
+            layer.projected.numel() * layer.projected.element_size() for layer, _ in self.layers.values()
+        )
+        iters = self.schedule.final_iters if iters is None else iters
+        if iters > 0:
+            self.refresh(iters=iters)
+        reports = []
+        for name, (layer, structure) in self.layers.items():
+            compact: CompactLinear = compact_layer(structure, layer.factors, layer.bias).to(layer.weight.device)
+            compact.source_kind = layer.source_kind
+            _set_module(self.model, name, compact)
+            reports.append(layer_report(name, layer.weight.detach(), compact))
+        self.layers = {}
+        return Report(reports, 0.0, bytes_before, model_bytes(self.model))

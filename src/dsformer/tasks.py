@@ -1,0 +1,222 @@
+"""Task registry: the embedded default (MR), GLUE-format folders, and Hugging Face dataset names.
+
+Every task comes as three splits: ``train``; ``validation``, a seeded slice carved from train,
+which selects checkpoints; and ``test``, the split that results report (GLUE's dev set, as in
+the paper; for MR a fixed seeded tenth). Nothing is ever selected on ``test``.
+
+Example:
+    >>> from dsformer.tasks import TASKS
+    >>> TASKS["cola"].metrics, TASKS["stsb"].labels
+    (('matthews',), None)
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from dsformer.errors import DsformerError
+
+
+class DataError(DsformerError, ValueError):
+    """Task data that cannot be read: a missing file, a malformed row, an unknown label, an empty split."""
+
+
+@dataclass(frozen=True)
+class Example:
+    text_a: str
+    text_b: str | None
+    label: float  # a class index, or a score for regression
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Where a task's columns are in its GLUE TSV files, its labels and its official metrics."""
+
+    name: str
+    folder: str
+    text_a: int
+    text_b: int | None
+    label: int
+    header: bool
+    labels: tuple[str, ...] | None  # None: regression
+    metrics: tuple[str, ...]  # the first is the main metric
+    test_file: str = "dev.tsv"
+    hub: tuple[str, str] | None = None  # (dataset, config) on the Hugging Face hub
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.labels is None else len(self.labels)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.labels is None
+
+
+def _glue(name, folder, a, b, label, labels, metrics, header=True, test_file="dev.tsv") -> TaskSpec:
+    return TaskSpec(name, folder, a, b, label, header, labels, metrics, test_file, ("nyu-mll/glue", name))
+
+
+BINARY = ("0", "1")
+ENTAIL = ("entailment", "not_entailment")
+TASKS: dict[str, TaskSpec] = {
+    "mr": TaskSpec("mr", "mr", 0, None, 2, True, BINARY, ("accuracy",)),
+    "sst2": _glue("sst2", "SST-2", 0, None, 1, BINARY, ("accuracy",)),
+    "cola": _glue("cola", "CoLA", 3, None, 1, BINARY, ("matthews",), header=False),
+    "mrpc": _glue("mrpc", "MRPC", 3, 4, 0, BINARY, ("f1", "accuracy")),
+    "rte": _glue("rte", "RTE", 1, 2, 3, ENTAIL, ("accuracy",)),
+    "stsb": _glue("stsb", "STS-B", 7, 8, 9, None, ("pearson", "spearman")),
+    "wnli": _glue("wnli", "WNLI", 1, 2, 3, BINARY, ("accuracy",)),
+    "qnli": _glue("qnli", "QNLI", 1, 2, 3, ENTAIL, ("accuracy",)),
+    "mnli": _glue(
+        "mnli", "MNLI", 8, 9, -1, ("entailment", "neutral", "contradiction"), ("accuracy",), test_file="dev_matched.tsv"
+    ),
+    "qqp": _glue("qqp", "QQP", 3, 4, 5, BINARY, ("f1", "accuracy")),
+}
+ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "sts": "stsb"}
+
+
+@dataclass
+class TaskData:
+    spec: TaskSpec
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
+
+
+def task_spec(name: str) -> TaskSpec:
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in TASKS:
+        raise DataError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    return TASKS[key]
+
+
+def read_tsv(path: Path, spec: TaskSpec) -> list[Example]:
+    """Read one GLUE TSV split (quoting off, as GLUE files need); bad rows name the file and line."""
+    if not path.exists():
+        raise DataError(f"{path} is missing; --data-dir must be a GLUE task folder holding train.tsv and dev.tsv")
+    csv.field_size_limit(sys.maxsize)
+    wanted = max(spec.text_a, spec.text_b or 0, spec.label if spec.label >= 0 else 0) + 1
+    examples = []
+    with open(path, encoding="utf-8", newline="") as f:
+        for number, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
+            if number == 1 and spec.header:
+                continue
+            if not row or row == [""]:
+                continue
+            if len(row) < wanted:
+                raise DataError(f"{path}:{number}: expected at least {wanted} tab-separated columns, found {len(row)}")
+            examples.append(
+                Example(
+                    row[spec.text_a],
+                    row[spec.text_b] if spec.text_b is not None else None,
+                    _label(row[spec.label], spec, path, number),
+                )
+            )
+    if not examples:
+        raise DataError(f"{path} has no examples")
+    return examples
+
+
+def _label(raw: str, spec: TaskSpec, path: Path | str, number: int) -> float:
+    raw = raw.strip()
+    if spec.labels is None:
+        try:
+            return float(raw)
+        except ValueError:
+            raise DataError(f"{path}:{number}: score {raw!r} is not a number") from None
+    if raw not in spec.labels:
+        raise DataError(f"{path}:{number}: unknown label {raw!r}; {spec.name} labels are {', '.join(spec.labels)}")
+    return float(spec.labels.index(raw))
+
+
+def _carve(
+    examples: list[Example], fraction: float, seed: int, cap: int | None = None
+) -> tuple[list[Example], list[Example]]:
+    """Split off a seeded ``fraction`` (at least one example, at most ``cap``) as validation."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(examples) * fraction))
+    n_val = min(n_val, cap) if cap else n_val
+    if n_val >= len(examples):
+        raise DataError(f"train split has {len(examples)} examples: too few to carve a validation slice from")
+    val = set(order[:n_val])
+    return [e for i, e in enumerate(examples) if i not in val], [examples[i] for i in sorted(val)]
+
+
+def load_task(
+    name: str = "mr",
+    data_dir: str | Path | None = None,
+    validation_fraction: float = 0.1,
+    seed: int = 0,
+    max_train: int | None = None,
+    max_validation: int | None = 2000,
+) -> TaskData:
+    """Load a task's three splits.
+
+    ``mr`` reads the embedded default (``dsformer data mr`` prepares it). A GLUE task reads
+    ``data_dir`` (a folder in the standard GLUE layout) or, without one, the Hugging Face hub.
+    ``max_train`` keeps a seeded subsample of train (for quick CPU runs); the validation slice is
+    ``validation_fraction`` of train, at most ``max_validation`` examples.
+    """
+    spec = task_spec(name)
+    if spec.name == "mr":
+        train, test = _load_mr(Path(data_dir) if data_dir else None)
+    elif data_dir is not None:
+        folder = Path(data_dir)
+        if not folder.is_dir():
+            raise DataError(f"--data-dir {folder} is not a folder; give the GLUE task folder (e.g. glue_data/SST-2)")
+        train, test = read_tsv(folder / "train.tsv", spec), read_tsv(folder / spec.test_file, spec)
+    else:
+        train, test = _load_hub(spec)
+    train, validation = _carve(train, validation_fraction, seed, cap=max_validation)
+    if max_train is not None and max_train < len(train):
+        train = random.Random(seed + 1).sample(train, max_train)
+    data = TaskData(spec, train, validation, test)
+    for split, size in data.sizes().items():
+        if size == 0:
+            raise DataError(f"{spec.name}: the {split} split is empty")
+    return data
+
+
+def _load_mr(data_dir: Path | None) -> tuple[list[Example], list[Example]]:
+    """MR, with a fixed seeded tenth held out as the test split (independent of the training seed)."""
+    from dsformer.data.mr import mr_path
+
+    path = (data_dir / "mr.tsv") if data_dir else mr_path()
+    if not path.exists():
+        raise DataError(f"{path} is missing; run `dsformer data mr` (or `make setup`) to prepare the MR data")
+    spec = TASKS["mr"]
+    examples = read_tsv(path, spec)
+    return _carve(examples, 0.1, seed=20231221)
+
+
+def _load_hub(spec: TaskSpec) -> tuple[list[Example], list[Example]]:
+    """GLUE from the Hugging Face hub (online users); needs the ``datasets`` package."""
+    if spec.hub is None:
+        raise DataError(f"{spec.name} has no hub dataset; pass --data-dir")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{spec.name}: pass --data-dir, or `pip install datasets` to read it from the hub") from None
+    try:
+        ds = datasets.load_dataset(*spec.hub)
+    except Exception as err:  # noqa: BLE001 - the hub raises many kinds; all mean the same to the user
+        raise DataError(
+            f"cannot load {'/'.join(spec.hub)} from the hub ({type(err).__name__}); pass --data-dir"
+        ) from None
+    keys = [k for k in ds["train"].column_names if k not in ("label", "idx")]
+    test_split = "validation_matched" if spec.name == "mnli" else "validation"
+
+    def convert(split: str) -> list[Example]:
+        return [
+            Example(row[keys[0]], row[keys[1]] if len(keys) > 1 else None, float(row["label"])) for row in ds[split]
+        ]
+
+    return convert("train"), convert(test_split)

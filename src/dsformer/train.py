@@ -1,0 +1,329 @@
+"""The fine-tuning loop every method shares: AdamW with warm-up and linear decay, dynamic padding,
+per-epoch validation with best-checkpoint selection, checkpoints that resume exactly, KD, STF hooks.
+
+Example (a tiny model on a few made-up sentences):
+    >>> import tempfile
+    >>> from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    >>> from dsformer.tasks import TASKS, Example, TaskData
+    >>> from dsformer.train import TrainConfig, train
+    >>> vocab = tempfile.mktemp()
+    >>> _ = open(vocab, "w").write("\\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad", "film"]))
+    >>> tok = BertTokenizerFast(vocab_file=vocab)
+    >>> model = BertForSequenceClassification(BertConfig(vocab_size=7, hidden_size=16, num_hidden_layers=1,
+    ...                                                  num_attention_heads=2, intermediate_size=32))
+    >>> ex = [Example("good film", None, 1.0), Example("bad film", None, 0.0)] * 8
+    >>> result = train(model, tok, TaskData(TASKS["mr"], ex, ex[:4], ex[:4]), TrainConfig(epochs=1, batch_size=4,
+    ...                progress=False), output_dir=tempfile.mkdtemp())
+    >>> sorted(result.test)
+    ['accuracy']
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from dsformer.errors import DsformerError
+from dsformer.metrics import compute
+from dsformer.stf import STF
+from dsformer.tasks import Example, TaskData, TaskSpec
+
+STATE_FILE = "trainer_state.json"
+
+
+class TrainingError(DsformerError, RuntimeError):
+    """Training cannot go on (non-finite loss, a checkpoint that does not fit the run)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 3.0
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.06  # fraction of all steps
+    max_length: int = 128
+    seed: int = 0
+    grad_clip: float = 1.0
+    checkpoint_every: int = 200  # steps; 0 = only at epoch ends
+    eval_batch_size: int = 128
+    kd_temperature: float = 2.0
+    kd_alpha: float = 0.5  # weight of the KD term when a teacher is given
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    validation: dict[str, float]
+    test: dict[str, float]
+    best_step: int
+    steps: int
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    mean_step_seconds: float = 0.0
+
+
+def encode(tokenizer, examples: list[Example], max_length: int) -> list[dict[str, list[int]]]:
+    """Tokenize once, unpadded; batches are padded to their own longest example."""
+    a = [e.text_a for e in examples]
+    b = [e.text_b for e in examples] if examples and examples[0].text_b is not None else None
+    enc = tokenizer(a, b, truncation=True, max_length=max_length)
+    return [{key: enc[key][i] for key in enc.keys()} for i in range(len(examples))]
+
+
+def _batch(tokenizer, features: list[dict], labels: list[float], regression: bool) -> dict[str, torch.Tensor]:
+    batch = tokenizer.pad(features, return_tensors="pt")
+    batch["labels"] = torch.tensor(labels, dtype=torch.float32 if regression else torch.long)
+    return dict(batch)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, tokenizer, examples: list[Example], spec: TaskSpec, config: TrainConfig) -> list[float]:
+    """Predictions (class indices or scores), batched by length for speed."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    features = encode(tokenizer, examples, config.max_length)
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    preds: list[float] = [0.0] * len(features)
+    for start in range(0, len(order), config.eval_batch_size):
+        idx = order[start : start + config.eval_batch_size]
+        batch = tokenizer.pad([features[i] for i in idx], return_tensors="pt")
+        logits = model(**_to(dict(batch), device)).logits.float()
+        values = logits[:, 0] if spec.is_regression else logits.argmax(-1)
+        for i, v in zip(idx, values.tolist(), strict=True):
+            preds[i] = v
+    model.train(was_training)
+    return preds
+
+
+def evaluate(model: nn.Module, tokenizer, examples: list[Example], spec: TaskSpec, config: TrainConfig | None = None):
+    """The task's official metrics on ``examples``."""
+    config = config or TrainConfig()
+    preds = predict(model, tokenizer, examples, spec, config)
+    return compute(spec.metrics, preds, [e.label for e in examples])
+
+
+def _optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    warmup = max(1, round(config.warmup * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _loss(outputs, batch, spec: TaskSpec, teacher: nn.Module | None, config: TrainConfig) -> torch.Tensor:
+    logits = outputs.logits.float()
+    labels = batch["labels"]
+    task = (
+        nn.functional.mse_loss(logits[:, 0], labels)
+        if spec.is_regression
+        else nn.functional.cross_entropy(logits, labels)
+    )
+    if teacher is None:
+        return task
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        target = teacher(**inputs).logits.float()
+    if spec.is_regression:
+        kd = nn.functional.mse_loss(logits, target)
+    else:
+        t = config.kd_temperature
+        kd = nn.functional.kl_div(
+            nn.functional.log_softmax(logits / t, -1), nn.functional.softmax(target / t, -1), reduction="batchmean"
+        ) * (t * t)
+    return (1 - config.kd_alpha) * task + config.kd_alpha * kd
+
+
+def _write_checkpoint(folder: Path, model, optimizer, scheduler, stf: STF | None, state: dict, rng: torch.Tensor):
+    from dsformer.io import atomic_folder
+
+    with atomic_folder(folder, markers=(STATE_FILE,)) as tmp:
+        tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(_unshare(tensors), str(tmp / "model.safetensors"))
+        if stf is not None:
+            save_file(stf.factor_state(), str(tmp / "stf.safetensors"))
+        save_file({"cpu": rng}, str(tmp / "rng.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+
+def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied weights); store each once more as a copy."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for key, value in tensors.items():
+        ident = (value.data_ptr(), value.numel())
+        out[key] = value.clone() if ident in seen else value
+        seen.add(ident)
+    return out
+
+
+def _read_checkpoint(folder: Path, model, optimizer, scheduler, stf: STF | None) -> tuple[dict, torch.Tensor]:
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        if stf is not None:
+            stf.load_factor_state(load_file(str(folder / "stf.safetensors")))
+        rng = load_file(str(folder / "rng.safetensors"))["cpu"]
+        saved = torch.load(folder / "optimizer.pt", weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise TrainingError(
+            f"checkpoint {folder} cannot be resumed into this run ({type(err).__name__}: {err})"
+        ) from None
+    return state, rng
+
+
+def train(
+    model: nn.Module,
+    tokenizer,
+    data: TaskData,
+    config: TrainConfig,
+    output_dir: str | os.PathLike,
+    stf: STF | None = None,
+    teacher: nn.Module | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Fine-tune ``model`` on ``data``; keep the best validation state; report validation and test metrics.
+
+    ``output_dir/checkpoint`` is written every ``checkpoint_every`` steps, at epoch ends and on
+    interruption; ``resume=True`` continues from it exactly (same batches, dropout and metric).
+    ``output_dir/best`` holds the state with the best validation metric, which the model ends in.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = data.spec
+    device = next(model.parameters()).device
+    torch.manual_seed(config.seed)
+    features = encode(tokenizer, data.train, config.max_length)
+    labels = [e.label for e in data.train]
+    per_epoch = math.ceil(len(features) / config.batch_size)
+    total = max(1, math.ceil(config.epochs * per_epoch))
+    optimizer, scheduler = _optimizer(model, config, total)
+    if teacher is not None:
+        teacher.eval()
+
+    state: dict[str, Any] = {"step": 0, "best": None, "best_step": 0, "history": [], "config": asdict(config)}
+    ckpt = out / "checkpoint"
+    if resume:
+        if not (ckpt / STATE_FILE).exists():
+            raise TrainingError(f"--resume: no checkpoint in {ckpt}; start without --resume")
+        state, rng = _read_checkpoint(ckpt, model, optimizer, scheduler, stf)
+        torch.set_rng_state(rng)
+        if stf is not None:
+            stf.set_step(state["step"])
+        if state["config"] != asdict(config):
+            raise TrainingError(
+                f"--resume: {ckpt} was written with other settings; use the same ones or a new --output"
+            )
+
+    model.train()
+    bar = tqdm(total=total, initial=state["step"], desc=f"train {spec.name}", unit="step", disable=not config.progress)
+    step_times: list[float] = []
+    rng = torch.get_rng_state()
+    try:
+        while state["step"] < total:
+            step = state["step"]
+            epoch, in_epoch = divmod(step, per_epoch)
+            order = torch.randperm(len(features), generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
+            idx = order[in_epoch * config.batch_size : (in_epoch + 1) * config.batch_size].tolist()
+            rng = torch.get_rng_state()
+            start = time.perf_counter()
+            batch = _to(
+                _batch(tokenizer, [features[i] for i in idx], [labels[i] for i in idx], spec.is_regression), device
+            )
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            loss = _loss(model(**inputs), batch, spec, teacher, config)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"loss became {loss.item()} at step {step + 1}; training stopped. The last good checkpoint is "
+                    f"{ckpt if ckpt.exists() else 'not written yet'}; resume with --resume, perhaps with a lower --lr"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            state["step"] = step = step + 1
+            if stf is not None:
+                stf.maybe_refresh(step)
+            step_times.append(time.perf_counter() - start)
+            postfix = {"loss": f"{loss.item():.4f}", "step_s": f"{step_times[-1]:.2f}"}
+            if stf is not None:
+                postfix["support_change"] = f"{stf.support_change:.4f}"
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+            epoch_end = step % per_epoch == 0 or step == total
+            if epoch_end:
+                metrics = _validate(model, tokenizer, data, config, stf)
+                main = metrics[spec.metrics[0]]
+                state["history"].append({"step": step, "loss": loss.item(), **metrics})
+                if state["best"] is None or main > state["best"]:
+                    state["best"], state["best_step"] = main, step
+                    _write_checkpoint(out / "best", model, optimizer, scheduler, stf, state, rng)
+                if config.progress:
+                    bar.write(
+                        f"step {step}: validation {metrics} (best {state['best']:.4f} at step {state['best_step']})"
+                    )
+            if epoch_end or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                _write_checkpoint(ckpt, model, optimizer, scheduler, stf, state, torch.get_rng_state())
+    except KeyboardInterrupt:
+        # the interrupted step never reached the optimizer: save the state before it
+        _write_checkpoint(ckpt, model, optimizer, scheduler, stf, state, rng)
+        raise
+    finally:
+        bar.close()
+
+    _read_checkpoint(out / "best", model, optimizer, scheduler, stf)
+    validation = _validate(model, tokenizer, data, config, stf)
+    test = evaluate(model, tokenizer, data.test, spec, config)
+    timed = step_times[1:] or step_times
+    return TrainResult(
+        validation=validation,
+        test=test,
+        best_step=state["best_step"],
+        steps=state["step"],
+        seconds=sum(step_times),
+        history=state["history"],
+        mean_step_seconds=sum(timed) / max(1, len(timed)),
+    )
+
+
+def _validate(model, tokenizer, data: TaskData, config: TrainConfig, stf: STF | None) -> dict[str, float]:
+    """Validation metrics of the model as it would ship: with STF, the projection itself (λ = 1)."""
+    if stf is None:
+        return evaluate(model, tokenizer, data.validation, data.spec, config)
+    ramps = {name: layer.ramp for name, (layer, _) in stf.layers.items()}
+    for layer, _ in stf.layers.values():
+        layer.ramp = 1.0
+    try:
+        return evaluate(model, tokenizer, data.validation, data.spec, config)
+    finally:
+        for name, (layer, _) in stf.layers.items():
+            layer.ramp = ramps[name]
