@@ -187,6 +187,8 @@ def compress_verb(args: argparse.Namespace) -> None:
 
 def summary_table(runs: list[dict]) -> str:
     """Method, ratio, test metric, difference to dense, model size, wall time."""
+    from dsformer.report import format_table
+
     head = ("method", "ratio", "metric", "test", "vs dense", "model MiB", "minutes")
     rows = []
     for m in runs:
@@ -203,9 +205,7 @@ def summary_table(runs: list[dict]) -> str:
                 f"{m['wall_seconds'] / 60:.1f}",
             )
         )
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
-    line = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([line.format(*head)] + [line.format(*row) for row in rows])
+    return format_table(head, rows, left=3)
 
 
 def evaluate_verb(args: argparse.Namespace) -> None:

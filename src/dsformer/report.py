@@ -25,6 +25,14 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
+def format_table(head: tuple[str, ...], rows: list[tuple], left: int | None = None) -> str:
+    """A fixed-width text table; the first ``left`` columns align left, the rest right (numbers)."""
+    left = len(head) if left is None else left
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
+    line = "  ".join(f"{{:<{w}}}" if i < left else f"{{:>{w}}}" for i, w in enumerate(widths))
+    return "\n".join([line.format(*head), line.format(*("-" * w for w in widths))] + [line.format(*r) for r in rows])
+
+
 @dataclass
 class LayerReport:
     name: str
@@ -95,10 +103,7 @@ class Report:
             )
             for r in self.layers
         ]
-        widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
-        line = "  ".join(f"{{:<{w}}}" if i < 4 else f"{{:>{w}}}" for i, w in enumerate(widths))
-        out = [line.format(*head), line.format(*("-" * w for w in widths))]
-        out += [line.format(*row) for row in rows]
+        out = [format_table(head, rows, left=4)]
         mean_err = sum(r.rel_error for r in self.layers) / max(1, len(self.layers))
         out.append(
             f"{len(self.layers)} layers factorized in {self.seconds:.1f} s; mean relative error {mean_err:.4f}\n"
