@@ -11,6 +11,7 @@ Every method starts from the same pretrained checkpoint and uses the same traini
 | ``nm``            | N:M            | stf             | magnitude mask, re-selected straight-through (SR-STE style) |
 | ``ds-conventional`` | dense-sparse | conventional    | DS fit once; basis and values train, support frozen |
 | ``dsformer``      | dense-sparse   | stf             | STF: latent weights, warm-started projections      |
+| ``distil``        | fewer layers   | -               | every other layer of a fine-tuned teacher, trained with KD |
 
 ``trainer="conventional"`` fits once and trains the factors; ``"stf"`` keeps latent dense weights
 and trains through the projection, which separates the structure from the training algorithm.
@@ -18,12 +19,13 @@ and trains through the projection, which separates the structure from the traini
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from dsformer.compress import CompressConfig, compress, find_targets, linear_weight
+from dsformer.compress import CompressConfig, _set_module, compress, find_targets, linear_weight
 from dsformer.errors import DsformerError
 from dsformer.report import Report
 from dsformer.stf import STF, Schedule
@@ -31,7 +33,7 @@ from dsformer.structures import DenseSparseConfig, LowRankConfig, NMConfig, Stru
 from dsformer.tasks import TaskData
 from dsformer.train import TrainConfig, _batch, encode
 
-METHODS = ("dense", "svd", "fwsvd", "nm", "ds-conventional", "dsformer")
+METHODS = ("dense", "svd", "fwsvd", "nm", "ds-conventional", "dsformer", "distil")
 DEFAULT_TRAINER = {
     "svd": "conventional",
     "fwsvd": "conventional",
@@ -52,7 +54,7 @@ class Prepared:
 def structure_for(method: str, ratio: float) -> StructureConfig | None:
     if method not in METHODS:
         raise DsformerError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "dense":
+    if method in ("dense", "distil"):
         return None
     if method in ("svd", "fwsvd"):
         return LowRankConfig(ratio=ratio)
@@ -99,6 +101,25 @@ def prepare(
         model, CompressConfig(structure, target_modules=targets), importance=importance, progress=progress
     )
     return Prepared(None, report)
+
+
+def make_student(teacher: nn.Module, keep_every: int = 2) -> nn.Module:
+    """A DistilBERT-style student: a copy of ``teacher`` keeping every ``keep_every``-th block.
+
+    The blocks are the longest ``nn.ModuleList`` of the model (BERT's ``encoder.layer``,
+    GPT-2's ``h``); the config's layer count follows.
+    """
+    student = copy.deepcopy(teacher)
+    lists = [(name, mod) for name, mod in student.named_modules() if isinstance(mod, nn.ModuleList)]
+    if not lists:
+        raise DsformerError("distil: the model has no list of blocks to thin out")
+    name, blocks = max(lists, key=lambda item: len(item[1]))
+    kept = nn.ModuleList(blocks[i] for i in range(0, len(blocks), keep_every))
+    _set_module(student, name, kept)
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        if hasattr(student.config, attr):
+            setattr(student.config, attr, len(kept))
+    return student
 
 
 def fisher_importance(

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 
 from dsformer import __version__
+from dsformer.compress import find_targets
 from dsformer.errors import DsformerError
 from dsformer.hardware import describe
 from dsformer.io import save
-from dsformer.methods import prepare
+from dsformer.methods import make_student, prepare
 from dsformer.models import load_pretrained
 from dsformer.report import model_bytes
 from dsformer.stf import Schedule
@@ -60,12 +61,18 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
     torch.manual_seed(config.train.seed)
     device = torch.device(config.device)
     model.to(device)
-    dense_bytes = model_bytes(model)
+    dense_bytes = model_bytes(model)  # the pretrained model's size, the reference of every ratio
     teacher = None
     if config.teacher:
         from dsformer.io import load
 
         teacher = load(config.teacher, device=device)
+    if config.method == "distil":
+        if teacher is None:
+            raise DsformerError(
+                "--method distil needs --teacher: a fine-tuned model saved by `dsformer compress --method dense`"
+            )
+        model = make_student(teacher).to(device)
     prepared = prepare(
         config.method,
         model,
@@ -79,6 +86,12 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
     )
     result = train(model, tokenizer, data, config.train, work, stf=prepared.stf, teacher=teacher, resume=resume)
     report = prepared.stf.finalize(iters=0) if prepared.stf is not None else prepared.report
+    ratios = report.totals() if report is not None else None
+    if config.method == "distil":
+        ratios = {
+            "ratio_params": _block_params(teacher) / _block_params(model),
+            "ratio_model_bytes": dense_bytes / model_bytes(model),
+        }
     metrics: dict[str, Any] = {
         "method": config.method,
         "trainer": config.trainer or ("-" if config.method == "dense" else None),
@@ -91,7 +104,7 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
         "steps": result.steps,
         "mean_step_seconds": result.mean_step_seconds,
         "wall_seconds": time.perf_counter() - start,
-        "ratios": report.totals() if report is not None else None,
+        "ratios": ratios,
         "model_bytes": model_bytes(model),
         "dense_model_bytes": dense_bytes,
         "history": result.history,
@@ -112,3 +125,8 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
     save(model.cpu(), out, tokenizer=tokenizer, report=report, extra_files={METRICS_FILE: metrics})
     shutil.rmtree(work, ignore_errors=True)  # checkpoints are only needed to resume an unfinished run
     return metrics
+
+
+def _block_params(model) -> int:
+    """Weight parameters of the linears inside the model's blocks (what the other methods compress)."""
+    return sum(model.get_submodule(name).weight.numel() for name in find_targets(model))
