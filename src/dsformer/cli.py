@@ -175,14 +175,29 @@ def compress_verb(args: argparse.Namespace) -> None:
     )
     ratio = "" if args.method == "dense" else f"-{args.ratio:g}x"
     output = Path(args.output or os.path.join("outputs", f"{args.task}-{args.method}{ratio}"))
+    rank = _init_distributed(args.device)
     try:
         metrics = run(config, output, resume=args.resume)
     except KeyboardInterrupt:
         raise DsformerError(
             f"interrupted; the checkpoint is in {output}.work: run the same command with --resume"
         ) from None
-    print(summary_table([metrics]))
-    print(f"saved to {output} (metrics in {output / 'metrics.json'})")
+    if rank == 0:
+        print(summary_table([metrics]))
+        print(f"saved to {output} (metrics in {output / 'metrics.json'})")
+
+
+def _init_distributed(device: str) -> int:
+    """Join the process group when started by torchrun or ``accelerate launch`` (WORLD_SIZE > 1); return the rank."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # the processes share the cores
+    return torch.distributed.get_rank()
 
 
 def summary_table(runs: list[dict]) -> str:

@@ -22,7 +22,7 @@ from dsformer.models import load_pretrained
 from dsformer.report import model_bytes
 from dsformer.stf import Schedule
 from dsformer.tasks import load_task
-from dsformer.train import TrainConfig, train
+from dsformer.train import TrainConfig, distributed, train
 
 METRICS_FILE = "metrics.json"
 
@@ -122,8 +122,9 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
         key = data.spec.metrics[0]
         metrics["dense_test"] = dense["test"][key]
         metrics["difference_to_dense"] = result.test[key] - dense["test"][key]
-    save(model.cpu(), out, tokenizer=tokenizer, report=report, extra_files={METRICS_FILE: metrics})
-    shutil.rmtree(work, ignore_errors=True)  # checkpoints are only needed to resume an unfinished run
+    if distributed()[0] == 0:
+        save(model.cpu(), out, tokenizer=tokenizer, report=report, extra_files={METRICS_FILE: metrics})
+        shutil.rmtree(work, ignore_errors=True)  # checkpoints are only needed to resume an unfinished run
     return metrics
 
 

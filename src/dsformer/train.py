@@ -242,8 +242,18 @@ def train(
                 f"--resume: {ckpt} was written with other settings; use the same ones or a new --output"
             )
 
+    rank, world = distributed()
+    # DDP averages gradients over processes; each takes an equal share of every global batch
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    lead = rank == 0
     model.train()
-    bar = tqdm(total=total, initial=state["step"], desc=f"train {spec.name}", unit="step", disable=not config.progress)
+    bar = tqdm(
+        total=total,
+        initial=state["step"],
+        desc=f"train {spec.name}",
+        unit="step",
+        disable=not (config.progress and lead),
+    )
     step_times: list[float] = []
     rng = torch.get_rng_state()
     try:
@@ -251,17 +261,21 @@ def train(
             step = state["step"]
             epoch, in_epoch = divmod(step, per_epoch)
             order = torch.randperm(len(features), generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
-            idx = order[in_epoch * config.batch_size : (in_epoch + 1) * config.batch_size].tolist()
+            idx = order[in_epoch * config.batch_size : (in_epoch + 1) * config.batch_size].tolist()[rank::world]
             rng = torch.get_rng_state()
             start = time.perf_counter()
             batch = _to(
                 _batch(tokenizer, [features[i] for i in idx], [labels[i] for i in idx], spec.is_regression), device
             )
             inputs = {k: v for k, v in batch.items() if k != "labels"}
-            loss = _loss(model(**inputs), batch, spec, teacher, config)
-            if not torch.isfinite(loss):
+            loss = _loss(net(**inputs), batch, spec, teacher, config)
+            shown = loss.detach().clone()
+            if world > 1:  # every process must see the same loss to stop together
+                torch.distributed.all_reduce(shown)
+                shown /= world
+            if not torch.isfinite(shown):
                 raise TrainingError(
-                    f"loss became {loss.item()} at step {step + 1}; training stopped. The last good checkpoint is "
+                    f"loss became {shown.item()} at step {step + 1}; training stopped. The last good checkpoint is "
                     f"{ckpt if ckpt.exists() else 'not written yet'}; resume with --resume, perhaps with a lower --lr"
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -274,35 +288,36 @@ def train(
             if stf is not None:
                 stf.maybe_refresh(step)
             step_times.append(time.perf_counter() - start)
-            postfix = {"loss": f"{loss.item():.4f}", "step_s": f"{step_times[-1]:.2f}"}
+            postfix = {"loss": f"{shown.item():.4f}", "step_s": f"{step_times[-1]:.2f}"}
             if stf is not None:
                 postfix["support_change"] = f"{stf.support_change:.4f}"
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
             epoch_end = step % per_epoch == 0 or step == total
             if epoch_end:
-                metrics = _validate(model, tokenizer, data, config, stf)
+                metrics = _lead_only(_validate, model, tokenizer, data, config, stf)
                 main = metrics[spec.metrics[0]]
-                state["history"].append({"step": step, "loss": loss.item(), **metrics})
+                state["history"].append({"step": step, "loss": shown.item(), **metrics})
                 if state["best"] is None or main > state["best"]:
                     state["best"], state["best_step"] = main, step
-                    _write_checkpoint(out / "best", model, optimizer, scheduler, stf, state, rng)
-                if config.progress:
+                    _lead_only(_write_checkpoint, out / "best", model, optimizer, scheduler, stf, state, rng)
+                if config.progress and lead:
                     bar.write(
                         f"step {step}: validation {metrics} (best {state['best']:.4f} at step {state['best_step']})"
                     )
             if epoch_end or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                _write_checkpoint(ckpt, model, optimizer, scheduler, stf, state, torch.get_rng_state())
+                _lead_only(_write_checkpoint, ckpt, model, optimizer, scheduler, stf, state, torch.get_rng_state())
     except KeyboardInterrupt:
         # the interrupted step never reached the optimizer: save the state before it
-        _write_checkpoint(ckpt, model, optimizer, scheduler, stf, state, rng)
+        if lead:
+            _write_checkpoint(ckpt, model, optimizer, scheduler, stf, state, rng)
         raise
     finally:
         bar.close()
 
     _read_checkpoint(out / "best", model, optimizer, scheduler, stf)
-    validation = _validate(model, tokenizer, data, config, stf)
-    test = evaluate(model, tokenizer, data.test, spec, config)
+    validation = _lead_only(_validate, model, tokenizer, data, config, stf)
+    test = _lead_only(evaluate, model, tokenizer, data.test, spec, config)
     timed = step_times[1:] or step_times
     return TrainResult(
         validation=validation,
@@ -313,6 +328,23 @@ def train(
         history=state["history"],
         mean_step_seconds=sum(timed) / max(1, len(timed)),
     )
+
+
+def distributed() -> tuple[int, int]:
+    """This process's rank and the number of processes (``(0, 1)`` without torch.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _lead_only(work, *args):
+    """Run ``work(*args)`` on rank 0 only and hand its result to every process (evaluation, checkpoint writes)."""
+    rank, world = distributed()
+    if world == 1:
+        return work(*args)
+    result = [work(*args) if rank == 0 else None]
+    torch.distributed.broadcast_object_list(result, src=0)
+    return result[0]
 
 
 def _validate(model, tokenizer, data: TaskData, config: TrainConfig, stf: STF | None) -> dict[str, float]:
