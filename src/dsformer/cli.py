@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     com.add_argument("--device", default="cpu")
     com.add_argument("--quiet", action="store_true")
 
+    summ = verbs.add_parser("summary", help="table of saved runs: metric, difference to dense, size, CPU latency")
+    summ.add_argument("paths", nargs="+", help="folders written by dsformer compress")
+    summ.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+
     eva = verbs.add_parser("evaluate", help="evaluate a saved model on its task's test split")
     eva.add_argument("path")
     eva.add_argument("--task", default=None, help="default: the task it was trained on (metrics.json)")
@@ -200,11 +204,29 @@ def _init_distributed(device: str) -> int:
     return torch.distributed.get_rank()
 
 
+def summary_verb(args: argparse.Namespace) -> None:
+    from dsformer.bench import latency_ms
+    from dsformer.io import load
+
+    runs = []
+    for path in args.paths:
+        metrics_file = Path(path) / "metrics.json"
+        if not metrics_file.exists():
+            raise DsformerError(f"{path} has no metrics.json; give folders written by dsformer compress")
+        metrics = json.loads(metrics_file.read_text())
+        if not args.no_latency:
+            metrics["latency_ms"] = latency_ms(load(path), batch=1, seq=64)
+        runs.append(metrics)
+    print(summary_table(runs))
+    if not args.no_latency:
+        print("latency: median forward time at batch 1 x 64 tokens on this machine's CPU, reference kernels")
+
+
 def summary_table(runs: list[dict]) -> str:
-    """Method, ratio, test metric, difference to dense, model size, wall time."""
+    """Method, ratio, test metric, difference to dense, model size, latency, wall time."""
     from dsformer.report import format_table
 
-    head = ("method", "ratio", "metric", "test", "vs dense", "model MiB", "minutes")
+    head = ("method", "ratio", "metric", "test", "vs dense", "model MiB", "latency ms", "minutes")
     rows = []
     for m in runs:
         key = m["metric"]
@@ -217,6 +239,7 @@ def summary_table(runs: list[dict]) -> str:
                 f"{100 * m['test'][key]:.2f}",
                 "" if diff is None else f"{100 * diff:+.2f}",
                 f"{m['model_bytes'] / 2**20:.1f}",
+                f"{m['latency_ms']:.1f}" if "latency_ms" in m else "",
                 f"{m['wall_seconds'] / 60:.1f}",
             )
         )
@@ -296,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             "factorize": factorize,
             "compress": compress_verb,
             "evaluate": evaluate_verb,
+            "summary": summary_verb,
             "merge": merge,
             "info": info,
             "data": data,

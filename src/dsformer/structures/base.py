@@ -53,6 +53,18 @@ class CompactLinear(nn.Module):
     def materialize(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def _cached(self, build, *sources: torch.Tensor) -> torch.Tensor:
+        """``build()``, reused across calls at inference while ``sources`` are unchanged.
+
+        While gradients flow (training) it is rebuilt every call, so autograd sees it.
+        """
+        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+            return build()
+        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in sources)
+        if getattr(self, "_cache_key", None) != key:
+            self._cache_value, self._cache_key = build(), key
+        return self._cache_value
+
     def layout(self) -> dict[str, Any]:
         raise NotImplementedError
 

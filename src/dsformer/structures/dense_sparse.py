@@ -417,7 +417,9 @@ class DenseSparseLinear(CompactLinear):
         return DenseSparseFactors(lay, self.basis, self.values, self.indices.long())
 
     def coefficients(self) -> torch.Tensor:
-        return _dense_coefficients(self.indices.long(), self.values, self.k)
+        return self._cached(
+            lambda: _dense_coefficients(self.indices.long(), self.values, self.k), self.values, self.indices
+        )
 
     def materialize(self) -> torch.Tensor:
         return self.factors.reconstruct()

@@ -119,7 +119,8 @@ class NMLinear(CompactLinear):
         return self.factors.reconstruct()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.materialize(), self.bias)
+        weight = self._cached(self.materialize, self.values, self.indices)
+        return nn.functional.linear(x, weight, self.bias)
 
     def layout(self) -> dict[str, Any]:
         return {"n": int(self.values.shape[-1]), "m": self.m}
