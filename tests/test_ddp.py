@@ -20,7 +20,7 @@ WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "great", "bad", "awful", "f
 def _setup(folder: Path):
     vocab = folder / "vocab.txt"
     vocab.write_text("\n".join(WORDS))
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    tokenizer = BertTokenizerFast(vocab=str(vocab))  # transformers 5 ignores vocab_file
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=len(WORDS),

@@ -145,7 +145,7 @@ class STF:
             layers = [self.layers[n][0] for n in names]
             fit_config = structure
             if isinstance(structure, DenseSparseConfig) and not first:
-                fit_config = replace(structure, iters=iters or self.schedule.iters)
+                fit_config = replace(structure, iters=self.schedule.iters if iters is None else iters)
             warm = None if first else [layer.factors for layer in layers]
             fitted = fit_config.fit([layer.weight.detach() for layer in layers], warm=warm)
             for layer, factors in zip(layers, fitted, strict=True):

@@ -8,7 +8,7 @@ Example (a tiny model on a few made-up sentences):
     >>> from dsformer.train import TrainConfig, train
     >>> vocab = tempfile.mktemp()
     >>> _ = open(vocab, "w").write("\\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad", "film"]))
-    >>> tok = BertTokenizerFast(vocab_file=vocab)
+    >>> tok = BertTokenizerFast(vocab=vocab)
     >>> model = BertForSequenceClassification(BertConfig(vocab_size=7, hidden_size=16, num_hidden_layers=1,
     ...                                                  num_attention_heads=2, intermediate_size=32))
     >>> ex = [Example("good film", None, 1.0), Example("bad film", None, 0.0)] * 8
@@ -23,12 +23,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -192,7 +194,7 @@ def _read_checkpoint(folder: Path, model, optimizer, scheduler, stf: STF | None)
         saved = torch.load(folder / "optimizer.pt", weights_only=True)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, SafetensorError, pickle.UnpicklingError) as err:
         raise TrainingError(
             f"checkpoint {folder} cannot be resumed into this run ({type(err).__name__}: {err})"
         ) from None
