@@ -17,7 +17,7 @@ from dsformer.compress import find_targets
 from dsformer.errors import DsformerError
 from dsformer.hardware import describe
 from dsformer.io import save
-from dsformer.methods import make_student, prepare
+from dsformer.methods import make_student, prepare, structure_for
 from dsformer.models import load_pretrained
 from dsformer.report import model_bytes
 from dsformer.stf import Schedule
@@ -51,6 +51,7 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
     """
     from dsformer.io import check_output
 
+    structure_for(config.method, config.ratio)  # an unknown method fails before any loading
     out = check_output(output, source=config.model)
     work = out.with_name(out.name + ".work")
     start = time.perf_counter()
