@@ -17,12 +17,12 @@ from dsformer.compress import find_targets
 from dsformer.errors import DsformerError
 from dsformer.hardware import describe
 from dsformer.io import save
-from dsformer.methods import make_student, prepare, structure_for
+from dsformer.methods import DEFAULT_TRAINER, make_student, prepare, structure_for
 from dsformer.models import load_pretrained
 from dsformer.report import model_bytes
 from dsformer.stf import Schedule
 from dsformer.tasks import load_task
-from dsformer.train import TrainConfig, distributed, train
+from dsformer.train import STATE_FILE, TrainConfig, distributed, train
 
 METRICS_FILE = "metrics.json"
 
@@ -51,11 +51,16 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
     """
     from dsformer.io import check_output
 
-    structure_for(config.method, config.ratio)  # an unknown method fails before any loading
+    # everything that can be checked before loading is checked first
+    structure_for(config.method, config.ratio)
+    trainer = _trainer(config.method, config.trainer)
     out = check_output(output, source=config.model)
     work = out.with_name(out.name + ".work")
+    if resume and not (work / "checkpoint" / STATE_FILE).exists():
+        raise DsformerError(f"--resume: no checkpoint in {work / 'checkpoint'}; start without --resume")
     start = time.perf_counter()
     data = load_task(config.task, config.data_dir, seed=config.train.seed, max_train=config.max_train)
+    reference = _reference_metric(config.reference, data.spec.metrics[0]) if config.reference else None
     model, tokenizer = load_pretrained(config.model, task_head=True, num_labels=data.spec.num_labels)
     if tokenizer is None:
         raise DsformerError(f"model {config.model!r} has no tokenizer; give a folder or hub name that includes one")
@@ -95,7 +100,7 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
         }
     metrics: dict[str, Any] = {
         "method": config.method,
-        "trainer": config.trainer or ("-" if config.method == "dense" else None),
+        "trainer": trainer,
         "task": data.spec.name,
         "metric": data.spec.metrics[0],
         "ratio": config.ratio if config.method != "dense" else 1.0,
@@ -114,15 +119,9 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
         "hardware": describe(),
         "dsformer": __version__,
     }
-    if metrics["trainer"] is None:
-        from dsformer.methods import DEFAULT_TRAINER
-
-        metrics["trainer"] = DEFAULT_TRAINER[config.method]
-    if config.reference:
-        dense = json.loads(Path(config.reference).read_text())
-        key = data.spec.metrics[0]
-        metrics["dense_test"] = dense["test"][key]
-        metrics["difference_to_dense"] = result.test[key] - dense["test"][key]
+    if reference is not None:
+        metrics["dense_test"] = reference
+        metrics["difference_to_dense"] = result.test[data.spec.metrics[0]] - reference
     if distributed()[0] == 0:
         save(model.cpu(), out, tokenizer=tokenizer, report=report, extra_files={METRICS_FILE: metrics})
         shutil.rmtree(work, ignore_errors=True)  # checkpoints are only needed to resume an unfinished run
@@ -132,3 +131,22 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
 def _block_params(model) -> int:
     """Weight parameters of the linears inside the model's blocks (what the other methods compress)."""
     return sum(model.get_submodule(name).weight.numel() for name in find_targets(model))
+
+
+def _trainer(method: str, trainer: str | None) -> str:
+    """The trainer a run records: the method's default, or the one asked for; dense and distil have none."""
+    if method in ("dense", "distil"):
+        if trainer is not None:
+            raise DsformerError(f"--trainer applies to compression methods; {method} has no structure to train")
+        return "-"
+    return trainer or DEFAULT_TRAINER[method]
+
+
+def _reference_metric(path: str, key: str) -> float:
+    """The dense run's test metric from its metrics.json."""
+    try:
+        return float(json.loads(Path(path).read_text())["test"][key])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DsformerError(
+            f"--reference {path} is not the metrics.json of a run on this task ({type(err).__name__}: {err})"
+        ) from None

@@ -218,6 +218,8 @@ def train(
     ``output_dir/best`` holds the state with the best validation metric, which the model ends in.
     """
     out = Path(output_dir)
+    if resume and not (out / "checkpoint" / STATE_FILE).exists():
+        raise TrainingError(f"--resume: no checkpoint in {out / 'checkpoint'}; start without --resume")
     out.mkdir(parents=True, exist_ok=True)
     spec = data.spec
     device = next(model.parameters()).device
@@ -233,8 +235,6 @@ def train(
     state: dict[str, Any] = {"step": 0, "best": None, "best_step": 0, "history": [], "config": asdict(config)}
     ckpt = out / "checkpoint"
     if resume:
-        if not (ckpt / STATE_FILE).exists():
-            raise TrainingError(f"--resume: no checkpoint in {ckpt}; start without --resume")
         state, rng = _read_checkpoint(ckpt, model, optimizer, scheduler, stf)
         torch.set_rng_state(rng)
         if stf is not None:

@@ -1,0 +1,432 @@
+"""``dsformer compress`` / ``evaluate`` / ``summary`` end to end, in-process, on a tiny saved BERT (with its
+tokenizer) and tiny GLUE-format task folders: every method, trainer crossing, distillation, the dense
+reference, the summary table, bad input, and a regression task."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+
+import dsformer
+from dsformer.cli import main
+from dsformer.compress import compact_layers
+
+ERROR = "dsformer: error:"
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film", "movie", "the", "plot", "was", "it"]
+NEUTRAL = WORDS[7:]
+METHODS = ["dense", "svd", "fwsvd", "nm", "ds-conventional", "dsformer"]
+DEFAULT_TRAINER = {
+    "dense": "-",
+    "svd": "conventional",
+    "fwsvd": "conventional",
+    "nm": "stf",
+    "ds-conventional": "conventional",
+    "dsformer": "stf",
+}
+STRUCTURE = {"svd": "svd", "fwsvd": "svd", "nm": "nm", "ds-conventional": "ds", "dsformer": "ds"}
+METRICS_KEYS = {
+    "method",
+    "trainer",
+    "task",
+    "metric",
+    "ratio",
+    "test",
+    "validation",
+    "ratios",
+    "model_bytes",
+    "hardware",
+    "config",
+}
+LAYERS, BLOCK_LINEARS = 2, 6
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+def _sentences(n: int, seed: int) -> list[tuple[str, int]]:
+    """Four neutral words and one of "good" (label 1) or "bad" (label 0): a separable toy task."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        positive = i % 2 == 1
+        words = rng.choices(NEUTRAL, k=4)
+        words.insert(rng.randrange(5), "good" if positive else "bad")
+        out.append((" ".join(words), int(positive)))
+    return out
+
+
+def _write_sst2(folder: Path, train_rows: list[str] | None = None) -> Path:
+    folder.mkdir(parents=True)
+    train = train_rows if train_rows is not None else [f"{s}\t{y}" for s, y in _sentences(64, 0)]
+    (folder / "train.tsv").write_text("sentence\tlabel\n" + "".join(row + "\n" for row in train))
+    (folder / "dev.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in _sentences(16, 1)))
+    return folder
+
+
+def _write_stsb(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    head = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    for name, n, seed in (("train.tsv", 64, 2), ("dev.tsv", 16, 3)):
+        rng = random.Random(seed)
+        rows = []
+        for i, (text, label) in enumerate(_sentences(n, seed)):
+            score = (4.0 if label else 1.0) + rng.uniform(-0.5, 0.5)
+            other = " ".join(rng.choices(NEUTRAL, k=3))
+            rows.append(f"{i}\tmain-news\tfile\t2012\t{i}\tnone\tnone\t{text}\t{other}\t{score:.3f}\n")
+        (folder / name).write_text(head + "".join(rows))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("pipeline")
+
+
+@pytest.fixture(scope="module")
+def model_dir(root: Path) -> Path:
+    """A plain Hugging Face BertModel folder (hidden 32, intermediate 64, 2 layers) with its tokenizer."""
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(WORDS) + "\n")
+    tokenizer = BertTokenizerFast(vocab=str(vocab))  # transformers 5 ignores vocab_file
+    assert tokenizer("good film")["input_ids"] == [2, 5, 7, 3]
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(WORDS),
+        hidden_size=32,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
+    folder = root / "tiny-bert"
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sst2_dir(root: Path) -> Path:
+    return _write_sst2(root / "SST-2")
+
+
+@pytest.fixture(scope="module")
+def stsb_dir(root: Path) -> Path:
+    return _write_stsb(root / "STS-B")
+
+
+def _compress_args(model_dir: Path, data_dir: Path, output: Path, *extra, task: str = "sst2") -> list[str]:
+    args = ["compress", "--model", model_dir, "--task", task, "--data-dir", data_dir, "--output", output]
+    args += ["--quiet", "--epochs", "1", "--batch-size", "8", "--refresh-every", "3", "--max-length", "16"]
+    return [str(a) for a in [*args, *extra]]
+
+
+@pytest.fixture(scope="module")
+def dense_run(root: Path, model_dir: Path, sst2_dir: Path) -> Path:
+    """A finished dense run (the teacher and the reference of the tests below)."""
+    output = root / "runs" / "dense"
+    assert main(_compress_args(model_dir, sst2_dir, output, "--method", "dense")) == 0
+    return output
+
+
+@pytest.fixture(scope="module")
+def svd_run(root: Path, model_dir: Path, sst2_dir: Path) -> Path:
+    output = root / "runs" / "svd"
+    assert main(_compress_args(model_dir, sst2_dir, output, "--method", "svd", "--ratio", "2")) == 0
+    return output
+
+
+def run_cli(capsys, argv: list[str]) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def work_folder(output: Path) -> Path:
+    return output.with_name(output.name + ".work")
+
+
+def metrics_of(output: Path) -> dict:
+    return json.loads((output / "metrics.json").read_text())
+
+
+def assert_one_error_line(code: int, out: str, err: str) -> str:
+    assert code == 2, (out, err)
+    lines = err.strip("\n").splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(ERROR), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def evaluate_line(capsys, folder: Path, *extra: str) -> str:
+    code, out, err = run_cli(capsys, ["evaluate", folder, *extra])
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, out
+    return lines[0]
+
+
+# ---------------------------------------------------------------- every method
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_runs_saves_and_evaluates(capsys, tmp_path, model_dir, sst2_dir, method):
+    output = tmp_path / method
+    code, out, err = run_cli(capsys, _compress_args(model_dir, sst2_dir, output, "--method", method, "--ratio", "2"))
+    assert code == 0, err
+    assert f"saved to {output}" in out
+    assert not work_folder(output).exists()  # checkpoints go once the run has finished
+    assert not [p.name for p in tmp_path.iterdir() if p.name != method]  # no temporary folders left beside it
+
+    metrics = metrics_of(output)
+    assert METRICS_KEYS <= metrics.keys()
+    assert metrics["method"] == method
+    assert metrics["trainer"] == DEFAULT_TRAINER[method]
+    assert metrics["task"] == "sst2"
+    assert metrics["metric"] == "accuracy"
+    assert metrics["ratio"] == (1.0 if method == "dense" else 2.0)
+    assert set(metrics["test"]) == {"accuracy"} and 0.0 <= metrics["test"]["accuracy"] <= 1.0
+    assert set(metrics["validation"]) == {"accuracy"}
+    assert metrics["config"]["method"] == method and metrics["config"]["data_dir"] == str(sst2_dir)
+    assert metrics["config"]["train"]["epochs"] == 1.0 and metrics["config"]["train"]["batch_size"] == 8
+    assert isinstance(metrics["hardware"], (dict, str)) and metrics["hardware"]
+    assert metrics["sizes"] == {"train": 58, "validation": 6, "test": 16}
+    assert metrics["steps"] == 8  # ceil(58 / 8) for one epoch
+    if method == "dense":
+        assert metrics["ratios"] is None
+        assert metrics["model_bytes"] == metrics["dense_model_bytes"]
+    else:
+        assert metrics["ratios"]["layers"] == LAYERS * BLOCK_LINEARS
+        assert metrics["ratios"]["ratio_params"] >= 2.0 - 1e-9
+        assert metrics["model_bytes"] < metrics["dense_model_bytes"]
+
+    model = dsformer.load(output)
+    assert isinstance(model, BertForSequenceClassification)
+    layers = compact_layers(model)
+    if method == "dense":
+        assert not layers
+    else:
+        assert len(layers) == LAYERS * BLOCK_LINEARS
+        assert {layer.structure for layer in layers.values()} == {STRUCTURE[method]}
+
+    line = evaluate_line(capsys, output)
+    assert "test (16 examples)" in line
+    # the folder as saved scores what the run reported
+    assert f"accuracy {metrics['test']['accuracy']:.4f}" in line
+
+
+# ---------------------------------------------------------------- trainers
+
+
+@pytest.mark.parametrize(
+    "method,trainer", [("svd", "stf"), ("nm", "conventional"), ("fwsvd", "conventional"), ("dsformer", "stf")]
+)
+def test_trainer_crossing_works(capsys, tmp_path, model_dir, sst2_dir, method, trainer):
+    output = tmp_path / "out"
+    argv = _compress_args(model_dir, sst2_dir, output, "--method", method, "--trainer", trainer)
+    code, out, err = run_cli(capsys, argv)
+    assert code == 0, err
+    metrics = metrics_of(output)
+    assert metrics["method"] == method and metrics["trainer"] == trainer
+    assert f"{method} ({trainer})" in out
+    layers = compact_layers(dsformer.load(output))
+    assert len(layers) == LAYERS * BLOCK_LINEARS
+    assert {layer.structure for layer in layers.values()} == {STRUCTURE[method]}
+    assert not work_folder(output).exists()
+
+
+@pytest.mark.parametrize(
+    "method,trainer,hint",
+    [
+        ("dsformer", "conventional", "ds-conventional"),
+        ("ds-conventional", "stf", "dsformer"),
+        ("fwsvd", "stf", "svd"),
+    ],
+)
+def test_trainer_crossing_rejected(capsys, tmp_path, model_dir, sst2_dir, method, trainer, hint):
+    output = tmp_path / "out"
+    argv = _compress_args(model_dir, sst2_dir, output, "--method", method, "--trainer", trainer)
+    line = assert_one_error_line(*run_cli(capsys, argv))
+    assert f"--method {hint}" in line
+    assert not output.exists() and not work_folder(output).exists()
+
+
+def test_unknown_trainer_is_an_argparse_error(capsys, tmp_path, model_dir, sst2_dir):
+    with pytest.raises(SystemExit) as exc:
+        main(_compress_args(model_dir, sst2_dir, tmp_path / "out", "--trainer", "magic"))
+    assert exc.value.code == 2
+    assert "magic" in capsys.readouterr().err
+
+
+def test_dense_with_a_trainer_is_rejected(capsys, tmp_path, model_dir, sst2_dir):
+    output = tmp_path / "out"
+    argv = _compress_args(model_dir, sst2_dir, output, "--method", "dense", "--trainer", "stf")
+    assert_one_error_line(*run_cli(capsys, argv))
+    assert not output.exists()
+
+
+# ---------------------------------------------------------------- distillation and the dense reference
+
+
+def test_distil_from_a_dense_teacher(capsys, tmp_path, model_dir, sst2_dir, dense_run):
+    output = tmp_path / "distil"
+    argv = _compress_args(model_dir, sst2_dir, output, "--method", "distil", "--teacher", dense_run)
+    code, out, err = run_cli(capsys, argv)
+    assert code == 0, err
+    metrics = metrics_of(output)
+    assert metrics["method"] == "distil"
+    assert metrics["ratios"]["ratio_params"] == pytest.approx(LAYERS / 1)  # every other of 2 layers kept
+    assert metrics["ratios"]["ratio_model_bytes"] > 1.0
+    model = dsformer.load(output)
+    assert model.config.num_hidden_layers == 1 and len(model.bert.encoder.layer) == 1
+    assert "accuracy" in evaluate_line(capsys, output)
+    assert not work_folder(output).exists()
+
+
+def test_distil_without_teacher_exits_2(capsys, tmp_path, model_dir, sst2_dir):
+    output = tmp_path / "distil"
+    line = assert_one_error_line(*run_cli(capsys, _compress_args(model_dir, sst2_dir, output, "--method", "distil")))
+    assert "--teacher" in line
+    assert not output.exists() and not work_folder(output).exists()
+
+
+def test_teacher_that_is_not_a_saved_model_exits_2(capsys, tmp_path, model_dir, sst2_dir):
+    output = tmp_path / "distil"
+    argv = _compress_args(model_dir, sst2_dir, output, "--method", "distil", "--teacher", tmp_path / "nope")
+    assert_one_error_line(*run_cli(capsys, argv))
+    assert not output.exists() and not work_folder(output).exists()
+
+
+def test_reference_adds_difference_to_dense(capsys, tmp_path, model_dir, sst2_dir, dense_run):
+    output = tmp_path / "svd"
+    reference = dense_run / "metrics.json"
+    argv = _compress_args(model_dir, sst2_dir, output, "--method", "svd", "--reference", reference)
+    code, out, err = run_cli(capsys, argv)
+    assert code == 0, err
+    metrics, dense = metrics_of(output), metrics_of(dense_run)
+    assert metrics["dense_test"] == dense["test"]["accuracy"]
+    assert metrics["difference_to_dense"] == pytest.approx(metrics["test"]["accuracy"] - dense["test"]["accuracy"])
+    assert f"{100 * metrics['difference_to_dense']:+.2f}" in out  # the "vs dense" column
+    assert "dense_test" not in dense and "difference_to_dense" not in dense
+
+
+def test_missing_reference_exits_2_before_training(capsys, tmp_path, model_dir, sst2_dir):
+    output = tmp_path / "svd"
+    argv = _compress_args(model_dir, sst2_dir, output, "--method", "svd", "--reference", tmp_path / "no.json")
+    assert_one_error_line(*run_cli(capsys, argv))
+    assert not output.exists()
+
+
+# ---------------------------------------------------------------- summary
+
+
+def test_summary_lists_the_runs(capsys, dense_run, svd_run):
+    code, out, err = run_cli(capsys, ["summary", dense_run, svd_run, "--no-latency"])
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].split()[:4] == ["method", "ratio", "metric", "test"]
+    assert len(lines) == 4  # head, rule, two runs
+    assert lines[2].startswith("dense ") and "1.00x" in lines[2]
+    assert lines[3].startswith("svd (conventional)")
+    assert f"{metrics_of(svd_run)['ratios']['ratio_params']:.2f}x" in lines[3]
+    assert "latency:" not in out
+
+
+def test_summary_without_metrics_exits_2(capsys, tmp_path, dense_run, model_dir):
+    line = assert_one_error_line(*run_cli(capsys, ["summary", dense_run, model_dir, "--no-latency"]))
+    assert str(model_dir) in line and "metrics.json" in line
+    line = assert_one_error_line(*run_cli(capsys, ["summary", tmp_path / "absent", "--no-latency"]))
+    assert "metrics.json" in line
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _bad_train(folder: Path, bad_row: str) -> Path:
+    rows = [f"{s}\t{y}" for s, y in _sentences(64, 0)]
+    rows.insert(4, bad_row)  # file line 6 (after the header)
+    return _write_sst2(folder, rows)
+
+
+# name: (extra arguments, data folder kind, words the error line must contain)
+BAD_INPUTS = {
+    "unknown method": (["--method", "prune"], "sst2", ["prune", "dsformer"]),
+    "unknown task": (["--task", "nosuchtask"], "sst2", ["nosuchtask", "sst2"]),
+    "data dir missing": ([], "missing", ["--data-dir", "not a folder"]),
+    "malformed row": ([], "malformed", ["train.tsv:6", "columns"]),
+    "unknown label": ([], "bad label", ["train.tsv:6", "unknown label", "'2'"]),
+    "ratio 1": (["--method", "svd", "--ratio", "1"], "sst2", ["> 1"]),
+    "ratio 1 dsformer": (["--method", "dsformer", "--ratio", "1"], "sst2", ["> 1"]),
+    "output not ours": ([], "sst2", ["not empty", "not written by dsformer"]),
+    "resume without checkpoint": (["--method", "svd", "--resume"], "sst2", ["--resume", "no checkpoint"]),
+}
+
+
+@pytest.mark.parametrize("extra,data,words", list(BAD_INPUTS.values()), ids=list(BAD_INPUTS))
+def test_bad_input_exits_2_and_writes_nothing(capsys, tmp_path, model_dir, sst2_dir, extra, data, words):
+    data_dir = {
+        "sst2": sst2_dir,
+        "missing": tmp_path / "no-such-folder",
+        "malformed": lambda: _bad_train(tmp_path / "SST-2", "a row without a label column"),
+        "bad label": lambda: _bad_train(tmp_path / "SST-2", "good film\t2"),
+    }[data]
+    data_dir = data_dir() if callable(data_dir) else data_dir
+    output = tmp_path / "out"
+    if "not written by dsformer" in words:
+        output.mkdir()
+        (output / "notes.txt").write_text("keep me")
+    line = assert_one_error_line(*run_cli(capsys, _compress_args(model_dir, data_dir, output, *extra)))
+    for word in words:
+        assert word in line, line
+    if "not written by dsformer" in words:
+        assert [p.name for p in output.iterdir()] == ["notes.txt"]
+        assert (output / "notes.txt").read_text() == "keep me"
+    else:
+        assert not output.exists()
+    if "--resume" not in extra:
+        assert not work_folder(output).exists()
+    leftovers = {p.name for p in tmp_path.iterdir()} - {"out", "SST-2", "out.work"}
+    assert not leftovers
+
+
+def test_refused_resume_leaves_no_work_folder(capsys, tmp_path, model_dir, sst2_dir):
+    output = tmp_path / "out"
+    argv = _compress_args(model_dir, sst2_dir, output, "--method", "svd", "--resume")
+    assert_one_error_line(*run_cli(capsys, argv))
+    assert not work_folder(output).exists()
+
+
+def test_rerun_replaces_an_earlier_dsformer_output(capsys, tmp_path, model_dir, sst2_dir):
+    output = tmp_path / "out"
+    assert run_cli(capsys, _compress_args(model_dir, sst2_dir, output, "--method", "dense"))[0] == 0
+    code, _, err = run_cli(capsys, _compress_args(model_dir, sst2_dir, output, "--method", "svd"))
+    assert code == 0, err
+    assert metrics_of(output)["method"] == "svd"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# ---------------------------------------------------------------- regression
+
+
+def test_regression_task_with_dsformer(capsys, tmp_path, model_dir, stsb_dir):
+    output = tmp_path / "stsb"
+    argv = _compress_args(model_dir, stsb_dir, output, "--method", "dsformer", task="stsb")
+    code, out, err = run_cli(capsys, argv)
+    assert code == 0, err
+    metrics = metrics_of(output)
+    assert metrics["task"] == "stsb" and metrics["metric"] == "pearson"
+    assert set(metrics["test"]) == {"pearson", "spearman"}
+    assert -1.0 <= metrics["test"]["pearson"] <= 1.0
+    assert metrics["trainer"] == "stf" and metrics["ratios"]["ratio_params"] >= 2.0 - 1e-9
+    assert "pearson" in out
+    model = dsformer.load(output)
+    assert model.config.num_labels == 1
+    line = evaluate_line(capsys, output)
+    assert "stsb test (16 examples)" in line
+    assert f"pearson {metrics['test']['pearson']:.4f}" in line
+    assert not work_folder(output).exists()
