@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -99,6 +100,7 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
             "ratio_model_bytes": dense_bytes / model_bytes(model),
         }
     metrics: dict[str, Any] = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "method": config.method,
         "trainer": trainer,
         "task": data.spec.name,
