@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch  # noqa: E402
 from transformers import (  # noqa: E402
     BertConfig,
     BertModel,
+    BertTokenizerFast,
     GPT2Config,
     GPT2LMHeadModel,
     MPNetConfig,
@@ -25,6 +27,7 @@ from transformers import (  # noqa: E402
 )
 
 from dsformer.structures import DenseSparseConfig, LowRankConfig, NMConfig  # noqa: E402
+from dsformer.tasks import Example  # noqa: E402
 
 # The tests run tiny matrices: one thread avoids the oversubscription that makes small
 # GEMMs 100x slower when the 2 cores are shared with another process.
@@ -32,6 +35,50 @@ torch.set_num_threads(1)
 
 VOCAB = 100
 SEQ = 8
+
+# A toy sentiment task for training tests: four neutral words and one of "good" / "bad".
+TOY_WORDS = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "good",
+    "bad",
+    "film",
+    "movie",
+    "the",
+    "plot",
+    "was",
+    "acting",
+    "it",
+]
+TOY_NEUTRAL = TOY_WORDS[7:]
+
+
+def toy_tokenizer(folder: Path) -> BertTokenizerFast:
+    """A word-level tokenizer over TOY_WORDS (its vocab.txt is written into ``folder``)."""
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(TOY_WORDS) + "\n")
+    tokenizer = BertTokenizerFast(vocab=str(vocab))  # transformers 5 ignores vocab_file
+    assert tokenizer("good film")["input_ids"] == [2, 5, 7, 3]
+    return tokenizer
+
+
+def toy_examples(n: int, seed: int, regression: bool = False) -> list[Example]:
+    """Label 1 (score about 4) with "good", label 0 (score about 1) with "bad"; alternating."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        positive = i % 2 == 1
+        words = rng.choices(TOY_NEUTRAL, k=4)
+        words.insert(rng.randrange(5), "good" if positive else "bad")
+        text = " ".join(words)
+        if regression:
+            out.append(Example(text, rng.choice(TOY_NEUTRAL), (4.0 if positive else 1.0) + rng.uniform(-0.3, 0.3)))
+        else:
+            out.append(Example(text, None, float(positive)))
+    return out
 
 
 def build_bert() -> BertModel:

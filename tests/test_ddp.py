@@ -9,21 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from conftest import TOY_WORDS, toy_examples, toy_tokenizer
+from transformers import BertConfig, BertForSequenceClassification
 
-from dsformer.tasks import TASKS, Example, TaskData
+from dsformer.tasks import TASKS, TaskData
 from dsformer.train import TrainConfig, train
-
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "great", "bad", "awful", "film", "plot"]
 
 
 def _setup(folder: Path):
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(WORDS))
-    tokenizer = BertTokenizerFast(vocab=str(vocab))  # transformers 5 ignores vocab_file
+    tokenizer = toy_tokenizer(folder)
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=len(WORDS),
+        vocab_size=len(TOY_WORDS),
         hidden_size=16,
         num_hidden_layers=1,
         num_attention_heads=2,
@@ -32,8 +29,7 @@ def _setup(folder: Path):
         attention_probs_dropout_prob=0.0,
     )
     model = BertForSequenceClassification(config)
-    pos, neg = ["good film", "great plot", "good plot film"], ["bad film", "awful plot", "bad plot film"]
-    examples = [Example(t, None, 1.0) for t in pos] * 8 + [Example(t, None, 0.0) for t in neg] * 8  # 48
+    examples = toy_examples(48, seed=0)
     data = TaskData(TASKS["mr"], examples, examples[:8], examples[:8])
     return model, tokenizer, data
 

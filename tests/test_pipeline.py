@@ -10,15 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+from conftest import TOY_NEUTRAL, TOY_WORDS, toy_examples, toy_tokenizer
+from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 import dsformer
 from dsformer.cli import main
 from dsformer.compress import compact_layers
 
 ERROR = "dsformer: error:"
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film", "movie", "the", "plot", "was", "it"]
-NEUTRAL = WORDS[7:]
 METHODS = ["dense", "svd", "fwsvd", "nm", "ds-conventional", "dsformer"]
 DEFAULT_TRAINER = {
     "dense": "-",
@@ -49,15 +48,7 @@ LAYERS, BLOCK_LINEARS = 2, 6
 
 
 def _sentences(n: int, seed: int) -> list[tuple[str, int]]:
-    """Four neutral words and one of "good" (label 1) or "bad" (label 0): a separable toy task."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        positive = i % 2 == 1
-        words = rng.choices(NEUTRAL, k=4)
-        words.insert(rng.randrange(5), "good" if positive else "bad")
-        out.append((" ".join(words), int(positive)))
-    return out
+    return [(e.text_a, int(e.label)) for e in toy_examples(n, seed)]
 
 
 def _write_sst2(folder: Path, train_rows: list[str] | None = None) -> Path:
@@ -76,7 +67,7 @@ def _write_stsb(folder: Path) -> Path:
         rows = []
         for i, (text, label) in enumerate(_sentences(n, seed)):
             score = (4.0 if label else 1.0) + rng.uniform(-0.5, 0.5)
-            other = " ".join(rng.choices(NEUTRAL, k=3))
+            other = " ".join(rng.choices(TOY_NEUTRAL, k=3))
             rows.append(f"{i}\tmain-news\tfile\t2012\t{i}\tnone\tnone\t{text}\t{other}\t{score:.3f}\n")
         (folder / name).write_text(head + "".join(rows))
     return folder
@@ -90,13 +81,10 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def model_dir(root: Path) -> Path:
     """A plain Hugging Face BertModel folder (hidden 32, intermediate 64, 2 layers) with its tokenizer."""
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(WORDS) + "\n")
-    tokenizer = BertTokenizerFast(vocab=str(vocab))  # transformers 5 ignores vocab_file
-    assert tokenizer("good film")["input_ids"] == [2, 5, 7, 3]
+    tokenizer = toy_tokenizer(root)
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=len(WORDS),
+        vocab_size=len(TOY_WORDS),
         hidden_size=32,
         num_hidden_layers=LAYERS,
         num_attention_heads=2,

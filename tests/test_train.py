@@ -6,11 +6,11 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import TOY_WORDS, toy_examples, toy_tokenizer
 from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
@@ -21,8 +21,6 @@ from dsformer.structures import DenseSparseConfig
 from dsformer.tasks import TASKS, Example, TaskData
 from dsformer.train import TrainConfig, TrainingError, _batch, _loss, _validate, encode, evaluate, train
 
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad", "film", "movie", "the", "plot", "was", "acting", "it"]
-NEUTRAL = WORDS[6:]
 CHECKPOINT_FILES = {"model.safetensors", "rng.safetensors", "optimizer.pt", "trainer_state.json"}
 N_TRAIN, BATCH, EPOCHS = 48, 8, 3
 PER_EPOCH = N_TRAIN // BATCH
@@ -31,17 +29,13 @@ TOTAL = EPOCHS * PER_EPOCH
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BertTokenizerFast:
-    vocab = tmp_path_factory.mktemp("vocab") / "vocab.txt"
-    vocab.write_text("\n".join(WORDS) + "\n")
-    tok = BertTokenizerFast(vocab=str(vocab))  # transformers 5 ignores vocab_file
-    assert tok("good film")["input_ids"] == [2, 4, 6, 3]
-    return tok
+    return toy_tokenizer(tmp_path_factory.mktemp("vocab"))
 
 
 def classifier(num_labels: int = 2, seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=len(WORDS),
+        vocab_size=len(TOY_WORDS),
         hidden_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
@@ -53,19 +47,7 @@ def classifier(num_labels: int = 2, seed: int = 0) -> BertForSequenceClassificat
 
 
 def sentences(n: int, seed: int, regression: bool = False) -> list[Example]:
-    """Four neutral words and one of "good" (label 1, score 4) or "bad" (label 0, score 1)."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        positive = i % 2 == 1
-        words = rng.choices(NEUTRAL, k=4)
-        words.insert(rng.randrange(5), "good" if positive else "bad")
-        text = " ".join(words)
-        if regression:
-            out.append(Example(text, rng.choice(NEUTRAL), (4.0 if positive else 1.0) + rng.uniform(-0.3, 0.3)))
-        else:
-            out.append(Example(text, None, float(positive)))
-    return out
+    return toy_examples(n, seed, regression)
 
 
 def task(regression: bool = False) -> TaskData:
@@ -340,6 +322,7 @@ def test_kd_loss_combines_both_terms(tokenizer, regression: bool) -> None:
     student, teacher = classifier(n, seed=0).eval(), classifier(n, seed=1).eval()
     with torch.no_grad():  # tiny initial logits would make the KD term vanish
         teacher.classifier.weight.mul_(30.0)
+        teacher.classifier.bias.copy_(torch.linspace(-1.0, 1.0, n))
     with torch.no_grad():
         s, t = student(**inputs).logits, teacher(**inputs).logits
     outputs = student(**inputs)
