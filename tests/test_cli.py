@@ -283,3 +283,12 @@ def test_console_script_error_is_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and done.stderr.startswith(ERROR), done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_compressed_folder_is_not_taken_for_a_pretrained_model(capsys, tiny_bert_folder, tmp_path):
+    out = tmp_path / "compact"
+    code, _, _ = run(capsys, "factorize", "--model", tiny_bert_folder, "--structure", "svd", "--output", out, "--quiet")
+    assert code == 0
+    code, _, err = run(capsys, "factorize", "--model", out, "--output", tmp_path / "again", "--quiet")
+    assert code == 2 and "compressed dsformer model" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "again").exists()

@@ -42,6 +42,11 @@ def load_pretrained(model: str | None, task_head: bool = False, num_labels: int 
     looks_local = source.startswith((".", "/", "~")) or Path(source).exists()
     if looks_local and not (Path(source).expanduser() / "config.json").exists():
         raise DsformerError(f"model folder {source} has no config.json; give a Hugging Face model folder or hub name")
+    if looks_local and (Path(source).expanduser() / "dsformer.json").exists():
+        raise DsformerError(
+            f"{source} is a compressed dsformer model; load it with dsformer.load, or export a dense copy "
+            "with `dsformer merge` and pass that"
+        )
     auto = AutoModelForSequenceClassification if task_head else AutoModel
     options = {"num_labels": num_labels} if task_head and num_labels is not None else {}
     try:
