@@ -471,3 +471,17 @@ def test_vectors_are_the_longer_side():
     assert _vectors(weight((96, 64))).shape == (96, 64)
     assert _vectors(weight((64, 96))).shape == (96, 64)
     assert _vectors(weight((48, 48), dtype=torch.float16)).dtype == torch.float32
+
+
+def test_ds_search_cut_short_keeps_each_layers_best():
+    """With fewer rounds than the halving needs, every layer still ends with its best candidate."""
+    from dsformer.structures import dense_sparse as ds
+
+    w = weight((96, 64), seed=3)
+    config = DenseSparseConfig(ratio=2.0, iters=3, search_iters=3, search_points=4)
+    (chosen,) = config.fit([w])
+    V = ds._vectors(w)[None]
+    errors = {
+        lay.k: float(ds._alternate(V, ds._init(V, lay.k, lay.s), 3).error[0]) for lay in config.candidates(96, 64)
+    }
+    assert chosen.layout.k == min(errors, key=errors.get)

@@ -221,15 +221,18 @@ class DenseSparseConfig:
                     members, state = trials[c]
                     keep = [m for m in range(len(members)) if members[m] != j]
                     trials[c] = ([members[m] for m in keep], state.select(keep))
+        # the rounds can run out before the halving ends: then each layer takes its best survivor
         chosen: list[DenseSparseLayout] = [layouts[0]] * n_layers
         per_layer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = [None] * n_layers  # type: ignore[list-item]
+        best = [math.inf] * n_layers
         for c, (members, state) in trials.items():
             if not members:
                 continue
             if done < self.iters:
                 state = _alternate(stack[members], state, self.iters - done)
             for m, j in enumerate(members):
-                per_layer[j], chosen[j] = state[m], layouts[c]
+                if float(state.error[m]) < best[j]:
+                    best[j], per_layer[j], chosen[j] = float(state.error[m]), state[m], layouts[c]
         return per_layer, chosen
 
 
