@@ -299,7 +299,10 @@ def train(
             if epoch_end:
                 metrics = _lead_only(_validate, model, tokenizer, data, config, stf)
                 main = metrics[spec.metrics[0]]
-                state["history"].append({"step": step, "loss": shown.item(), **metrics})
+                entry = {"step": step, "loss": shown.item(), **metrics}
+                if stf is not None:
+                    entry["support_change"] = stf.support_change
+                state["history"].append(entry)
                 if state["best"] is None or main > state["best"]:
                     state["best"], state["best_step"] = main, step
                     _lead_only(_write_checkpoint, out / "best", model, optimizer, scheduler, stf, state, rng)
