@@ -418,3 +418,34 @@ def test_regression_task_with_dsformer(capsys, tmp_path, model_dir, stsb_dir):
     assert "stsb test (16 examples)" in line
     assert f"pearson {metrics['test']['pearson']:.4f}" in line
     assert not work_folder(output).exists()
+
+
+@pytest.mark.parametrize("method", ["dense", "dsformer"])
+def test_interrupted_run_resumes_to_the_same_result(capsys, tmp_path, model_dir, sst2_dir, monkeypatch, method):
+    """Ctrl-C mid-epoch: exit 130 with the resume hint; --resume ends exactly where an uninterrupted run does."""
+    import dsformer.train as train_module
+
+    extra = ["--method", method, "--epochs", "2"]
+    whole = tmp_path / "whole"
+    assert run_cli(capsys, _compress_args(model_dir, sst2_dir, whole, *extra))[0] == 0
+
+    calls = {"n": 0}
+    real_loss = train_module._loss
+
+    def interrupting_loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 11:  # in the second epoch
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(train_module, "_loss", interrupting_loss)
+    code, _, err = run_cli(capsys, _compress_args(model_dir, sst2_dir, cut, *extra))
+    assert code == 130 and "--resume" in err and len(err.strip().splitlines()) == 1
+    assert (work_folder(cut) / "checkpoint").is_dir() and not cut.exists()
+    monkeypatch.setattr(train_module, "_loss", real_loss)
+    assert run_cli(capsys, _compress_args(model_dir, sst2_dir, cut, *extra, "--resume"))[0] == 0
+
+    a, b = metrics_of(whole), metrics_of(cut)
+    assert a["test"] == b["test"] and a["validation"] == b["validation"] and a["history"] == b["history"]
+    assert not work_folder(cut).exists()

@@ -182,10 +182,9 @@ def compress_verb(args: argparse.Namespace) -> None:
     rank = _init_distributed(args.device)
     try:
         metrics = run(config, output, resume=args.resume)
-    except KeyboardInterrupt:
-        raise DsformerError(
-            f"interrupted; the checkpoint is in {output}.work: run the same command with --resume"
-        ) from None
+    except KeyboardInterrupt as interrupt:
+        interrupt.hint = f"interrupted; the checkpoint is in {output}.work: run the same command with --resume"
+        raise
     if rank == 0:
         print(summary_table([metrics]))
         print(f"saved to {output} (metrics in {output / 'metrics.json'})")
@@ -327,8 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     except DsformerError as err:
         print(f"dsformer: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("dsformer: interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(f"dsformer: {getattr(interrupt, 'hint', 'interrupted; nothing was written')}", file=sys.stderr)
         return 130
     return 0
 

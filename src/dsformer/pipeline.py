@@ -62,10 +62,10 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
     start = time.perf_counter()
     data = load_task(config.task, config.data_dir, seed=config.train.seed, max_train=config.max_train)
     reference = _reference_metric(config.reference, data.spec.metrics[0]) if config.reference else None
+    torch.manual_seed(config.train.seed)  # before loading: the new task head's initialization depends on it
     model, tokenizer = load_pretrained(config.model, task_head=True, num_labels=data.spec.num_labels)
     if tokenizer is None:
         raise DsformerError(f"model {config.model!r} has no tokenizer; give a folder or hub name that includes one")
-    torch.manual_seed(config.train.seed)
     device = torch.device(config.device)
     model.to(device)
     dense_bytes = model_bytes(model)  # the pretrained model's size, the reference of every ratio
