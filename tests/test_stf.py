@@ -169,6 +169,18 @@ def test_maybe_refresh_every_n_steps(every: int, monkeypatch: pytest.MonkeyPatch
     assert len(calls) == len(refreshed)
 
 
+@pytest.mark.parametrize("pull", [0.0, 0.25, 1.0])
+def test_pull_moves_latents_toward_their_projection(pull: float) -> None:
+    _, stf = wrapped("nm", schedule=Schedule(refresh_every=100, pull=pull))
+    perturb(stf)
+    before = {name: (layer.weight.detach().clone(), layer.projected.clone()) for name, (layer, _) in stf.layers.items()}
+    assert not stf.maybe_refresh(1)  # a step without re-projection
+    for name, (layer, _) in stf.layers.items():
+        latent, projected = before[name]
+        torch.testing.assert_close(layer.weight.detach(), latent + pull * (projected - latent))
+        torch.testing.assert_close(layer.projected, projected)
+
+
 @pytest.mark.parametrize("structure", NAMES)
 def test_factor_state_round_trip(structure: str, tmp_path) -> None:
     _, a = wrapped(structure)

@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     com.add_argument("--seed", type=int, default=0)
     com.add_argument("--refresh-every", type=int, default=10, help="STF: re-project every this many steps")
     com.add_argument("--ramp-steps", type=int, default=0, help="STF: steps over which lambda ramps to 1")
+    com.add_argument("--pull", type=_number, default=0.0, help="STF: per-step pull of latents to their projection")
     com.add_argument("--teacher", default=None, help="a saved fine-tuned model: adds a knowledge-distillation loss")
     com.add_argument("--reference", default=None, help="metrics.json of a dense run, for the difference to dense")
     com.add_argument("--output", default=None, help="folder to write (default: outputs/<task>-<method>-<ratio>x)")
@@ -175,7 +176,7 @@ def compress_verb(args: argparse.Namespace) -> None:
         teacher=args.teacher,
         device=args.device,
         train=train,
-        schedule=Schedule(refresh_every=args.refresh_every, ramp_steps=args.ramp_steps),
+        schedule=Schedule(refresh_every=args.refresh_every, ramp_steps=args.ramp_steps, pull=args.pull),
     )
     ratio = "" if args.method == "dense" else f"-{args.ratio:g}x"
     output = Path(args.output or os.path.join("outputs", f"{args.task}-{args.method}{ratio}"))

@@ -60,13 +60,19 @@ class STFLinear(nn.Module):
 @dataclass
 class Schedule:
     """When to re-project and how strongly: refresh every ``refresh_every`` steps with ``iters`` fitting
-    rounds; ``λ`` ramps linearly from ``ramp_start`` to 1 over the first ``ramp_steps`` steps (0: always 1)."""
+    rounds; ``λ`` ramps linearly from ``ramp_start`` to 1 over the first ``ramp_steps`` steps (0: always 1).
+
+    ``pull`` moves each latent weight that fraction of the way to its projection after every step,
+    ``W̃ ← W̃ - pull (W̃ - Π(W̃))``: SR-STE's refinement of the dropped part, for any structure
+    (0: off, plain STF).
+    """
 
     refresh_every: int = 10
     iters: int = 2
     ramp_steps: int = 0
     ramp_start: float = 0.0
     final_iters: int = 10
+    pull: float = 0.0
 
     def ramp(self, step: int) -> float:
         if self.ramp_steps <= 0 or step >= self.ramp_steps:
@@ -126,7 +132,11 @@ class STF:
             layer.ramp = ramp
 
     def maybe_refresh(self, step: int) -> bool:
-        """Re-project after optimizer step ``step`` when the schedule says so; set λ for the next step."""
+        """After optimizer step ``step``: pull the latents, re-project when the schedule says so, set λ."""
+        if self.schedule.pull:
+            with torch.no_grad():
+                for layer, _ in self.layers.values():
+                    layer.weight.lerp_(layer.projected.to(layer.weight.dtype), self.schedule.pull)
         self.set_step(step)
         if step % self.schedule.refresh_every == 0:
             self.refresh()
