@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from dsformer.errors import DsformerError
@@ -116,7 +115,7 @@ def factorize(args: argparse.Namespace) -> None:
     import torch
 
     from dsformer import CompressConfig, compress, save
-    from dsformer.io import check_output
+    from dsformer.io import atomic_write_text, check_output
     from dsformer.models import load_pretrained, resolve
 
     structure = _structure(args)
@@ -131,21 +130,12 @@ def factorize(args: argparse.Namespace) -> None:
     report = compress(model, config, progress=not args.quiet)
     print(report.table())
     if args.json:
-        _write_json_atomic(Path(args.json), report.to_json())
+        atomic_write_text(args.json, json.dumps(report.to_json(), indent=2) + "\n")
         print(f"report written to {args.json}")
     if output is not None:
         save(model.cpu(), output, tokenizer=tokenizer, report=report)
         size = (output / "model.safetensors").stat().st_size
         print(f"saved to {output} ({size / 2**20:.1f} MiB); load it with dsformer.load({str(output)!r})")
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def compress_verb(args: argparse.Namespace) -> None:

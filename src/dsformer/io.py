@@ -97,6 +97,21 @@ def atomic_folder(path: str | os.PathLike, markers: tuple[str, ...] = (META_FILE
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a file beside ``path`` and move it into place in one rename, so readers never see half of it."""
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
 def _usual_permissions(folder: Path) -> None:
     """mkdtemp and some writers create owner-only files; give them the permissions of a normal save."""
     umask = os.umask(0)

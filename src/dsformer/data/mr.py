@@ -112,11 +112,7 @@ def prepare(sdist: str | os.PathLike | None = None, force: bool = False) -> Path
     if len(lines) != EXPECTED_SENTENCES:
         raise DsformerError(f"{MEMBER} has {len(lines)} lines, expected {EXPECTED_SENTENCES}: not the known release")
     rows = parse_ground_truth(lines)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=".mr.", dir=target.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write("sentence\tscore\tlabel\n")
-        for row in rows:
-            f.write(f"{row.sentence}\t{row.score}\t{row.label}\n")
-    os.replace(tmp_path, target)
-    return target
+    from dsformer.io import atomic_write_text
+
+    lines_out = ["sentence\tscore\tlabel\n"] + [f"{r.sentence}\t{r.score}\t{r.label}\n" for r in rows]
+    return atomic_write_text(target, "".join(lines_out))
