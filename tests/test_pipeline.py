@@ -290,6 +290,30 @@ def test_teacher_that_is_not_a_saved_model_exits_2(capsys, tmp_path, model_dir, 
     assert not output.exists() and not work_folder(output).exists()
 
 
+@pytest.mark.parametrize("method", ["dsformer", "ds-conventional"])
+def test_compress_starts_from_a_fine_tuned_dense_run(capsys, tmp_path, model_dir, sst2_dir, dense_run, method):
+    """The usual pipeline: fine-tune dense, then compress that model (its task head included)."""
+    output = tmp_path / "from-dense"
+    code, _, err = run_cli(capsys, _compress_args(dense_run, sst2_dir, output, "--method", method))
+    assert code == 0, err
+    metrics = metrics_of(output)
+    assert metrics["config"]["model"] == str(dense_run)
+    assert metrics["ratios"]["ratio_params"] == pytest.approx(2.0, rel=0.02)
+    start = dsformer.load(dense_run)
+    assert metrics["dense_model_bytes"] == sum(t.numel() * t.element_size() for t in start.state_dict().values())
+
+
+@pytest.mark.parametrize("start, task, words", [("svd", "sst2", "compressed"), ("dense", "stsb", "labels")])
+def test_compressing_a_compressed_run_or_another_tasks_model_is_refused(
+    capsys, tmp_path, sst2_dir, stsb_dir, svd_run, dense_run, start, task, words
+):
+    folder, data = (svd_run if start == "svd" else dense_run), (sst2_dir if task == "sst2" else stsb_dir)
+    output = tmp_path / f"again-{task}"
+    line = assert_one_error_line(*run_cli(capsys, _compress_args(folder, data, output, "--method", "svd", task=task)))
+    assert words in line
+    assert not output.exists() and not work_folder(output).exists()
+
+
 def test_reference_adds_difference_to_dense(capsys, tmp_path, model_dir, sst2_dir, dense_run):
     output = tmp_path / "svd"
     reference = dense_run / "metrics.json"
@@ -449,3 +473,160 @@ def test_interrupted_run_resumes_to_the_same_result(capsys, tmp_path, model_dir,
     a, b = metrics_of(whole), metrics_of(cut)
     assert a["test"] == b["test"] and a["validation"] == b["validation"] and a["history"] == b["history"]
     assert not work_folder(cut).exists()
+
+
+# ---------------------------------------------------------------- sweeps and reports
+
+
+def _sweep_config(folder: Path, model_dir: Path, sst2_dir: Path, **changes) -> Path:
+    config = {
+        "name": "tiny",
+        "model": str(model_dir),
+        "results": "results",
+        "outputs": "outputs",
+        "keep_models": False,
+        "train": {"epochs": 1, "batch_size": 8, "max_length": 16},
+        "tasks": {"sst2": {"data_dir": str(sst2_dir)}},
+        "methods": [
+            "svd",
+            {"label": "dsformer+kd", "method": "dsformer", "teacher": True, "schedule": {"refresh_every": 3}},
+        ],
+        "ratios": [2],
+        "seeds": [0, 1],
+        **changes,
+    }
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in config.items() if v is not None}))
+    return path
+
+
+def test_sweep_runs_the_grid_skips_what_is_done_and_reports(capsys, tmp_path, model_dir, sst2_dir, monkeypatch):
+    import dsformer.train as train_module
+
+    config = _sweep_config(tmp_path, model_dir, sst2_dir)
+    calls = {"n": 0}
+    real_loss = train_module._loss
+
+    def interrupting_loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 8 + 12:  # the dense run takes 8 steps; this is inside the second run
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_loss", interrupting_loss)
+    code, _, err = run_cli(capsys, ["sweep", "--config", config, "--quiet"])
+    assert code == 130
+    results = tmp_path / "results"
+    assert sorted(p.name for p in results.glob("*.json")) == ["sst2-dense-s0.json", "sst2-svd-2x-s0.json"]
+    monkeypatch.setattr(train_module, "_loss", real_loss)
+    code, out, err = run_cli(capsys, ["sweep", "--config", config, "--quiet"])
+    assert code == 0, err
+    assert "2 runs done, 3 to do" in out and "(resuming)" in out
+    names = sorted(p.stem for p in results.glob("*.json"))
+    assert names == [
+        "sst2-dense-s0",
+        "sst2-dsformer+kd-2x-s0",
+        "sst2-dsformer+kd-2x-s1",
+        "sst2-svd-2x-s0",
+        "sst2-svd-2x-s1",
+    ]
+    run = json.loads((results / "sst2-dsformer+kd-2x-s1.json").read_text())
+    assert run["label"] == "dsformer+kd" and run["seed"] == 1 and run["config"]["train"]["kd_alpha"] > 0
+    assert run["config"]["teacher"] == run["config"]["model"] == str(tmp_path / "outputs" / "sst2-dense-s0")
+    assert run["config"]["schedule"]["refresh_every"] == 3 and "difference_to_dense" in run
+    assert not (tmp_path / "outputs" / "sst2-svd-2x-s0").exists()  # keep_models: false
+    assert (tmp_path / "outputs" / "sst2-dense-s0" / "metrics.json").exists()  # the start is kept
+    code, out, _ = run_cli(capsys, ["sweep", "--config", config])
+    assert code == 0 and "5 runs done, 0 to do" in out
+
+    md = tmp_path / "docs" / "results.md"
+    code, out, err = run_cli(capsys, ["report", results, "--output", md])
+    assert code == 0, err
+    text = md.read_text()
+    assert "| svd | conventional |" in text and "| dsformer+kd | stf |" in text and "[n=2]" in text
+    assert (tmp_path / "docs" / "results_sst2.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"methods": ["nope"]}, "not a compression method"),
+        ({"methods": ["dense"]}, "not a compression method"),
+        ({"methods": [{"method": "svd", "colour": 1}]}, "unknown key"),
+        ({"methods": [{"method": "dsformer", "schedule": {"bogus": 1}}]}, "schedule"),
+        ({"ratios": [0.5]}, "ratio"),
+        ({"seeds": []}, "'seeds' is missing"),
+        ({"train": {"epochz": 1}}, "epochz"),
+        ({"tasks": {"nope": {}}}, "nope"),
+        ({"tasks": {"sst2": {"colour": 1}}}, "data_dir and max_train"),
+        ({"extra": 1}, "unknown key"),
+    ],
+)
+def test_bad_sweep_config_exits_2_before_any_run(capsys, tmp_path, model_dir, sst2_dir, changes, words):
+    config = _sweep_config(tmp_path, model_dir, sst2_dir, **changes)
+    line = assert_one_error_line(*run_cli(capsys, ["sweep", "--config", config]))
+    assert words in line
+    assert not (tmp_path / "results").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_sweep_config_that_is_not_yaml_exits_2(capsys, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: [unclosed\n")
+    assert "not valid YAML" in assert_one_error_line(*run_cli(capsys, ["sweep", "--config", path]))
+    assert "cannot read" in assert_one_error_line(*run_cli(capsys, ["sweep", "--config", tmp_path / "none.yaml"]))
+
+
+def test_report_of_a_folder_without_runs_exits_2(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "x.json").write_text("{}")
+    for folder in ("empty", "broken"):
+        assert_one_error_line(*run_cli(capsys, ["report", tmp_path / folder, "--output", tmp_path / "r.md"]))
+    assert not (tmp_path / "r.md").exists()
+
+
+@pytest.mark.parametrize(
+    "curve, dense, expected",
+    [
+        ([(2.0, 85.5), (2.8, 84.5)], 86.0, 2.4),
+        ([(2.0, 85.5), (2.8, 85.2), (3.57, 85.0)], 86.0, 3.57),  # never drops: the largest measured
+        ([(2.0, 84.9)], 86.0, None),
+        ([(2.8, 84.0), (2.0, 86.0)], 86.0, 2.4),  # order does not matter
+    ],
+)
+def test_ratio_at_one_point_drop(curve, dense, expected):
+    from dsformer.results import ratio_at_drop
+
+    assert ratio_at_drop(curve, dense) == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, model_dir, sst2_dir):
+    """What a scheduler's stop (or `kill`) does to a real process: exit 143, checkpoint kept, --resume finishes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    output = tmp_path / "run"
+    argv = [sys.executable, "-m", "dsformer.cli", *_compress_args(model_dir, sst2_dir, output, "--method", "dsformer")]
+    argv[argv.index("--epochs") + 1] = "40"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    state = work_folder(output) / "checkpoint" / "trainer_state.json"
+    deadline = time.monotonic() + 240
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err
+    assert "--resume" in err and len(err.strip().splitlines()) == 1
+    assert state.exists() and not output.exists()
+    steps = json.loads(state.read_text())["step"]
+    assert 0 < steps < 320
+    done = subprocess.run([*argv, "--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert metrics_of(output)["steps"] == 320 and not work_folder(output).exists()

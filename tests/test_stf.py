@@ -104,6 +104,31 @@ def test_gradients_are_straight_through(structure: str, ramp: float) -> None:
         torch.testing.assert_close(layer.bias.grad, ref.bias.grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("follow", [True, False])
+@pytest.mark.parametrize("structure", NAMES)
+def test_between_refreshes_training_follows_the_latent_and_evaluation_sees_the_projection(
+    structure: str, follow: bool
+) -> None:
+    """``follow``: training computes with Π(W̃ᵣ) + (W̃ - W̃ᵣ); held: with Π(W̃ᵣ); evaluation always with Π(W̃ᵣ)."""
+    net, stf = wrapped(structure, schedule=Schedule(follow=follow))
+    anchors = {name: layer.weight.detach().clone() for name, (layer, _) in stf.layers.items()}
+    projected = {name: layer.projected.clone() for name, (layer, _) in stf.layers.items()}
+    perturb(stf, scale=0.1)  # an optimizer step, no refresh after it
+    moved = {name: layer.weight.detach() - anchors[name] for name, (layer, _) in stf.layers.items()}
+    training = {name: projected[name] + (moved[name] if follow else 0) for name in projected}
+    torch.testing.assert_close(model_output(net), model_output(with_weights("bert", training)), atol=1e-5, rtol=0)
+    for layer, _ in stf.layers.values():  # evaluation mode for the STF layers alone: dropout stays as it was
+        layer.eval()
+    torch.testing.assert_close(model_output(net), model_output(with_weights("bert", projected)), atol=1e-5, rtol=0)
+    for layer, _ in stf.layers.values():
+        layer.train()
+    stf.refresh()  # the anchor moves to the latent: training computes with the new projection exactly
+    fresh = {name: layer.projected for name, (layer, _) in stf.layers.items()}
+    for layer, _ in stf.layers.values():
+        assert torch.equal(layer.anchor, layer.weight.detach())
+    torch.testing.assert_close(model_output(net), model_output(with_weights("bert", fresh)), atol=1e-5, rtol=0)
+
+
 def test_schedule_ramp() -> None:
     schedule = Schedule(ramp_steps=10, ramp_start=0.2)
     values = [schedule.ramp(step) for step in range(13)]
@@ -250,7 +275,8 @@ def test_finalize_with_zero_iters_keeps_the_last_projection(structure: str) -> N
     """Documented: ``finalize(iters=0)`` keeps exactly the projection that training evaluated."""
     net, stf = wrapped(structure)
     perturb(stf)  # the latent weights moved since the last projection
-    before = model_output(net)  # λ = 1: computes with the last projection
+    net.eval()
+    before = model_output(net)  # evaluation, λ = 1: computes with the last projection
     last = {name: layer.projected.clone() for name, (layer, _) in stf.layers.items()}
     stf.finalize(iters=0)  # zero fitting rounds: keep the warm start, i.e. the last projection
     for name, w in last.items():

@@ -43,10 +43,7 @@ def load_pretrained(model: str | None, task_head: bool = False, num_labels: int 
     if looks_local and not (Path(source).expanduser() / "config.json").exists():
         raise DsformerError(f"model folder {source} has no config.json; give a Hugging Face model folder or hub name")
     if looks_local and (Path(source).expanduser() / "dsformer.json").exists():
-        raise DsformerError(
-            f"{source} is a compressed dsformer model; load it with dsformer.load, or export a dense copy "
-            "with `dsformer merge` and pass that"
-        )
+        return _load_dense_run(Path(source).expanduser(), task_head, num_labels)
     auto = AutoModelForSequenceClassification if task_head else AutoModel
     options = {"num_labels": num_labels} if task_head and num_labels is not None else {}
     try:
@@ -55,6 +52,25 @@ def load_pretrained(model: str | None, task_head: bool = False, num_labels: int 
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DsformerError(f"cannot load model {source!r}: {first}") from None
     return loaded, load_tokenizer(source)
+
+
+def _load_dense_run(folder: Path, task_head: bool, num_labels: int | None) -> tuple[Any, Any]:
+    """A dense model saved by dsformer (``dsformer compress --method dense``): the usual start for compression."""
+    from dsformer.io import load, read_meta
+
+    if read_meta(folder)["layers"]:
+        raise DsformerError(
+            f"{folder} is a compressed dsformer model; compress its dense original, or export a dense copy "
+            "with `dsformer merge` and pass that"
+        )
+    model = load(folder).train()
+    if task_head and not hasattr(model, "classifier") and not hasattr(model, "score"):
+        raise DsformerError(f"{folder} holds a {type(model).__name__}, not a model with a task head")
+    if task_head and num_labels is not None and model.config.num_labels != num_labels:
+        raise DsformerError(
+            f"{folder} was fine-tuned with {model.config.num_labels} labels; this task has {num_labels}"
+        )
+    return model, load_tokenizer(str(folder))
 
 
 # Any of these in a local folder means it carries a tokenizer.

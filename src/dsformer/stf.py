@@ -43,14 +43,19 @@ class STFLinear(nn.Module):
         self.weight = nn.Parameter(weight.detach().clone())  # the latent dense weight W̃
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self.register_buffer("projected", weight.detach().clone())  # Π(W̃), refreshed by STF
+        self.register_buffer("anchor", weight.detach().clone())  # W̃ when Π(W̃) was last computed
         self.ramp = 1.0  # λ
+        self.follow = True  # between refreshes, training steps see the latent's moves (see Schedule.follow)
         self.factors = None  # the last projection's factors (warm start of the next)
         self.source_kind = source_kind
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        # value (1-λ) W̃ + λ Π(W̃), gradient identity with respect to W̃
-        w_hat = w + self.ramp * (self.projected.to(w.dtype) - w).detach()
+        # value (1-λ) W̃ + λ Π(W̃), gradient identity with respect to W̃; when following, Π(W̃) is
+        # approximated between refreshes by Π(W̃ᵣ) + (W̃ - W̃ᵣ), so each step's update acts at once.
+        # Evaluation always sees the projection itself: the model as it would ship.
+        base = self.anchor if self.follow and self.training else w
+        w_hat = w + self.ramp * (self.projected.to(w.dtype) - base).detach()
         return nn.functional.linear(x, w_hat, self.bias)
 
     def extra_repr(self) -> str:
@@ -61,6 +66,12 @@ class STFLinear(nn.Module):
 class Schedule:
     """When to re-project and how strongly: refresh every ``refresh_every`` steps with ``iters`` fitting
     rounds; ``λ`` ramps linearly from ``ramp_start`` to 1 over the first ``ramp_steps`` steps (0: always 1).
+
+    ``follow``: between refreshes a training step computes with ``Π(W̃ᵣ) + (W̃ - W̃ᵣ)``, the last
+    projection moved by what the latent has moved since (``W̃ᵣ``: the latent at that refresh),
+    instead of holding ``Π(W̃ᵣ)`` fixed. Holding it gives the optimizer no feedback for
+    ``refresh_every`` steps and then applies all of their updates at once, which made MR training
+    diverge at lr 1e-4; evaluation and the finished model always use the projection itself.
 
     ``pull`` moves each latent weight that fraction of the way to its projection after every step,
     ``W̃ ← W̃ - pull (W̃ - Π(W̃))``: SR-STE's refinement of the dropped part, for any structure
@@ -73,6 +84,7 @@ class Schedule:
     ramp_start: float = 0.0
     final_iters: int = 10
     pull: float = 0.0
+    follow: bool = True
 
     def ramp(self, step: int) -> float:
         if self.ramp_steps <= 0 or step >= self.ramp_steps:
@@ -130,15 +142,16 @@ class STF:
         ramp = self.schedule.ramp(step)
         for layer, _ in self.layers.values():
             layer.ramp = ramp
+            layer.follow = self.schedule.follow
 
-    def maybe_refresh(self, step: int) -> bool:
-        """After optimizer step ``step``: pull the latents, re-project when the schedule says so, set λ."""
+    def maybe_refresh(self, step: int, force: bool = False) -> bool:
+        """After optimizer step ``step``: pull the latents, set λ, re-project when due (or ``force``)."""
         if self.schedule.pull:
             with torch.no_grad():
                 for layer, _ in self.layers.values():
                     layer.weight.lerp_(layer.projected.to(layer.weight.dtype), self.schedule.pull)
         self.set_step(step)
-        if step % self.schedule.refresh_every == 0:
+        if force or step % self.schedule.refresh_every == 0:
             self.refresh()
             return True
         return False
@@ -165,6 +178,7 @@ class STF:
                     total += int(new.sum())
                 layer.factors = factors
                 layer.projected.copy_(factors.reconstruct().to(layer.projected.dtype))
+                layer.anchor.copy_(layer.weight.detach())
         self.support_change = moved / total if total else 0.0
         return self.support_change
 

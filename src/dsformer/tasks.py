@@ -150,6 +150,9 @@ def _carve(
     return [e for i, e in enumerate(examples) if i not in val], [examples[i] for i in sorted(val)]
 
 
+VALIDATION_SEED = 0
+
+
 def load_task(
     name: str = "mr",
     data_dir: str | Path | None = None,
@@ -162,8 +165,9 @@ def load_task(
 
     ``mr`` reads the embedded default (``dsformer data mr`` prepares it). A GLUE task reads
     ``data_dir`` (a folder in the standard GLUE layout) or, without one, the Hugging Face hub.
-    ``max_train`` keeps a seeded subsample of train (for quick CPU runs); the validation slice is
-    ``validation_fraction`` of train, at most ``max_validation`` examples.
+    ``max_train`` keeps a ``seed``-ed subsample of train (for quick CPU runs); the validation slice
+    is a fixed ``validation_fraction`` of train (the same for every seed), at most
+    ``max_validation`` examples.
     """
     spec = task_spec(name)
     if spec.name == "mr":
@@ -175,7 +179,9 @@ def load_task(
         train, test = read_tsv(folder / "train.tsv", spec), read_tsv(folder / spec.test_file, spec)
     else:
         train, test = _load_hub(spec)
-    train, validation = _carve(train, validation_fraction, seed, cap=max_validation)
+    # one validation slice for every training seed: a model fine-tuned with one seed (a teacher, the
+    # dense start of a compression run) has never trained on the slice that selects another's checkpoints
+    train, validation = _carve(train, validation_fraction, VALIDATION_SEED, cap=max_validation)
     if max_train is not None and max_train < len(train):
         train = random.Random(seed + 1).sample(train, max_train)
     data = TaskData(spec, train, validation, test)

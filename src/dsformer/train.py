@@ -287,15 +287,15 @@ def train(
             optimizer.step()
             scheduler.step()
             state["step"] = step = step + 1
-            if stf is not None:
-                stf.maybe_refresh(step)
+            epoch_end = step % per_epoch == 0 or step == total
+            if stf is not None:  # validation at an epoch end sees the latest latents' projection
+                stf.maybe_refresh(step, force=epoch_end)
             step_times.append(time.perf_counter() - start)
             postfix = {"loss": f"{shown.item():.4f}", "step_s": f"{step_times[-1]:.2f}"}
             if stf is not None:
                 postfix["support_change"] = f"{stf.support_change:.4f}"
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
-            epoch_end = step % per_epoch == 0 or step == total
             if epoch_end:
                 metrics = _lead_only(_validate, model, tokenizer, data, config, stf)
                 main = metrics[spec.metrics[0]]

@@ -1,0 +1,169 @@
+"""Turn sweep results (one JSON per run) into tables and plots: mean over seeds, metric against ratio.
+
+"Better compression" is made concrete by :func:`ratio_at_drop`: the largest compression ratio
+whose metric stays within ``drop`` (1 point) of dense, interpolated linearly on the measured
+curve.
+
+    >>> ratio_at_drop([(2.0, 85.5), (2.8, 84.5), (3.57, 82.0)], dense=86.0)  # crosses 85.0 halfway
+    2.4
+    >>> ratio_at_drop([(2.0, 84.0)], dense=86.0) is None
+    True
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean, stdev
+
+from dsformer.errors import DsformerError
+
+
+@dataclass(frozen=True)
+class Cell:
+    """The seeds of one (task, method label, ratio): test metric in points (×100)."""
+
+    task: str
+    metric: str
+    label: str
+    trainer: str
+    ratio: float  # the asked ratio
+    measured_ratio: float  # mean ratio by value parameters
+    scores: tuple[float, ...]
+    files: tuple[str, ...]
+
+    @property
+    def mean(self) -> float:
+        return mean(self.scores)
+
+    @property
+    def std(self) -> float:
+        return stdev(self.scores) if len(self.scores) > 1 else 0.0
+
+
+def collect(folders: list[Path]) -> list[Cell]:
+    """Group every run JSON under ``folders`` by task, label and ratio."""
+    groups: dict[tuple[str, str, float], list[tuple[dict, Path]]] = defaultdict(list)
+    for folder in folders:
+        files = sorted(Path(folder).glob("*.json"))
+        if not files:
+            raise DsformerError(f"{folder} holds no run JSON files; give the results folder of a sweep")
+        for file in files:
+            try:
+                run = json.loads(file.read_text())
+                key = (run["task"], run.get("label", run["method"]), float(run["ratio"]))
+                run["test"][run["metric"]]
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise DsformerError(f"{file} is not a run result ({type(err).__name__}: {err})") from None
+            groups[key].append((run, file))
+    cells = []
+    for (task, label, ratio), runs in sorted(groups.items()):
+        metric = runs[0][0]["metric"]
+        measured = [r["ratios"]["ratio_params"] if r.get("ratios") else 1.0 for r, _ in runs]
+        cells.append(
+            Cell(
+                task,
+                metric,
+                label,
+                runs[0][0].get("trainer", "-"),
+                ratio,
+                mean(measured),
+                tuple(100 * r["test"][metric] for r, _ in runs),
+                tuple(str(f) for _, f in runs),
+            )
+        )
+    return cells
+
+
+def ratio_at_drop(curve: list[tuple[float, float]], dense: float, drop: float = 1.0) -> float | None:
+    """The largest ratio on ``curve`` ((ratio, metric) points) with metric ≥ ``dense - drop``, interpolated.
+
+    ``None`` when even the smallest measured ratio drops more; the largest ratio when none does
+    (the curve does not show where it would).
+    """
+    floor = dense - drop
+    points = sorted(curve)
+    if not points or points[0][1] < floor:
+        return None
+    best = points[0][0]
+    for (r0, m0), (r1, m1) in zip(points, points[1:], strict=False):
+        if m1 >= floor:
+            best = r1
+            continue
+        best = r0 + (r1 - r0) * (m0 - floor) / (m0 - m1)  # crossing between the two points
+        break
+    return round(best, 4)
+
+
+def markdown(cells: list[Cell]) -> str:
+    """Tables per task: mean ± std (n seeds) per method and ratio, the difference to dense, files."""
+    lines = []
+    for task in sorted({c.task for c in cells}):
+        here = [c for c in cells if c.task == task]
+        dense = next((c for c in here if c.label == "dense"), None)
+        ratios = sorted({c.ratio for c in here if c.label != "dense"})
+        lines += [f"### {task} ({here[0].metric}, test split)", ""]
+        if dense is not None:
+            lines += [f"Dense start: {dense.mean:.2f} ({len(dense.scores)} run: `{Path(dense.files[0]).name}`).", ""]
+        head = ["method", "trainer"] + [f"{r:g}x" for r in ratios]
+        if dense is not None:
+            head.append("ratio within 1 point of dense")
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for label in dict.fromkeys(c.label for c in here if c.label != "dense"):
+            row = [label, next(c.trainer for c in here if c.label == label)]
+            curve = []
+            for ratio in ratios:
+                cell = next((c for c in here if c.label == label and c.ratio == ratio), None)
+                if cell is None:
+                    row.append("")
+                    continue
+                diff = f" ({cell.mean - dense.mean:+.2f})" if dense is not None else ""
+                spread = f" ± {cell.std:.2f}" if len(cell.scores) > 1 else ""
+                row.append(f"{cell.mean:.2f}{spread}{diff} [n={len(cell.scores)}]")
+                curve.append((cell.measured_ratio, cell.mean))
+            if dense is not None:
+                at = ratio_at_drop(curve, dense.mean)
+                row.append("below 1 point at every ratio" if at is None else f"{at:.2f}x")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(cells: list[Cell], folder: Path) -> list[Path]:
+    """One PNG per task: metric against measured ratio, one line per method, dense dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for task in sorted({c.task for c in cells}):
+        here = [c for c in cells if c.task == task]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label in dict.fromkeys(c.label for c in here if c.label != "dense"):
+            line = sorted((c for c in here if c.label == label), key=lambda c: c.measured_ratio)
+            ax.errorbar(
+                [c.measured_ratio for c in line],
+                [c.mean for c in line],
+                yerr=[c.std for c in line],
+                marker="o",
+                capsize=3,
+                label=label,
+            )
+        dense = next((c for c in here if c.label == "dense"), None)
+        if dense is not None:
+            ax.axhline(dense.mean, color="black", linestyle="--", label="dense")
+            ax.axhline(dense.mean - 1, color="grey", linestyle=":", label="dense - 1")
+        ax.set_xlabel("compression ratio (value parameters of the compressed layers)")
+        ax.set_ylabel(f"{here[0].metric} (test, x100)")
+        ax.set_title(task)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = folder / f"results_{task}.png"
+        folder.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written

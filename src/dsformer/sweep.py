@@ -1,0 +1,249 @@
+"""Grids of compression runs from one YAML file (tasks × methods × ratios × seeds), resumable.
+
+A sweep first fine-tunes the dense model once per task (the first seed): that run is the start
+of every compression run of the task, the reference of "vs dense" and the teacher of KD
+variants. Each finished run leaves ``<results>/<run>.json`` (its ``metrics.json`` plus the sweep's
+labels); a run whose JSON exists is skipped, and an interrupted one resumes from its checkpoint,
+so running the same sweep again finishes it.
+
+Example config (paths are relative to the config file)::
+
+    name: mr-2x
+    results: ../results/mr-2x           # one JSON per run
+    outputs: ../outputs/sweeps/mr-2x     # model folders (not committed)
+    keep_models: false                   # delete compressed models once their JSON is written
+    train: {epochs: 1}                   # TrainConfig fields for every run
+    dense: {epochs: 3}                   # ... overridden for the dense start
+    tasks:
+      mr: {}
+      sst2: {data_dir: ../../shared/data/glue/SST-2, max_train: 20000}
+    methods:
+      - svd
+      - ds-conventional
+      - dsformer
+      - {label: dsformer+kd, method: dsformer, teacher: true}
+      - {label: svd-stf, method: svd, trainer: stf}
+    ratios: [2, 2.8]
+    seeds: [0, 1, 2]
+
+    >>> from dsformer.sweep import MethodSpec
+    >>> MethodSpec.parse({"label": "dsformer+kd", "method": "dsformer", "teacher": True}).teacher
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from dsformer.errors import DsformerError
+from dsformer.methods import METHODS
+from dsformer.stf import Schedule
+from dsformer.structures.base import check_ratio
+from dsformer.train import STATE_FILE, TrainConfig
+
+_TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"seed", "progress"}
+_SCHEDULE_FIELDS = {f.name for f in fields(Schedule)}
+_TOP_KEYS = {
+    *("name", "model", "results", "outputs", "keep_models"),
+    *("train", "dense", "tasks", "methods", "ratios", "seeds"),
+}
+
+
+class SweepError(DsformerError):
+    """A sweep config that cannot be run."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One line of the grid's method axis: a method with its trainer, KD and STF schedule."""
+
+    label: str
+    method: str
+    trainer: str | None = None
+    teacher: bool = False  # distil from the task's dense run
+    schedule: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, entry: str | dict[str, Any]) -> MethodSpec:
+        if isinstance(entry, str):
+            entry = {"method": entry}
+        if not isinstance(entry, dict) or "method" not in entry:
+            raise SweepError(f"methods: {entry!r} is neither a method name nor a mapping with 'method'")
+        unknown = set(entry) - {"label", "method", "trainer", "teacher", "schedule"}
+        if unknown:
+            raise SweepError(f"methods: unknown key(s) {sorted(unknown)} in {entry!r}")
+        if entry["method"] not in METHODS or entry["method"] == "dense":
+            raise SweepError(f"methods: {entry['method']!r} is not a compression method ({', '.join(METHODS[1:])})")
+        schedule = dict(entry.get("schedule") or {})
+        if set(schedule) - _SCHEDULE_FIELDS:
+            raise SweepError(f"methods: unknown schedule key(s) {sorted(set(schedule) - _SCHEDULE_FIELDS)}")
+        teacher = bool(entry.get("teacher", False)) or entry["method"] == "distil"
+        return cls(entry.get("label", entry["method"]), entry["method"], entry.get("trainer"), teacher, schedule)
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    name: str
+    task: str
+    label: str
+    ratio: float
+    seed: int
+    config: Any  # RunConfig
+    output: Path
+    result: Path
+    dense: Path | None  # the dense run this one starts from (None: it is the dense run)
+
+
+@dataclass
+class Sweep:
+    name: str
+    results: Path
+    outputs: Path
+    tasks: dict[str, dict[str, Any]]
+    methods: list[MethodSpec]
+    ratios: list[float]
+    seeds: list[int]
+    model: str | None = None
+    train: dict[str, Any] = field(default_factory=dict)
+    dense: dict[str, Any] = field(default_factory=dict)
+    keep_models: bool = True
+
+    def plan(self) -> list[PlannedRun]:
+        """Every run in order: each task's dense start, then its grid."""
+        from dsformer.pipeline import RunConfig
+
+        runs = []
+        first = self.seeds[0]
+        for task, options in self.tasks.items():
+            base = RunConfig(model=self.model, task=task, **options)
+            dense_name = f"{task}-dense-s{first}"
+            dense_out = self.outputs / dense_name
+            dense_train = TrainConfig(**{**self.train, **self.dense, "seed": first, "progress": True})
+            runs.append(
+                PlannedRun(
+                    dense_name, task, "dense", 1.0, first,
+                    replace(base, method="dense", train=dense_train),
+                    dense_out, self.results / f"{dense_name}.json", None,
+                )
+            )  # fmt: skip
+            for spec in self.methods:
+                for ratio in self.ratios:
+                    for seed in self.seeds:
+                        name = f"{task}-{spec.label}-{ratio:g}x-s{seed}"
+                        config = replace(
+                            base,
+                            model=str(dense_out),
+                            method=spec.method,
+                            ratio=ratio,
+                            trainer=spec.trainer,
+                            reference=str(dense_out / "metrics.json"),
+                            teacher=str(dense_out) if spec.teacher else None,
+                            train=TrainConfig(**{**self.train, "seed": seed, "progress": True}),
+                            schedule=Schedule(**spec.schedule),
+                        )
+                        runs.append(
+                            PlannedRun(
+                                name, task, spec.label, ratio, seed, config,
+                                self.outputs / name, self.results / f"{name}.json", dense_out,
+                            )
+                        )  # fmt: skip
+        return runs
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and check a sweep config; every problem is a :class:`SweepError` naming the key."""
+    import yaml
+
+    file = Path(path)
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except OSError as err:
+        raise SweepError(f"cannot read sweep config {file}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise SweepError(f"{file} is not valid YAML{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise SweepError(f"{file}: a sweep config is a mapping (name, tasks, methods, ratios, seeds, ...)")
+    unknown = set(raw) - _TOP_KEYS
+    if unknown:
+        raise SweepError(f"{file}: unknown key(s) {sorted(unknown)}; known: {sorted(_TOP_KEYS)}")
+    for key in ("name", "tasks", "methods", "ratios", "seeds"):
+        if not raw.get(key):
+            raise SweepError(f"{file}: '{key}' is missing or empty")
+    here = file.parent
+
+    def local(value: str | None) -> str | None:
+        return None if value is None else str((here / Path(value).expanduser()).resolve())
+
+    name = str(raw["name"])
+    for key in ("train", "dense"):
+        extra = set(raw.get(key) or {}) - _TRAIN_FIELDS
+        if extra:
+            raise SweepError(f"{file}: unknown {key} setting(s) {sorted(extra)}; known: {sorted(_TRAIN_FIELDS)}")
+    tasks = {}
+    for task, options in dict(raw["tasks"]).items():
+        options = dict(options or {})
+        if set(options) - {"data_dir", "max_train"}:
+            raise SweepError(f"{file}: task {task}: only data_dir and max_train can be set")
+        if "data_dir" in options:
+            options["data_dir"] = local(options["data_dir"])
+        tasks[str(task)] = options
+    from dsformer.tasks import task_spec
+
+    for task in tasks:
+        task_spec(task)  # unknown task names fail here
+    ratios = [float(r) for r in raw["ratios"]]
+    for ratio in ratios:
+        check_ratio(ratio)
+    model = raw.get("model")
+    model = local(model) if model and (here / model).exists() else model
+    return Sweep(
+        name=name,
+        results=Path(local(raw.get("results", f"../results/{name}"))),
+        outputs=Path(local(raw.get("outputs", f"../outputs/sweeps/{name}"))),
+        tasks=tasks,
+        methods=[MethodSpec.parse(entry) for entry in raw["methods"]],
+        ratios=ratios,
+        seeds=[int(s) for s in raw["seeds"]],
+        model=model,
+        train=dict(raw.get("train") or {}),
+        dense=dict(raw.get("dense") or {}),
+        keep_models=bool(raw.get("keep_models", True)),
+    )
+
+
+def run_sweep(sweep: Sweep, quiet: bool = False, dry_run: bool = False, echo=print) -> list[PlannedRun]:
+    """Run every planned run that has no result yet; returns the runs done (or, with ``dry_run``, to do)."""
+    from dsformer.io import atomic_write_text
+    from dsformer.pipeline import run
+
+    todo = [r for r in sweep.plan() if not r.result.exists()]
+    echo(f"sweep {sweep.name}: {len(sweep.plan()) - len(todo)} runs done, {len(todo)} to do")
+    if dry_run:
+        for r in todo:
+            echo(f"  {r.name}")
+        return todo
+    for i, planned in enumerate(todo, 1):
+        if planned.dense is not None and not (planned.dense / "metrics.json").exists():
+            raise SweepError(
+                f"{planned.name} starts from {planned.dense}, which is missing; delete "
+                f"{sweep.results / (planned.dense.name + '.json')} so that the sweep fine-tunes it again"
+            )
+        resume = (planned.output.with_name(planned.output.name + ".work") / "checkpoint" / STATE_FILE).exists()
+        echo(f"[{i}/{len(todo)}] {planned.name}" + (" (resuming)" if resume else ""))
+        config = replace(planned.config, train=replace(planned.config.train, progress=not quiet))
+        metrics = run(config, planned.output, resume=resume)
+        labels = {"sweep": sweep.name, "run": planned.name, "label": planned.label, "seed": planned.seed}
+        planned.result.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(planned.result, json.dumps({**labels, **metrics}, indent=2) + "\n")
+        if planned.dense is not None and not sweep.keep_models:
+            shutil.rmtree(planned.output, ignore_errors=True)
+        ratio = "" if planned.dense is None else f" ({metrics.get('ratios', {}).get('ratio_params', 0):.2f}x)"
+        echo(f"    {metrics['metric']} {metrics['test'][metrics['metric']]:.4f}{ratio}")
+    return todo
