@@ -490,6 +490,7 @@ def _sweep_config(folder: Path, model_dir: Path, sst2_dir: Path, **changes) -> P
         "methods": [
             "svd",
             {"label": "dsformer+kd", "method": "dsformer", "teacher": True, "schedule": {"refresh_every": 3}},
+            {"method": "svd", "ratios": [2, 3], "seeds": [0]},  # 2x seed 0 is already planned: only 3x is new
         ],
         "ratios": [2],
         "seeds": [0, 1],
@@ -524,7 +525,7 @@ def test_sweep_runs_the_grid_skips_what_is_done_and_reports(capsys, tmp_path, mo
     monkeypatch.setattr(train_module, "_loss", real_loss)
     code, out, err = run_cli(capsys, ["sweep", "--config", config, "--quiet"])
     assert code == 0, err
-    assert "2 runs done, 3 to do" in out and "(resuming)" in out
+    assert "2 runs done, 4 to do" in out and "(resuming)" in out
     names = sorted(p.stem for p in results.glob("*.json"))
     assert names == [
         "sst2-dense-s0",
@@ -532,6 +533,7 @@ def test_sweep_runs_the_grid_skips_what_is_done_and_reports(capsys, tmp_path, mo
         "sst2-dsformer+kd-2x-s1",
         "sst2-svd-2x-s0",
         "sst2-svd-2x-s1",
+        "sst2-svd-3x-s0",
     ]
     run = json.loads((results / "sst2-dsformer+kd-2x-s1.json").read_text())
     assert run["label"] == "dsformer+kd" and run["seed"] == 1 and run["config"]["train"]["kd_alpha"] > 0
@@ -540,13 +542,14 @@ def test_sweep_runs_the_grid_skips_what_is_done_and_reports(capsys, tmp_path, mo
     assert not (tmp_path / "outputs" / "sst2-svd-2x-s0").exists()  # keep_models: false
     assert (tmp_path / "outputs" / "sst2-dense-s0" / "metrics.json").exists()  # the start is kept
     code, out, _ = run_cli(capsys, ["sweep", "--config", config])
-    assert code == 0 and "5 runs done, 0 to do" in out
+    assert code == 0 and "6 runs done, 0 to do" in out
 
     md = tmp_path / "docs" / "results.md"
     code, out, err = run_cli(capsys, ["report", results, "--output", md])
     assert code == 0, err
     text = md.read_text()
     assert "| svd | conventional |" in text and "| dsformer+kd | stf |" in text and "[n=2]" in text
+    assert "[n=1]" in text  # svd at 3x: one seed
     assert (tmp_path / "docs" / "results_sst2.png").stat().st_size > 1000
 
 
@@ -558,6 +561,7 @@ def test_sweep_runs_the_grid_skips_what_is_done_and_reports(capsys, tmp_path, mo
         ({"methods": [{"method": "svd", "colour": 1}]}, "unknown key"),
         ({"methods": [{"method": "dsformer", "schedule": {"bogus": 1}}]}, "schedule"),
         ({"ratios": [0.5]}, "ratio"),
+        ({"methods": [{"method": "svd", "ratios": [1]}]}, "ratio"),
         ({"seeds": []}, "'seeds' is missing"),
         ({"train": {"epochz": 1}}, "epochz"),
         ({"tasks": {"nope": {}}}, "nope"),

@@ -19,7 +19,7 @@ from dsformer.errors import DsformerError
 from dsformer.stf import STF, Schedule
 from dsformer.structures import DenseSparseConfig
 from dsformer.tasks import TASKS, Example, TaskData
-from dsformer.train import TrainConfig, TrainingError, _batch, _loss, _validate, encode, evaluate, train
+from dsformer.train import STATE_FILE, TrainConfig, TrainingError, _batch, _loss, _validate, encode, evaluate, train
 
 CHECKPOINT_FILES = {"model.safetensors", "rng.safetensors", "optimizer.pt", "trainer_state.json"}
 N_TRAIN, BATCH, EPOCHS = 48, 8, 3
@@ -232,11 +232,31 @@ def test_resume_of_a_finished_run_reevaluates_the_best(tokenizer, tmp_path: Path
     assert_same_weights(weights(model), first_weights)
 
 
-@pytest.mark.parametrize("change", [{"lr": 1e-3}, {"seed": 1}, {"batch_size": 4}, {"epochs": 4}])
+@pytest.mark.parametrize("change", [{"lr": 1e-3}, {"seed": 1}, {"batch_size": 4}, {"epochs": 4}, {"precision": "bf16"}])
 def test_resume_with_other_settings_raises(tokenizer, tmp_path: Path, change: dict) -> None:
     train(classifier(), tokenizer, task(), config(epochs=1), tmp_path)
-    with pytest.raises(TrainingError, match="other settings"):
+    with pytest.raises(TrainingError, match=rf"other settings \({next(iter(change))}\)"):
         train(classifier(), tokenizer, task(), config(**{"epochs": 1, **change}), tmp_path, resume=True)
+
+
+def test_resume_ignores_the_progress_bar_and_settings_a_checkpoint_predates(tokenizer, tmp_path: Path) -> None:
+    first = train(classifier(), tokenizer, task(), config(epochs=1), tmp_path)
+    state_file = tmp_path / "checkpoint" / STATE_FILE
+    state = json.loads(state_file.read_text())
+    del state["config"]["precision"]  # written by a version without this setting: its default applies
+    state_file.write_text(json.dumps(state))
+    again = train(classifier(), tokenizer, task(), config(epochs=1, progress=True), tmp_path, resume=True)
+    assert again.test == first.test
+
+
+def test_unknown_precision_is_refused() -> None:
+    with pytest.raises(TrainingError, match="precision 'fp8'"):
+        TrainConfig(precision="fp8")
+
+
+def test_bf16_training_runs_on_cpu(tokenizer, tmp_path: Path) -> None:
+    result = train(classifier(), tokenizer, task(), config(epochs=1, precision="bf16"), tmp_path)
+    assert result.steps > 0 and 0.0 <= result.test["accuracy"] <= 1.0
 
 
 def test_resume_without_checkpoint_raises(tokenizer, tmp_path: Path) -> None:

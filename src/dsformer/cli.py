@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     com.add_argument("--max-length", type=int, default=128)
     com.add_argument("--max-train", type=int, default=None, help="train on a seeded subsample of this many examples")
     com.add_argument("--seed", type=int, default=0)
+    com.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on GPU, fp32 on CPU"
+    )
     com.add_argument("--refresh-every", type=int, default=10, help="STF: re-project every this many steps")
     com.add_argument("--ramp-steps", type=int, default=0, help="STF: steps over which lambda ramps to 1")
     com.add_argument("--pull", type=_number, default=0.0, help="STF: per-step pull of latents to their projection")
@@ -167,6 +170,7 @@ def compress_verb(args: argparse.Namespace) -> None:
         lr=args.lr,
         max_length=args.max_length,
         seed=args.seed,
+        precision=args.precision,
         progress=not args.quiet,
     )
     config = RunConfig(

@@ -1,7 +1,9 @@
 """The compression methods, each a way to turn a pretrained model into a trained compact one.
 
-Every method starts from the same pretrained checkpoint and uses the same training recipe
-(:mod:`dsformer.train`); they differ in the structure and in how it is trained:
+Every method starts from the same checkpoint and uses the same training recipe
+(:mod:`dsformer.train`); they differ in the structure and in how it is trained. The recommended
+start is the dense model fine-tuned on the task (``dsformer compress --method dense``, then
+``--model`` that folder), the usual compression pipeline and the one the published results use.
 
 | method            | structure      | default trainer | what happens before training                     |
 |-------------------|----------------|-----------------|--------------------------------------------------|

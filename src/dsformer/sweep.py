@@ -23,6 +23,7 @@ Example config (paths are relative to the config file)::
       - dsformer
       - {label: dsformer+kd, method: dsformer, teacher: true}
       - {label: svd-stf, method: svd, trainer: stf}
+      - {method: nm, ratios: [2], seeds: [0]}   # a method's own axes replace the sweep's
     ratios: [2, 2.8]
     seeds: [0, 1, 2]
 
@@ -66,6 +67,8 @@ class MethodSpec:
     trainer: str | None = None
     teacher: bool = False  # distil from the task's dense run
     schedule: dict[str, Any] = field(default_factory=dict)
+    ratios: tuple[float, ...] | None = None  # this method's own ratio axis (None: the sweep's)
+    seeds: tuple[int, ...] | None = None
 
     @classmethod
     def parse(cls, entry: str | dict[str, Any]) -> MethodSpec:
@@ -73,7 +76,7 @@ class MethodSpec:
             entry = {"method": entry}
         if not isinstance(entry, dict) or "method" not in entry:
             raise SweepError(f"methods: {entry!r} is neither a method name nor a mapping with 'method'")
-        unknown = set(entry) - {"label", "method", "trainer", "teacher", "schedule"}
+        unknown = set(entry) - {"label", "method", "trainer", "teacher", "schedule", "ratios", "seeds"}
         if unknown:
             raise SweepError(f"methods: unknown key(s) {sorted(unknown)} in {entry!r}")
         if entry["method"] not in METHODS or entry["method"] == "dense":
@@ -82,7 +85,12 @@ class MethodSpec:
         if set(schedule) - _SCHEDULE_FIELDS:
             raise SweepError(f"methods: unknown schedule key(s) {sorted(set(schedule) - _SCHEDULE_FIELDS)}")
         teacher = bool(entry.get("teacher", False)) or entry["method"] == "distil"
-        return cls(entry.get("label", entry["method"]), entry["method"], entry.get("trainer"), teacher, schedule)
+        ratios = tuple(float(r) for r in entry["ratios"]) if entry.get("ratios") else None
+        for ratio in ratios or ():
+            check_ratio(ratio)
+        seeds = tuple(int(s) for s in entry["seeds"]) if entry.get("seeds") else None
+        label = entry.get("label", entry["method"])
+        return cls(label, entry["method"], entry.get("trainer"), teacher, schedule, ratios, seeds)
 
 
 @dataclass(frozen=True)
@@ -130,10 +138,14 @@ class Sweep:
                     dense_out, self.results / f"{dense_name}.json", None,
                 )
             )  # fmt: skip
+            seen = set()
             for spec in self.methods:
-                for ratio in self.ratios:
-                    for seed in self.seeds:
+                for ratio in spec.ratios or self.ratios:
+                    for seed in spec.seeds or self.seeds:
                         name = f"{task}-{spec.label}-{ratio:g}x-s{seed}"
+                        if name in seen:  # a method listed twice with overlapping axes runs once
+                            continue
+                        seen.add(name)
                         config = replace(
                             base,
                             model=str(dense_out),

@@ -61,7 +61,21 @@ class TrainConfig:
     eval_batch_size: int = 128
     kd_temperature: float = 2.0
     kd_alpha: float = 0.5  # weight of the KD term when a teacher is given
+    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or fp32, bf16
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise TrainingError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def autocast(config: TrainConfig, device: torch.device):
+    """The forward passes' precision: fp32 weights always; bf16 compute where the config asks for it."""
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 @dataclass
@@ -105,7 +119,8 @@ def predict(model: nn.Module, tokenizer, examples: list[Example], spec: TaskSpec
     for start in range(0, len(order), config.eval_batch_size):
         idx = order[start : start + config.eval_batch_size]
         batch = tokenizer.pad([features[i] for i in idx], return_tensors="pt")
-        logits = model(**_to(dict(batch), device)).logits.float()
+        with autocast(config, device):
+            logits = model(**_to(dict(batch), device)).logits.float()
         values = logits[:, 0] if spec.is_regression else logits.argmax(-1)
         for i, v in zip(idx, values.tolist(), strict=True):
             preds[i] = v
@@ -239,9 +254,11 @@ def train(
         torch.set_rng_state(rng)
         if stf is not None:
             stf.set_step(state["step"])
-        if state["config"] != asdict(config):
+        changed = _changed_settings(state["config"], config)
+        if changed:
             raise TrainingError(
-                f"--resume: {ckpt} was written with other settings; use the same ones or a new --output"
+                f"--resume: {ckpt} was written with other settings ({', '.join(changed)}); "
+                "use the same ones or a new --output"
             )
 
     rank, world = distributed()
@@ -270,7 +287,8 @@ def train(
                 _batch(tokenizer, [features[i] for i in idx], [labels[i] for i in idx], spec.is_regression), device
             )
             inputs = {k: v for k, v in batch.items() if k != "labels"}
-            loss = _loss(net(**inputs), batch, spec, teacher, config)
+            with autocast(config, device):
+                loss = _loss(net(**inputs), batch, spec, teacher, config)
             shown = loss.detach().clone()
             if world > 1:  # every process must see the same loss to stop together
                 torch.distributed.all_reduce(shown)
@@ -333,6 +351,12 @@ def train(
         history=state["history"],
         mean_step_seconds=sum(timed) / max(1, len(timed)),
     )
+
+
+def _changed_settings(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """Settings that differ from a checkpoint's: a field it predates counts as its default; progress never counts."""
+    defaults, current = asdict(TrainConfig()), asdict(config)
+    return [key for key in current if key != "progress" and saved.get(key, defaults[key]) != current[key]]
 
 
 def distributed() -> tuple[int, int]:
