@@ -441,3 +441,64 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one(
     monkeypatch.setattr(train_module, "save_file", real)
     result = train(classifier(), tokenizer, task(), config(checkpoint_every=2), tmp_path, resume=True)
     assert result.steps == TOTAL
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("where", ["optimizer", "refresh"])
+def test_signal_mid_step_finishes_the_step_then_resumes_exactly(tokenizer, tmp_path: Path, signame, where) -> None:
+    """A real signal after the optimizer moved the weights (or during a re-projection) must not leave a
+    checkpoint that resumes differently: training finishes that step, checkpoints and stops."""
+    import os
+    import signal
+
+    from dsformer.errors import Interrupted
+
+    expected, expected_weights = uninterrupted(tokenizer, tmp_path / "a", stf=True)
+    model = classifier()
+    tracker = with_stf(model)
+    calls = {"n": 0}
+    real = tracker.maybe_refresh
+
+    def signalling_refresh(step, force=False):
+        calls["n"] += 1
+        if calls["n"] == 6 and where == "optimizer":  # after step 6's optimizer update, before its re-projection
+            os.kill(os.getpid(), getattr(signal, signame))
+        result = real(step, force=force)
+        if calls["n"] == 6 and where == "refresh":
+            os.kill(os.getpid(), getattr(signal, signame))
+        return result
+
+    tracker.maybe_refresh = signalling_refresh
+    with pytest.raises(Interrupted) as stopped:
+        train(model, tokenizer, task(), config(), tmp_path / "b", stf=tracker)
+    assert stopped.value.signum == getattr(signal, signame)
+    assert ckpt_step(tmp_path / "b" / "checkpoint") == 6  # the step the signal arrived in was completed
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+    fresh = classifier(seed=123)
+    result = train(fresh, tokenizer, task(), config(), tmp_path / "b", stf=with_stf(fresh), resume=True)
+    assert result.test == expected.test and result.history == expected.history
+    assert_same_weights(weights(fresh), expected_weights)
+
+
+def test_second_signal_stops_at_once(tokenizer, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    from dsformer.errors import Interrupted
+
+    model = classifier()
+    tracker = with_stf(model)
+    real = tracker.maybe_refresh
+
+    def twice(step, force=False):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # impatient: raises inside this step
+        return real(step, force=force)
+
+    tracker.maybe_refresh = twice
+    with pytest.raises(Interrupted):
+        train(model, tokenizer, task(), config(), tmp_path, stf=tracker)
+    # stopped after the optimizer update of step 3: nothing consistent to save, so no checkpoint yet
+    assert not (tmp_path / "checkpoint").exists()

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from dsformer.errors import DsformerError
+from dsformer.errors import DsformerError, Interrupted
 
 
 def _number(text: str) -> float:
@@ -263,7 +263,11 @@ def summary_table(runs: list[dict]) -> str:
 def sweep_verb(args: argparse.Namespace) -> None:
     from dsformer.sweep import load_sweep, run_sweep
 
-    run_sweep(load_sweep(args.config), quiet=args.quiet, dry_run=args.dry_run)
+    try:
+        run_sweep(load_sweep(args.config), quiet=args.quiet, dry_run=args.dry_run)
+    except KeyboardInterrupt as interrupt:
+        interrupt.hint = f"interrupted; run `dsformer sweep --config {args.config}` again to go on where it stopped"
+        raise
 
 
 def report_verb(args: argparse.Namespace) -> None:
@@ -351,12 +355,9 @@ def _quiet_libraries() -> None:
         pass
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's stop, `kill`): handled like Ctrl-C, so training saves its checkpoint."""
-
-
 def _raise_terminated(signum, frame) -> None:
-    raise _Terminated
+    """SIGTERM (a scheduler's stop, `kill`) outside training stops like Ctrl-C; training defers both to a step's end."""
+    raise Interrupted(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -384,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as interrupt:
         print(f"dsformer: {getattr(interrupt, 'hint', 'interrupted; nothing was written')}", file=sys.stderr)
-        return 143 if isinstance(interrupt, _Terminated) else 130
+        return 128 + getattr(interrupt, "signum", 2)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -20,3 +20,13 @@ class TargetError(DsformerError, KeyError):
 
 class CheckpointError(DsformerError, OSError):
     """A saved folder that is missing, corrupt, truncated or does not match its model."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM: the CLI exits with 130 or 143 and prints ``hint``."""
+
+    def __init__(self, signum: int = 2, hint: str | None = None) -> None:
+        super().__init__()
+        self.signum = signum
+        if hint is not None:
+            self.hint = hint

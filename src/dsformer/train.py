@@ -24,6 +24,7 @@ import json
 import math
 import os
 import pickle
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsformer.errors import DsformerError
+from dsformer.errors import DsformerError, Interrupted
 from dsformer.metrics import compute
 from dsformer.stf import STF
 from dsformer.tasks import Example, TaskData, TaskSpec
@@ -275,13 +276,17 @@ def train(
     )
     step_times: list[float] = []
     rng = torch.get_rng_state()
+    before_update = False  # True while the model and optimizer are as they were at the start of the step
+    stop = _StopRequest()
     try:
+        stop.__enter__()
         while state["step"] < total:
             step = state["step"]
             epoch, in_epoch = divmod(step, per_epoch)
             order = torch.randperm(len(features), generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
             idx = order[in_epoch * config.batch_size : (in_epoch + 1) * config.batch_size].tolist()[rank::world]
             rng = torch.get_rng_state()
+            before_update = True
             start = time.perf_counter()
             batch = _to(
                 _batch(tokenizer, [features[i] for i in idx], [labels[i] for i in idx], spec.is_regression), device
@@ -302,6 +307,7 @@ def train(
             loss.backward()
             if config.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            before_update = False
             optimizer.step()
             scheduler.step()
             state["step"] = step = step + 1
@@ -328,14 +334,19 @@ def train(
                     bar.write(
                         f"step {step}: validation {metrics} (best {state['best']:.4f} at step {state['best_step']})"
                     )
-            if epoch_end or (config.checkpoint_every and step % config.checkpoint_every == 0):
+            stopping = stop.agreed(world, device)
+            if stopping or epoch_end or (config.checkpoint_every and step % config.checkpoint_every == 0):
                 _lead_only(_write_checkpoint, ckpt, model, optimizer, scheduler, stf, state, torch.get_rng_state())
+            if stopping:
+                raise Interrupted(stop.signum)
     except KeyboardInterrupt:
-        # the interrupted step never reached the optimizer: save the state before it
-        if lead:
+        # an interruption before the optimizer step (a second Ctrl-C, or one outside the handler's
+        # reach) left the state of the step's start intact: save that; any later one keeps the last checkpoint
+        if lead and before_update:
             _write_checkpoint(ckpt, model, optimizer, scheduler, stf, state, rng)
         raise
     finally:
+        stop.__exit__()
         bar.close()
 
     _read_checkpoint(out / "best", model, optimizer, scheduler, stf)
@@ -351,6 +362,45 @@ def train(
         history=state["history"],
         mean_step_seconds=sum(timed) / max(1, len(timed)),
     )
+
+
+class _StopRequest:
+    """Ctrl-C and SIGTERM during training finish the current step, checkpoint, then stop.
+
+    An interruption in the middle of a step (after the optimizer moved the weights, during a
+    re-projection) would leave a checkpoint that does not resume exactly; a second Ctrl-C stops at once.
+    """
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._request)
+        return self
+
+    def _request(self, signum: int, frame) -> None:
+        if self.signum:
+            raise Interrupted(signum)
+        self.signum = signum
+
+    def agreed(self, world: int, device: torch.device) -> bool:
+        """Whether to stop now; every process stops at the same step (one may have got the signal first)."""
+        if world == 1:
+            return bool(self.signum)
+        flag = torch.tensor([self.signum], dtype=torch.long, device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.signum = int(flag.item())
+        return bool(self.signum)
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
 
 
 def _changed_settings(saved: dict[str, Any], config: TrainConfig) -> list[str]:
