@@ -40,6 +40,7 @@ METRICS_KEYS = {
     "model_bytes",
     "hardware",
     "config",
+    "processes",
 }
 LAYERS, BLOCK_LINEARS = 2, 6
 

@@ -119,6 +119,7 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
         "sizes": data.sizes(),
         "config": {**asdict(config), "train": asdict(config.train), "schedule": asdict(config.schedule)},
         "hardware": describe(),
+        "processes": distributed()[1],  # > 1: a DDP run (torchrun / accelerate launch)
         "dsformer": __version__,
     }
     if reference is not None:
