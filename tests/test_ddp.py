@@ -16,7 +16,7 @@ from dsformer.tasks import TASKS, TaskData
 from dsformer.train import TrainConfig, train
 
 
-def _setup(folder: Path):
+def _setup(folder: Path, dropout: float = 0.0):
     tokenizer = toy_tokenizer(folder)
     torch.manual_seed(0)
     config = BertConfig(
@@ -25,8 +25,8 @@ def _setup(folder: Path):
         num_hidden_layers=1,
         num_attention_heads=2,
         intermediate_size=32,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     model = BertForSequenceClassification(config)
     examples = toy_examples(48, seed=0)
@@ -59,6 +59,54 @@ def test_two_gloo_processes_match_one_process():
         for name, tensor in model.state_dict().items():
             torch.testing.assert_close(ddp["state"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
         assert not any(p.name.startswith(".") for p in (Path(folder) / "run").iterdir())
+
+
+def _resume_worker(rank: int, world: int, folder: str, run: str, interrupt_at: int, resume: bool) -> None:
+    """Train with dropout; with ``interrupt_at``, only rank 1 gets SIGTERM at that training forward."""
+    import signal
+
+    from dsformer.errors import Interrupted
+
+    torch.set_num_threads(1)
+    torch.manual_seed(1000 + rank)  # what each process's generator holds before train() seeds it
+    rendezvous = f"file://{folder}/rendezvous-{run}-{int(resume)}"
+    torch.distributed.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
+    try:
+        model, tokenizer, data = _setup(Path(folder), dropout=0.3)
+        config = TrainConfig(epochs=2, batch_size=8, lr=1e-3, progress=False, checkpoint_every=0)
+        forward, calls = model.forward, [0]
+
+        def signalled(*args, **kwargs):
+            if model.training:
+                calls[0] += 1
+                if rank == 1 and calls[0] == interrupt_at:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            return forward(*args, **kwargs)
+
+        model.forward = signalled
+        try:
+            train(model, tokenizer, data, config, Path(folder) / run, resume=resume)
+        except Interrupted:
+            return
+        if rank == 0:
+            torch.save(model.state_dict(), Path(folder) / f"{run}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_ddp_run_stopped_by_one_process_resumes_exactly():
+    """SIGTERM to one process: both stop at the same step; resuming restores each process's own dropout stream."""
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_resume_worker, args=(2, folder, "whole", 0, False), nprocs=2, join=True)
+        mp.spawn(_resume_worker, args=(2, folder, "cut", 5, False), nprocs=2, join=True)
+        state = (Path(folder) / "cut" / "checkpoint" / "trainer_state.json").read_text()
+        assert '"step": 5' in state
+        mp.spawn(_resume_worker, args=(2, folder, "cut", 0, True), nprocs=2, join=True)
+        whole = torch.load(Path(folder) / "whole.pt", weights_only=True)
+        cut = torch.load(Path(folder) / "cut.pt", weights_only=True)
+        for name, tensor in whole.items():
+            assert torch.equal(cut[name], tensor), name
 
 
 def test_torchrun_environment_is_detected(monkeypatch):

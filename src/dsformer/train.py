@@ -176,7 +176,34 @@ def _loss(outputs, batch, spec: TaskSpec, teacher: nn.Module | None, config: Tra
     return (1 - config.kd_alpha) * task + config.kd_alpha * kd
 
 
-def _write_checkpoint(folder: Path, model, optimizer, scheduler, stf: STF | None, state: dict, rng: torch.Tensor):
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The generators dropout draws from: the CPU one, and the GPU's when training there."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device).cpu()
+    return state
+
+
+def _gathered_rng(state: dict[str, torch.Tensor], world: int) -> dict[str, torch.Tensor]:
+    """Every process's generators, keyed ``cpu.<rank>``, so that each resumes its own dropout stream."""
+    if world == 1:
+        return state
+    states: list[Any] = [None] * world
+    torch.distributed.all_gather_object(states, state)
+    return {f"{key}.{rank}": value for rank, one in enumerate(states) for key, value in one.items()}
+
+
+def _restore_rng(saved: dict[str, torch.Tensor], device: torch.device) -> None:
+    rank, _ = distributed()
+    suffix = f".{rank}" if f"cpu.{rank}" in saved else ""  # a single-process checkpoint has plain keys
+    torch.set_rng_state(saved["cpu" + suffix])
+    if device.type == "cuda" and "cuda" + suffix in saved:
+        torch.cuda.set_rng_state(saved["cuda" + suffix], device)
+
+
+def _write_checkpoint(
+    folder: Path, model, optimizer, scheduler, stf: STF | None, state: dict, rng: dict[str, torch.Tensor]
+):
     from dsformer.io import atomic_folder
 
     with atomic_folder(folder, markers=(STATE_FILE,)) as tmp:
@@ -184,7 +211,7 @@ def _write_checkpoint(folder: Path, model, optimizer, scheduler, stf: STF | None
         save_file(_unshare(tensors), str(tmp / "model.safetensors"))
         if stf is not None:
             save_file(stf.factor_state(), str(tmp / "stf.safetensors"))
-        save_file({"cpu": rng}, str(tmp / "rng.safetensors"))
+        save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
@@ -206,7 +233,9 @@ def _read_checkpoint(folder: Path, model, optimizer, scheduler, stf: STF | None)
         model.load_state_dict(load_file(str(folder / "model.safetensors")))
         if stf is not None:
             stf.load_factor_state(load_file(str(folder / "stf.safetensors")))
-        rng = load_file(str(folder / "rng.safetensors"))["cpu"]
+        rng = load_file(str(folder / "rng.safetensors"))
+        if "cpu" not in rng and "cpu.0" not in rng:
+            raise KeyError("rng.safetensors holds no generator state")
         saved = torch.load(folder / "optimizer.pt", weights_only=True)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -239,7 +268,8 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     spec = data.spec
     device = next(model.parameters()).device
-    torch.manual_seed(config.seed)
+    # each process draws its own dropout noise (rank 0 as a single process would); the data order is shared
+    torch.manual_seed(config.seed + 7919 * distributed()[0])
     features = encode(tokenizer, data.train, config.max_length)
     labels = [e.label for e in data.train]
     per_epoch = math.ceil(len(features) / config.batch_size)
@@ -252,7 +282,7 @@ def train(
     ckpt = out / "checkpoint"
     if resume:
         state, rng = _read_checkpoint(ckpt, model, optimizer, scheduler, stf)
-        torch.set_rng_state(rng)
+        _restore_rng(rng, device)
         if stf is not None:
             stf.set_step(state["step"])
         changed = _changed_settings(state["config"], config)
@@ -275,7 +305,7 @@ def train(
         disable=not (config.progress and lead),
     )
     step_times: list[float] = []
-    rng = torch.get_rng_state()
+    rng = _rng_state(device)
     before_update = False  # True while the model and optimizer are as they were at the start of the step
     stop = _StopRequest()
     try:
@@ -285,7 +315,7 @@ def train(
             epoch, in_epoch = divmod(step, per_epoch)
             order = torch.randperm(len(features), generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
             idx = order[in_epoch * config.batch_size : (in_epoch + 1) * config.batch_size].tolist()[rank::world]
-            rng = torch.get_rng_state()
+            rng = _rng_state(device)
             before_update = True
             start = time.perf_counter()
             batch = _to(
@@ -336,7 +366,8 @@ def train(
                     )
             stopping = stop.agreed(world, device)
             if stopping or epoch_end or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                _lead_only(_write_checkpoint, ckpt, model, optimizer, scheduler, stf, state, torch.get_rng_state())
+                generators = _gathered_rng(_rng_state(device), world)
+                _lead_only(_write_checkpoint, ckpt, model, optimizer, scheduler, stf, state, generators)
             if stopping:
                 raise Interrupted(stop.signum)
     except KeyboardInterrupt:
