@@ -133,8 +133,10 @@ def markdown(cells: list[Cell]) -> str:
 
 def plot(cells: list[Cell], folder: Path) -> list[Path]:
     """One PNG per task: metric against measured ratio, one line per method, dense dashed."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise DsformerError("the plots need matplotlib: pip install 'dsformer[report]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
