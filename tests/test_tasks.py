@@ -268,3 +268,54 @@ def test_mr_from_a_data_dir(tmp_path: Path) -> None:
     assert load_task("mr", tmp_path, seed=5).test == data.test
     with pytest.raises(DataError, match=r"mr.tsv is missing; run `dsformer data mr`"):
         load_task("mr", tmp_path / "absent")
+
+
+class _Split(list):
+    """The part of a ``datasets.Dataset`` that the hub loader reads: rows and column names."""
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self[0])
+
+
+@pytest.mark.parametrize(
+    "task, rows, test_split",
+    [
+        ("sst2", [{"sentence": "a fine film", "label": 1, "idx": 0}], "validation"),
+        ("mnli", [{"premise": "p", "hypothesis": "h", "label": 2, "idx": 0}], "validation_matched"),
+    ],
+)
+def test_hub_rows_become_examples(monkeypatch, task, rows, test_split):
+    """The online path (``--task`` without ``--data-dir``), with the hub replaced: the hub is unreachable here."""
+    import sys
+    import types
+
+    asked = []
+
+    def load_dataset(*names):
+        asked.append(names)
+        return {"train": _Split(rows * 30), test_split: _Split(rows * 3)}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    data = load_task(task, max_validation=2)
+    assert asked == [TASKS[task].hub]
+    first = data.test[0]
+    values = [v for k, v in rows[0].items() if k not in ("label", "idx")]
+    assert (first.text_a, first.text_b) == (values[0], values[1] if len(values) > 1 else None)
+    assert first.label == float(rows[0]["label"])
+    assert data.sizes() == {"train": 28, "validation": 2, "test": 3}  # a tenth of train, capped at 2
+
+
+def test_hub_failure_is_a_data_error(monkeypatch):
+    import sys
+    import types
+
+    def load_dataset(*names):
+        raise ConnectionError("offline")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(DataError, match="from the hub .ConnectionError.; pass --data-dir"):
+        load_task("sst2")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(DataError, match="pip install datasets"):
+        load_task("sst2")
