@@ -281,16 +281,21 @@ def train(
     state: dict[str, Any] = {"step": 0, "best": None, "best_step": 0, "history": [], "config": asdict(config)}
     ckpt = out / "checkpoint"
     if resume:
-        state, rng = _read_checkpoint(ckpt, model, optimizer, scheduler, stf)
-        _restore_rng(rng, device)
-        if stf is not None:
-            stf.set_step(state["step"])
-        changed = _changed_settings(state["config"], config)
+        try:  # checked before anything is loaded into the model
+            changed = _changed_settings(json.loads((ckpt / STATE_FILE).read_text())["config"], config)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise TrainingError(
+                f"checkpoint {ckpt} cannot be resumed into this run ({type(err).__name__}: {err})"
+            ) from None
         if changed:
             raise TrainingError(
                 f"--resume: {ckpt} was written with other settings ({', '.join(changed)}); "
                 "use the same ones or a new --output"
             )
+        state, rng = _read_checkpoint(ckpt, model, optimizer, scheduler, stf)
+        _restore_rng(rng, device)
+        if stf is not None:
+            stf.set_step(state["step"])
 
     rank, world = distributed()
     # DDP averages gradients over processes; each takes an equal share of every global batch
@@ -307,78 +312,79 @@ def train(
     step_times: list[float] = []
     rng = _rng_state(device)
     before_update = False  # True while the model and optimizer are as they were at the start of the step
-    stop = _StopRequest()
-    try:
-        stop.__enter__()
-        while state["step"] < total:
-            step = state["step"]
-            epoch, in_epoch = divmod(step, per_epoch)
-            order = torch.randperm(len(features), generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
-            idx = order[in_epoch * config.batch_size : (in_epoch + 1) * config.batch_size].tolist()[rank::world]
-            rng = _rng_state(device)
-            before_update = True
-            start = time.perf_counter()
-            batch = _to(
-                _batch(tokenizer, [features[i] for i in idx], [labels[i] for i in idx], spec.is_regression), device
-            )
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            with autocast(config, device):
-                loss = _loss(net(**inputs), batch, spec, teacher, config)
-            shown = loss.detach().clone()
-            if world > 1:  # every process must see the same loss to stop together
-                torch.distributed.all_reduce(shown)
-                shown /= world
-            if not torch.isfinite(shown):
-                raise TrainingError(
-                    f"loss became {shown.item()} at step {step + 1}; training stopped. The last good checkpoint is "
-                    f"{ckpt if ckpt.exists() else 'not written yet'}; resume with --resume, perhaps with a lower --lr"
+    with _StopRequest() as stop:
+        try:
+            while state["step"] < total:
+                step = state["step"]
+                epoch, in_epoch = divmod(step, per_epoch)
+                order = torch.randperm(
+                    len(features), generator=torch.Generator().manual_seed(config.seed * 100003 + epoch)
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            before_update = False
-            optimizer.step()
-            scheduler.step()
-            state["step"] = step = step + 1
-            epoch_end = step % per_epoch == 0 or step == total
-            if stf is not None:  # validation at an epoch end sees the latest latents' projection
-                stf.maybe_refresh(step, force=epoch_end)
-            step_times.append(time.perf_counter() - start)
-            postfix = {"loss": f"{shown.item():.4f}", "step_s": f"{step_times[-1]:.2f}"}
-            if stf is not None:
-                postfix["support_change"] = f"{stf.support_change:.4f}"
-            bar.set_postfix(postfix, refresh=False)
-            bar.update(1)
-            if epoch_end:
-                metrics = _lead_only(_validate, model, tokenizer, data, config, stf)
-                main = metrics[spec.metrics[0]]
-                entry = {"step": step, "loss": shown.item(), **metrics}
-                if stf is not None:
-                    entry["support_change"] = stf.support_change
-                state["history"].append(entry)
-                if state["best"] is None or main > state["best"]:
-                    state["best"], state["best_step"] = main, step
-                    _lead_only(_write_checkpoint, out / "best", model, optimizer, scheduler, stf, state, rng)
-                if config.progress and lead:
-                    bar.write(
-                        f"step {step}: validation {metrics} (best {state['best']:.4f} at step {state['best_step']})"
+                idx = order[in_epoch * config.batch_size : (in_epoch + 1) * config.batch_size].tolist()[rank::world]
+                rng = _rng_state(device)
+                before_update = True
+                start = time.perf_counter()
+                batch = _to(
+                    _batch(tokenizer, [features[i] for i in idx], [labels[i] for i in idx], spec.is_regression), device
+                )
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                with autocast(config, device):
+                    loss = _loss(net(**inputs), batch, spec, teacher, config)
+                shown = loss.detach().clone()
+                if world > 1:  # every process must see the same loss to stop together
+                    torch.distributed.all_reduce(shown)
+                    shown /= world
+                if not torch.isfinite(shown):
+                    raise TrainingError(
+                        f"loss became {shown.item()} at step {step + 1}; training stopped. The last good "
+                        f"checkpoint is {ckpt if ckpt.exists() else 'not written yet'}; resume with --resume, "
+                        "perhaps with a lower --lr"
                     )
-            stopping = stop.agreed(world, device)
-            if stopping or epoch_end or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                generators = _gathered_rng(_rng_state(device), world)
-                _lead_only(_write_checkpoint, ckpt, model, optimizer, scheduler, stf, state, generators)
-            if stopping:
-                raise Interrupted(stop.signum)
-    except KeyboardInterrupt:
-        # an interruption before the optimizer step (a second Ctrl-C, or one outside the handler's
-        # reach) left the state of the step's start intact: save that; any later one keeps the last checkpoint
-        if lead and before_update:
-            _write_checkpoint(ckpt, model, optimizer, scheduler, stf, state, rng)
-        raise
-    finally:
-        stop.__exit__()
-        bar.close()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                before_update = False
+                optimizer.step()
+                scheduler.step()
+                state["step"] = step = step + 1
+                epoch_end = step % per_epoch == 0 or step == total
+                if stf is not None:  # validation at an epoch end sees the latest latents' projection
+                    stf.maybe_refresh(step, force=epoch_end)
+                step_times.append(time.perf_counter() - start)
+                postfix = {"loss": f"{shown.item():.4f}", "step_s": f"{step_times[-1]:.2f}"}
+                if stf is not None:
+                    postfix["support_change"] = f"{stf.support_change:.4f}"
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+                if epoch_end:
+                    metrics = _lead_only(_validate, model, tokenizer, data, config, stf)
+                    main = metrics[spec.metrics[0]]
+                    entry = {"step": step, "loss": shown.item(), **metrics}
+                    if stf is not None:
+                        entry["support_change"] = stf.support_change
+                    state["history"].append(entry)
+                    if state["best"] is None or main > state["best"]:
+                        state["best"], state["best_step"] = main, step
+                        _lead_only(_write_checkpoint, out / "best", model, optimizer, scheduler, stf, state, rng)
+                    if config.progress and lead:
+                        bar.write(
+                            f"step {step}: validation {metrics} (best {state['best']:.4f} at step {state['best_step']})"
+                        )
+                stopping = stop.agreed(world, device)
+                if stopping or epoch_end or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                    generators = _gathered_rng(_rng_state(device), world)
+                    _lead_only(_write_checkpoint, ckpt, model, optimizer, scheduler, stf, state, generators)
+                if stopping:
+                    raise Interrupted(stop.signum)
+        except KeyboardInterrupt:
+            # an interruption before the optimizer step (a second Ctrl-C, or one outside the handler's
+            # reach) left the state of the step's start intact: save that; any later one keeps the last checkpoint
+            if lead and before_update:
+                _write_checkpoint(ckpt, model, optimizer, scheduler, stf, state, rng)
+            raise
+        finally:
+            bar.close()
 
     _read_checkpoint(out / "best", model, optimizer, scheduler, stf)
     validation = _lead_only(_validate, model, tokenizer, data, config, stf)
