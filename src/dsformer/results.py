@@ -158,6 +158,10 @@ def plot(cells: list[Cell], folder: Path) -> list[Path]:
         if dense is not None:
             ax.axhline(dense.mean, color="black", linestyle="--", label="dense")
             ax.axhline(dense.mean - 1, color="grey", linestyle=":", label="dense - 1")
+        nominal = sorted({c.ratio for c in here if c.label != "dense"})
+        if nominal:  # ticks at the asked ratios; room around them even when only one was measured
+            ax.set_xticks(nominal, [f"{r:g}x" for r in nominal])
+            ax.set_xlim(nominal[0] - 0.3, nominal[-1] + 0.3)
         ax.set_xlabel("compression ratio (value parameters of the compressed layers)")
         ax.set_ylabel(f"{here[0].metric} (test, x100)")
         ax.set_title(task)
