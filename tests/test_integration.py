@@ -94,3 +94,27 @@ def test_default_model_path_is_a_hugging_face_folder(minilm_path):
 
     assert resolve(None) == resolve("minilm") == str(minilm_path)
     assert (minilm_path / "config.json").exists() and (minilm_path / "model.safetensors").exists()
+
+
+def test_dense_then_dsformer_on_real_mr(capsys, tmp_path):
+    """The README workflow on the real model and data, shrunk: fine-tune dense, compress that with STF,
+    and the saved model evaluates to the test metric its metrics.json reports."""
+    import json
+
+    from dsformer.data.mr import mr_path
+
+    if not mr_path().exists():
+        pytest.skip(f"MR is not prepared ({mr_path()}); run `dsformer data mr`")
+    small = ["--max-train", "96", "--batch-size", "32", "--max-length", "32", "--epochs", "1", "--quiet"]
+    dense, ds = tmp_path / "dense", tmp_path / "ds"
+    assert main(["compress", "--method", "dense", "--output", str(dense), *small]) == 0
+    argv = ["compress", "--model", str(dense), "--method", "dsformer", "--output", str(ds), *small]
+    assert main([*argv, "--reference", str(dense / "metrics.json")]) == 0
+    metrics = json.loads((ds / "metrics.json").read_text())
+    assert metrics["ratios"]["ratio_params"] == pytest.approx(2.0, rel=0.01)
+    assert metrics["difference_to_dense"] == pytest.approx(
+        metrics["test"]["accuracy"] - json.loads((dense / "metrics.json").read_text())["test"]["accuracy"]
+    )
+    capsys.readouterr()
+    assert main(["evaluate", str(ds)]) == 0
+    assert f"accuracy {metrics['test']['accuracy']:.4f}" in capsys.readouterr().out
