@@ -27,7 +27,7 @@ demo: setup
 	$(BIN)/dsformer compress --method dense --epochs 1 --output $(DEMO)/dense
 	$(BIN)/dsformer compress --model $(DEMO)/dense --method dsformer --ratio 2 --epochs 1 \
 		--output $(DEMO)/dsformer --reference $(DEMO)/dense/metrics.json
-	$(BIN)/dsformer summary $(DEMO)/dense $(DEMO)/dsformer
+	$(BIN)/dsformer summary $(DEMO)/dense $(DEMO)/dsformer --json $(DEMO)/summary.json
 
 test: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/pytest

@@ -350,6 +350,16 @@ def test_summary_lists_the_runs(capsys, dense_run, svd_run):
     assert "latency:" not in out
 
 
+def test_summary_json_holds_latency_and_hardware(capsys, tmp_path, dense_run, svd_run):
+    out = tmp_path / "summary.json"
+    code, _, err = run_cli(capsys, ["summary", dense_run, svd_run, "--json", out])
+    assert code == 0, err
+    summary = json.loads(out.read_text())
+    assert [r["method"] for r in summary["runs"]] == ["dense", "svd"]
+    assert all(r["latency_ms"] > 0 for r in summary["runs"]) and summary["hardware"]["cores"] >= 1
+    assert summary["runs"][1]["test"] == metrics_of(svd_run)["test"]
+
+
 def test_summary_without_metrics_exits_2(capsys, tmp_path, dense_run, model_dir):
     line = assert_one_error_line(*run_cli(capsys, ["summary", dense_run, model_dir, "--no-latency"]))
     assert str(model_dir) in line and "metrics.json" in line

@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     summ = verbs.add_parser("summary", help="table of saved runs: metric, difference to dense, size, CPU latency")
     summ.add_argument("paths", nargs="+", help="folders written by dsformer compress")
     summ.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    summ.add_argument("--json", default=None, help="also write the rows (and the hardware) to this JSON file")
 
     eva = verbs.add_parser("evaluate", help="evaluate a saved model on its task's test split")
     eva.add_argument("path")
@@ -229,11 +230,23 @@ def summary_verb(args: argparse.Namespace) -> None:
             raise DsformerError(f"{path} has no metrics.json; give folders written by dsformer compress")
         metrics = json.loads(metrics_file.read_text())
         if not args.no_latency:
-            metrics["latency_ms"] = latency_ms(load(path), batch=1, seq=64)
+            model = load(path)
+            seq = min(64, getattr(model.config, "max_position_embeddings", 64))  # a tiny model may allow fewer
+            metrics["latency_ms"], metrics["latency_tokens"] = latency_ms(model, batch=1, seq=seq), seq
         runs.append(metrics)
     print(summary_table(runs))
     if not args.no_latency:
-        print("latency: median forward time at batch 1 x 64 tokens on this machine's CPU, reference kernels")
+        tokens = "/".join(str(t) for t in sorted({m["latency_tokens"] for m in runs}))
+        print(f"latency: median forward time at batch 1 x {tokens} tokens on this machine's CPU, reference kernels")
+    if args.json:
+        from dsformer.hardware import describe
+        from dsformer.io import atomic_write_text
+
+        keys = ("method", "trainer", "task", "metric", "test", "difference_to_dense", "ratios", "model_bytes")
+        keys += ("latency_ms", "latency_tokens")
+        rows = [{"path": str(path), **{k: m.get(k) for k in keys}} for path, m in zip(args.paths, runs, strict=True)]
+        summary = {"command": " ".join(["dsformer", *sys.argv[1:]]), "runs": rows, "hardware": describe()}
+        atomic_write_text(Path(args.json), json.dumps(summary, indent=2) + "\n")
 
 
 def summary_table(runs: list[dict]) -> str:
