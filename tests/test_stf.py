@@ -13,6 +13,7 @@ from torch import nn
 
 from dsformer import InfeasibleRatioError
 from dsformer.compress import linear_weight
+from dsformer.report import model_bytes
 from dsformer.stf import STF, Schedule, STFLinear
 from dsformer.structures import (
     DenseSparseConfig,
@@ -241,6 +242,7 @@ def test_finalize_swaps_in_compact_layers(structure: str, model: str) -> None:
     report = stf.finalize()
     assert stf.layers == {} and stf_layers(net) == []
     assert len(report.layers) == n_layers
+    assert report.model_bytes_before == model_bytes(TINY_MODELS[model]())  # the dense model, not STF's buffers
     compact_cls = STRUCTURES[structure][1]
     for name in default_targets(model):
         layer = net.get_submodule(name)

@@ -209,8 +209,9 @@ class STF:
         ``iters``: fitting rounds of one more projection first (``None``: the schedule's
         ``final_iters``; ``0``: keep the last projection, exactly what training evaluated).
         """
+        # the dense model's size: the STF layers' own buffers (projection, anchor) are training state
         bytes_before = model_bytes(self.model) - sum(
-            layer.projected.numel() * layer.projected.element_size() for layer, _ in self.layers.values()
+            buffer.numel() * buffer.element_size() for layer, _ in self.layers.values() for buffer in layer.buffers()
         )
         iters = self.schedule.final_iters if iters is None else iters
         if iters > 0:
