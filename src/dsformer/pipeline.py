@@ -56,7 +56,7 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
     structure_for(config.method, config.ratio)
     trainer = _trainer(config.method, config.trainer)
     out = check_output(output, source=config.model)
-    work = out.with_name(out.name + ".work")
+    work = work_folder(out)
     if resume and not (work / "checkpoint" / STATE_FILE).exists():
         raise DsformerError(f"--resume: no checkpoint in {work / 'checkpoint'}; start without --resume")
     start = time.perf_counter()
@@ -129,6 +129,12 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
         save(model.cpu(), out, tokenizer=tokenizer, report=report, extra_files={METRICS_FILE: metrics})
         shutil.rmtree(work, ignore_errors=True)  # checkpoints are only needed to resume an unfinished run
     return metrics
+
+
+def work_folder(output: str | os.PathLike) -> Path:
+    """Where a run keeps its checkpoints until it finishes: ``<output>.work``."""
+    out = Path(output)
+    return out.with_name(out.name + ".work")
 
 
 def _block_params(model) -> int:

@@ -233,10 +233,11 @@ def load_sweep(path: str | Path) -> Sweep:
 def run_sweep(sweep: Sweep, quiet: bool = False, dry_run: bool = False, echo=print) -> list[PlannedRun]:
     """Run every planned run that has no result yet; returns the runs done (or, with ``dry_run``, to do)."""
     from dsformer.io import atomic_write_text
-    from dsformer.pipeline import run
+    from dsformer.pipeline import run, work_folder
 
-    todo = [r for r in sweep.plan() if not r.result.exists()]
-    echo(f"sweep {sweep.name}: {len(sweep.plan()) - len(todo)} runs done, {len(todo)} to do")
+    planned_runs = sweep.plan()
+    todo = [r for r in planned_runs if not r.result.exists()]
+    echo(f"sweep {sweep.name}: {len(planned_runs) - len(todo)} runs done, {len(todo)} to do")
     if dry_run:
         for r in todo:
             echo(f"  {r.name}")
@@ -247,7 +248,7 @@ def run_sweep(sweep: Sweep, quiet: bool = False, dry_run: bool = False, echo=pri
                 f"{planned.name} starts from {planned.dense}, which is missing; delete "
                 f"{sweep.results / (planned.dense.name + '.json')} so that the sweep fine-tunes it again"
             )
-        resume = (planned.output.with_name(planned.output.name + ".work") / "checkpoint" / STATE_FILE).exists()
+        resume = (work_folder(planned.output) / "checkpoint" / STATE_FILE).exists()
         echo(f"[{i}/{len(todo)}] {planned.name}" + (" (resuming)" if resume else ""))
         config = replace(planned.config, train=replace(planned.config.train, progress=not quiet))
         metrics = run(config, planned.output, resume=resume)
