@@ -17,7 +17,9 @@ from dsformer.train import TrainConfig, train
 
 
 def _setup(folder: Path, dropout: float = 0.0):
-    tokenizer = toy_tokenizer(folder)
+    # each process writes its own vocab.txt: two writers of one file let a reader see it half-written
+    own = Path(tempfile.mkdtemp(dir=folder))
+    tokenizer = toy_tokenizer(own)
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=len(TOY_WORDS),
