@@ -91,6 +91,24 @@ def build_parser() -> argparse.ArgumentParser:
     summ.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     summ.add_argument("--json", default=None, help="also write the rows (and the hardware) to this JSON file")
 
+    ben = verbs.add_parser("bench", help="latency and throughput of a compact model against its dense original")
+    ben.add_argument(
+        "path",
+        nargs="?",
+        default=None,
+        help="a saved compact model; or a dense model (folder or hub name) to factorize first "
+        "(default: the embedded all-MiniLM-L6-v2, factorized with --structure at --ratio)",
+    )
+    ben.add_argument("--batch", type=int, nargs="+", default=[32, 1], help="batch sizes (default: 32 1)")
+    ben.add_argument("--seq", type=int, nargs="+", default=[128, 64], help="sequence lengths, paired with --batch")
+    ben.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    ben.add_argument("--backend", default="auto", help="auto (default), reference, dense or gather")
+    ben.add_argument("--structure", choices=["ds", "svd", "nm"], default="ds", help="when factorizing (default: ds)")
+    ben.add_argument("--ratio", type=_number, default=2.8, help="when factorizing (default: 2.8)")
+    ben.add_argument("--repeats", type=int, default=10, help="timed runs of each model, alternating (default: 10)")
+    ben.add_argument("--no-layers", action="store_true", help="end to end only")
+    ben.add_argument("--output", default=None, help="write the results (with the hardware) to this JSON file")
+
     eva = verbs.add_parser("evaluate", help="evaluate a saved model on its task's test split")
     eva.add_argument("path")
     eva.add_argument("--task", default=None, help="default: the task it was trained on (metrics.json)")
@@ -217,6 +235,51 @@ def _init_distributed(device: str) -> int:
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # the processes share the cores
     return torch.distributed.get_rank()
+
+
+def bench_verb(args: argparse.Namespace) -> None:
+    import torch
+
+    from dsformer.bench import bench_model, bench_record, bench_table
+    from dsformer.io import META_FILE, atomic_write_text, load
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DsformerError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    shapes = _paired(args.batch, args.seq)
+    if args.path is not None and (Path(args.path) / META_FILE).exists():
+        model, source = load(args.path, device=args.device), args.path
+    else:
+        from dsformer import CompressConfig, compress
+        from dsformer.models import load_pretrained, resolve
+
+        args.k = args.iters = None
+        model, _ = load_pretrained(args.path)
+        model = model.to(args.device).eval()
+        print(f"factorizing {resolve(args.path)} with {args.structure} at {args.ratio:g}x (fit only, no training)")
+        compress(model, CompressConfig(_structure(args)), progress=True)
+        source = f"{resolve(args.path)} factorized with {args.structure} at {args.ratio:g}x"
+    results = []
+    for batch, seq in shapes:
+        result = bench_model(model, batch, seq, backend=args.backend, repeats=args.repeats, layers=not args.no_layers)
+        print(bench_table(result))
+        results.append(result)
+    if args.output:
+        record = bench_record(results, " ".join(["dsformer", *sys.argv[1:]]), source)
+        atomic_write_text(Path(args.output), json.dumps(record, indent=2) + "\n")
+        print(f"results written to {args.output}")
+
+
+def _paired(batches: list[int], seqs: list[int]) -> list[tuple[int, int]]:
+    """``--batch 32 1 --seq 128 64`` -> ``[(32, 128), (1, 64)]``; a single value pairs with every other."""
+    if len(batches) == 1:
+        batches = batches * len(seqs)
+    if len(seqs) == 1:
+        seqs = seqs * len(batches)
+    if len(batches) != len(seqs):
+        raise DsformerError(f"--batch and --seq pair up: give as many of each, or one (got {batches} and {seqs})")
+    if min(batches + seqs) < 1:
+        raise DsformerError(f"--batch and --seq must be at least 1 (got {batches} and {seqs})")
+    return list(zip(batches, seqs, strict=True))
 
 
 def summary_verb(args: argparse.Namespace) -> None:
@@ -387,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             "compress": compress_verb,
             "evaluate": evaluate_verb,
             "summary": summary_verb,
+            "bench": bench_verb,
             "sweep": sweep_verb,
             "report": report_verb,
             "merge": merge,

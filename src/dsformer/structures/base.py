@@ -41,6 +41,8 @@ class CompactLinear(nn.Module):
     """
 
     structure: ClassVar[str]
+    # execution path: "reference", "dense", a structure's fast path, or "auto" (see dsformer.kernels)
+    backend: str = "reference"
     # "linear", or "conv1d" for a layer that replaced a GPT-2 style Conv1D (merge restores the type)
     source_kind: str = "linear"
 
@@ -53,17 +55,50 @@ class CompactLinear(nn.Module):
     def materialize(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def _cached(self, build, *sources: torch.Tensor) -> torch.Tensor:
+    def _cached(self, slot: str, build, *sources: torch.Tensor) -> torch.Tensor:
         """``build()``, reused across calls at inference while ``sources`` are unchanged.
 
-        While gradients flow (training) it is rebuilt every call, so autograd sees it.
+        While gradients flow (training) it is rebuilt every call, so autograd sees it. Each
+        ``slot`` names one cached value (a layer may keep several, e.g. indices and a weight).
         """
         if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
             return build()
         key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in sources)
-        if getattr(self, "_cache_key", None) != key:
-            self._cache_value, self._cache_key = build(), key
-        return self._cache_value
+        cache = self.__dict__.setdefault("_kernel_cache", {})
+        if slot not in cache or cache[slot][0] != key:
+            cache[slot] = (key, build())
+        return cache[slot][1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = self.backend
+        if name != "reference" and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            name = "reference"  # training differentiates through the reference ops
+        elif name == "auto":
+            from dsformer.kernels import choose
+
+            name = choose(self, x)
+        return self.run(name, x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward in plain PyTorch ops on the factors (differentiable; what training uses)."""
+        raise NotImplementedError
+
+    def backends(self) -> tuple[str, ...]:
+        """Execution paths this layer can take (see ``dsformer.kernels``)."""
+        return ("reference", "dense")
+
+    def work(self, path: str) -> int:
+        """Multiply-adds per token on ``path`` (the dense product's ``out · in`` unless a path saves some)."""
+        return self.out_features * self.in_features
+
+    def run(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``x (..., in) -> (..., out)`` on the named path (inference; the result may be a strided view)."""
+        if name == "dense":  # the materialized weight: the dense cost, kept as a fallback
+            weight = self._cached("dense", self.materialize, *self.factor_tensors())
+            return nn.functional.linear(x, weight, self.bias)
+        if name == "reference":
+            return self.reference(x)
+        raise ValueError(f"{type(self).__name__} has no backend {name!r}; it has {', '.join(self.backends())}")
 
     def layout(self) -> dict[str, Any]:
         raise NotImplementedError

@@ -420,20 +420,41 @@ class DenseSparseLinear(CompactLinear):
         return DenseSparseFactors(lay, self.basis, self.values, self.indices.long())
 
     def coefficients(self) -> torch.Tensor:
-        return self._cached(
-            lambda: _dense_coefficients(self.indices.long(), self.values, self.k), self.values, self.indices
-        )
+        build = lambda: _dense_coefficients(self.indices.long(), self.values, self.k)  # noqa: E731
+        return self._cached("coefficients", build, self.values, self.indices)
 
     def materialize(self) -> torch.Tensor:
         return self.factors.reconstruct()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
         coeffs = self.coefficients()
         if self.rows:  # W = C B: project onto the basis, then combine
             y = (x @ self.basis.mT) @ coeffs.mT
         else:  # W = (C B)^T = B^T C^T
             y = (x @ coeffs) @ self.basis
         return y + self.bias if self.bias is not None else y
+
+    def backends(self) -> tuple[str, ...]:
+        return ("reference", "dense", "gather")
+
+    def work(self, path: str) -> int:
+        lay = self.factors.layout
+        if path == "gather":  # the dense stage, then s multiply-adds per output vector
+            return lay.k * lay.d + lay.s * lay.n
+        if path == "reference":  # two GEMMs with C densified
+            return lay.k * (lay.d + lay.n)
+        return super().work(path)
+
+    def run(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if name != "gather":
+            return super().run(name, x)
+        from dsformer.kernels.gather import column_plan, ds_columns, ds_rows
+
+        if self.rows:
+            indices = self._cached("indices", self.indices.long, self.indices)
+            return ds_rows(x, self.basis, indices, self.values, self.bias)
+        plan = self._cached("plan", lambda: column_plan(self.indices, self.values, self.k), self.values, self.indices)
+        return ds_columns(x, plan, self.basis, self.bias)
 
     def layout(self) -> dict[str, Any]:
         return {"k": self.k, "s": int(self.values.shape[-1])}

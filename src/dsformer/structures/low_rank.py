@@ -116,9 +116,13 @@ class LowRankLinear(CompactLinear):
     def materialize(self) -> torch.Tensor:
         return self.left @ self.right
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
         y = (x @ self.right.mT) @ self.left.mT
         return y + self.bias if self.bias is not None else y
+
+    def work(self, path: str) -> int:
+        rank = int(self.right.shape[0])
+        return rank * (self.out_features + self.in_features) if path == "reference" else super().work(path)
 
     def layout(self) -> dict[str, Any]:
         return {"rank": int(self.right.shape[0])}

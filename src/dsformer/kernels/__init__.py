@@ -1,0 +1,202 @@
+"""Execution backends for compact layers, and the automatic choice between them.
+
+Every compact layer can run on:
+
+- ``reference``: plain PyTorch ops on the factors (differentiable; training always uses it);
+- ``dense``: the materialized weight in one GEMM (the dense cost; the fallback that makes
+  ``auto`` never slower than dense, at the memory of a dense weight);
+- its structure's fast path: ``gather`` for dense-sparse (``dsformer.kernels.gather``). Low rank's
+  reference is already its fast path (two GEMMs); N:M has no CPU kernel that beats dense.
+
+``auto`` times every path of a layer on its input shape the first time it meets a token count
+(rounded up to a power of two) and keeps the fastest. Choices are cached in memory per layer
+and on disk per machine (``$DSFORMER_CACHE`` or ``~/.cache/dsformer/kernels.json``), keyed by
+layout, shape, token bucket, dtype, device and thread count, so a second run skips the timing.
+Under ``torch.compile`` a layer never times anything: call ``calibrate`` before compiling.
+
+Example:
+    >>> import torch
+    >>> from dsformer.kernels import use_backend
+    >>> from dsformer.structures import DenseSparseConfig, DenseSparseLinear
+    >>> (factors,) = DenseSparseConfig(ratio=2.0, iters=3).fit([torch.randn(96, 64)])
+    >>> layer = DenseSparseLinear(factors).requires_grad_(False)
+    >>> x = torch.randn(5, 64)
+    >>> want = layer(x)
+    >>> use_backend(layer, "gather")
+    1
+    >>> torch.allclose(layer(x), want, atol=1e-4)
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dsformer.errors import DsformerError
+from dsformer.structures.base import CompactLinear
+
+BACKENDS = ("auto", "reference", "dense", "gather")
+_REPEATS = 7
+# part of every cache key: bump it when a path's implementation changes, so old timings are not reused
+REVISION = 2
+
+
+def use_backend(model: nn.Module, name: str) -> int:
+    """Set every compact layer of ``model`` to backend ``name``; returns how many layers were set.
+
+    A layer without the named path (``gather`` on low rank) keeps ``reference``.
+    """
+    if name not in BACKENDS:
+        raise DsformerError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    layers = [m for m in model.modules() if isinstance(m, CompactLinear)]
+    for layer in layers:
+        layer.backend = name if name == "auto" or name in layer.backends() else "reference"
+    return len(layers)
+
+
+def token_bucket(tokens: int) -> int:
+    """Token counts that share a choice: the next power of two."""
+    return 1 << max(0, tokens - 1).bit_length()
+
+
+def _shape(x: torch.Tensor) -> tuple[int, int]:
+    """(tokens, sequence length) of an input, both rounded up to a power of two; 2-D input is one sequence."""
+    tokens = x.numel() // max(1, x.shape[-1])
+    seq = x.shape[-2] if x.dim() >= 3 else tokens
+    return token_bucket(tokens), token_bucket(seq)
+
+
+def choose(layer: CompactLinear, x: torch.Tensor) -> str:
+    """The fastest path of ``layer`` for inputs shaped like ``x`` (timed once, then cached)."""
+    tokens, seq = _shape(x)
+    choices = layer.__dict__.setdefault("_kernel_choices", {})
+    fast = (tokens, seq, x.dtype, x.device, torch.get_num_threads())
+    if fast in choices:
+        return choices[fast]
+    if torch.compiler.is_compiling():
+        return "reference"  # timing inside a trace means nothing; calibrate before compiling
+    disk, key = _disk_cache(), _key(layer, tokens, seq, x)
+    if key not in disk.entries:
+        disk.entries[key] = _time_paths(layer, tokens, seq, x.dtype, x.device)
+        disk.save()
+    choices[fast] = disk.entries[key]["choice"]
+    return choices[fast]
+
+
+@torch.inference_mode()
+def calibrate(
+    model: nn.Module, shapes: list[tuple[int, int]], device: torch.device | str | None = None
+) -> dict[str, Any]:
+    """Time every compact layer's paths now for inputs of ``(batch, seq)`` tokens; return the choices."""
+    out: dict[str, Any] = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, CompactLinear):
+            continue
+        weight = next(iter(layer.factor_tensors()))
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        dev = torch.device(device) if device is not None else weight.device
+        shaped = {f"{b}x{s}": torch.empty(b, s, layer.in_features, dtype=dtype, device=dev) for b, s in shapes}
+        out[name] = {shape: choose(layer, x) for shape, x in shaped.items()}
+    return out
+
+
+def describe_choices(model: nn.Module) -> dict[str, dict[str, str]]:
+    """Each compact layer's choices so far, ``{layer: {"<tokens>/<seq>": backend}}`` (powers of two)."""
+    return {
+        name: {f"{key[0]}/{key[1]}": choice for key, choice in layer.__dict__.get("_kernel_choices", {}).items()}
+        for name, layer in model.named_modules()
+        if isinstance(layer, CompactLinear)
+    }
+
+
+def _key(layer: CompactLinear, tokens: int, seq: int, x: torch.Tensor) -> str:
+    layout = ",".join(f"{k}={v}" for k, v in sorted(layer.layout().items()))
+    return (
+        f"r{REVISION}|{_machine()}|{layer.structure}|{layout}|{layer.out_features}x{layer.in_features}"
+        f"|bias={layer.bias is not None}|T={tokens}|L={seq}|{x.dtype}|{x.device.type}|threads={torch.get_num_threads()}"
+    )
+
+
+@functools.cache
+def _machine() -> str:
+    from dsformer.hardware import describe
+
+    return describe()["cpu"]
+
+
+def _time_paths(layer: CompactLinear, tokens: int, seq: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Median time of each path on random input, interleaved so drifts in machine speed hit all alike."""
+    shape = (max(1, tokens // seq), seq, layer.in_features)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    if layer.in_features > layer.out_features:
+        # a narrowing layer usually follows a widening one (an FFN), whose gather leaves its output
+        # token-minor: time every path on that layout, as the model will run it
+        x = x.mT.contiguous().mT
+    paths = [p for p in layer.backends() if _runs(layer, p, x)]
+    times: dict[str, list[float]] = {p: [] for p in paths}
+    with torch.inference_mode():
+        for _ in range(_REPEATS):
+            for p in paths:
+                times[p].append(_seconds(layer, p, x))
+    median = {p: statistics.median(t) for p, t in times.items()}
+    return {"choice": min(median, key=median.get), "seconds": median}
+
+
+def _runs(layer: CompactLinear, path: str, x: torch.Tensor) -> bool:
+    """Whether a path works here (some ops lack a dtype on some devices); it also warms the path up."""
+    try:
+        with torch.inference_mode():
+            layer.run(path, x)
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def _seconds(layer: CompactLinear, path: str, x: torch.Tensor) -> float:
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    layer.run(path, x)
+    sync()
+    return time.perf_counter() - start
+
+
+class _DiskCache:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.entries: dict[str, Any] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}  # missing or unreadable: time again rather than fail inference
+
+    def save(self) -> None:
+        from dsformer.io import atomic_write_text
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, json.dumps(self.entries, indent=1, sort_keys=True) + "\n")
+        except OSError:
+            pass  # a read-only home only costs a re-calibration next time
+
+
+_CACHE: _DiskCache | None = None
+
+
+def _disk_cache() -> _DiskCache:
+    global _CACHE
+    path = Path(os.environ.get("DSFORMER_CACHE", Path.home() / ".cache" / "dsformer")) / "kernels.json"
+    if _CACHE is None or _CACHE.path != path:
+        _CACHE = _DiskCache(path)
+    return _CACHE
+
+
+__all__ = ["BACKENDS", "calibrate", "choose", "describe_choices", "token_bucket", "use_backend"]

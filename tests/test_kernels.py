@@ -1,0 +1,159 @@
+"""Execution backends: every path of every structure computes what the reference computes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_MODELS, fast_structure, model_inputs, model_output, relative_error, requires_cuda
+
+import dsformer
+from dsformer import kernels
+from dsformer.errors import DsformerError
+from dsformer.kernels.gather import column_plan
+from dsformer.structures import STRUCTURES
+
+SHAPES = {"rows": (96, 64), "columns": (64, 96), "square": (48, 48)}
+
+
+@pytest.fixture(autouse=True)
+def kernel_cache(tmp_path, monkeypatch):
+    """Each test times into its own cache file."""
+    monkeypatch.setenv("DSFORMER_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "kernels.json"
+
+
+def layer_of(structure: str, shape: tuple[int, int], bias: bool = True, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(*shape, generator=gen)
+    (factors,) = fast_structure(structure, 2.0).fit([w])
+    b = torch.randn(shape[0], generator=gen) if bias else None
+    return STRUCTURES[structure][1](factors, b).requires_grad_(False)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("lead", [(7,), (2, 5), (1, 1)], ids=["2d", "3d", "one-token"])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("structure", ["ds", "svd", "nm"])
+def test_every_backend_matches_the_reference(structure, shape, lead, bias):
+    layer = layer_of(structure, shape, bias)
+    x = torch.randn(*lead, shape[1], generator=torch.Generator().manual_seed(1))
+    want = layer.reference(x)
+    for name in layer.backends():
+        kernels.use_backend(layer, name)
+        got = layer(x)
+        assert got.shape == (*lead, shape[0])
+        assert relative_error(got, want) < 1e-5, name
+
+
+def test_gather_output_feeds_the_next_layer_without_a_copy():
+    """A row layer returns a token-minor view; the column layer after it reads that storage as is."""
+    up, down = layer_of("ds", (96, 64)), layer_of("ds", (64, 96), seed=1)
+    kernels.use_backend(up, "gather")
+    kernels.use_backend(down, "gather")
+    x = torch.randn(2, 5, 64)
+    hidden = torch.nn.functional.gelu(up(x))
+    assert hidden.transpose(1, 2).is_contiguous()
+    assert relative_error(down(hidden), down.reference(torch.nn.functional.gelu(up.reference(x)))) < 1e-5
+
+
+def test_column_plan_groups_every_entry_by_atom():
+    indices = torch.tensor([[0, 2], [2, 3], [0, 3]])
+    values = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    plan = column_plan(indices, values, k=5)
+    assert plan.offsets.tolist() == [0, 2, 2, 4, 6]  # atom 1 and atom 4 are unused: empty groups
+    assert plan.vectors.tolist() == [0, 2, 0, 1, 1, 2]
+    assert plan.values.tolist() == [1.0, 5.0, 2.0, 3.0, 4.0, 6.0]
+
+
+@pytest.mark.parametrize("structure", ["ds", "svd", "nm"])
+def test_auto_times_once_per_token_bucket_and_caches_on_disk(structure, kernel_cache):
+    layer = layer_of(structure, (96, 64))
+    kernels.use_backend(layer, "auto")
+    want = layer.reference(torch.ones(3, 64))
+    assert relative_error(layer(torch.ones(3, 64)), want) < 1e-5
+    layer(torch.ones(4, 64))  # same bucket as 3 tokens
+    layer(torch.ones(9, 64))
+    layer(torch.ones(2, 4, 64))  # 8 tokens in sequences of 4
+    assert set(kernels.describe_choices(torch.nn.Sequential(layer))["0"]) == {"4/4", "16/16", "8/4"}
+    saved = json.loads(kernel_cache.read_text())
+    assert len(saved) == 3
+    for entry in saved.values():
+        assert entry["choice"] in layer.backends()
+        assert entry["choice"] == min(entry["seconds"], key=entry["seconds"].get)
+    # a fresh layer of the same layout reuses the file instead of timing again
+    again = layer_of(structure, (96, 64))
+    kernels.use_backend(again, "auto")
+    saved_before = kernel_cache.stat().st_mtime_ns
+    again(torch.ones(3, 64))
+    assert kernel_cache.stat().st_mtime_ns == saved_before
+
+
+def test_unreadable_cache_is_timed_again(kernel_cache):
+    kernel_cache.parent.mkdir(parents=True)
+    kernel_cache.write_text("{not json")
+    layer = layer_of("ds", (96, 64))
+    kernels.use_backend(layer, "auto")
+    layer(torch.ones(2, 64))
+    assert len(json.loads(kernel_cache.read_text())) == 1
+
+
+def test_training_always_takes_the_reference_path():
+    layer = layer_of("ds", (96, 64)).requires_grad_(True)
+    kernels.use_backend(layer, "gather")
+    layer(torch.randn(4, 64)).square().sum().backward()
+    assert layer.values.grad is not None and layer.basis.grad is not None
+
+
+def test_dense_path_follows_edited_factors():
+    layer = layer_of("ds", (96, 64))
+    kernels.use_backend(layer, "dense")
+    x = torch.randn(3, 64)
+    layer(x)
+    layer.values.mul_(2)
+    assert relative_error(layer(x), layer.reference(x)) < 1e-5
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(DsformerError, match="unknown backend 'fast'.*auto, reference, dense, gather"):
+        kernels.use_backend(layer_of("ds", (96, 64)), "fast")
+    with pytest.raises(ValueError, match="has no backend 'gather'"):
+        layer_of("svd", (96, 64)).run("gather", torch.ones(1, 64))
+
+
+def test_use_backend_keeps_reference_where_a_path_is_missing():
+    model = torch.nn.Sequential(layer_of("ds", (96, 64)), layer_of("svd", (64, 96)))
+    assert kernels.use_backend(model, "gather") == 2
+    assert [m.backend for m in model] == ["gather", "reference"]
+
+
+@pytest.mark.parametrize("backend", ["auto", "gather", "dense"])
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_compressed_models_agree_on_every_backend(make_model, name, backend):
+    model = make_model(name)
+    dsformer.compress(model, dsformer.CompressConfig(fast_structure("ds")), progress=False)
+    want = model_output(model)
+    kernels.use_backend(model, backend)
+    assert relative_error(model_output(model), want) < 1e-5
+
+
+def test_gather_runs_under_torch_compile():
+    model = TINY_MODELS["bert"]()
+    dsformer.compress(model, dsformer.CompressConfig(fast_structure("ds")), progress=False)
+    want = model_output(model)
+    kernels.use_backend(model, "auto")
+    kernels.calibrate(model, [(2, 8)])  # the choices are fixed before tracing
+    compiled = torch.compile(model)
+    assert relative_error(model_output(compiled, model_inputs()), want) < 1e-5
+
+
+@requires_cuda
+@pytest.mark.parametrize("structure", ["ds", "svd", "nm"])
+def test_backends_agree_on_cuda(structure):
+    layer = layer_of(structure, (96, 64)).cuda()
+    x = torch.randn(2, 5, 64, device="cuda")
+    want = layer.reference(x)
+    for name in [*layer.backends(), "auto"]:
+        kernels.use_backend(layer, name)
+        assert relative_error(layer(x), want) < 1e-4, name
