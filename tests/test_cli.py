@@ -292,3 +292,47 @@ def test_a_compressed_folder_is_not_taken_for_a_pretrained_model(capsys, tiny_be
     code, _, err = run(capsys, "factorize", "--model", out, "--output", tmp_path / "again", "--quiet")
     assert code == 2 and "compressed dsformer model" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("source", ["compact", "dense"])
+def test_bench_writes_ratios_against_the_dense_original(capsys, tiny_bert_folder, tmp_path, monkeypatch, source):
+    monkeypatch.setenv("DSFORMER_CACHE", str(tmp_path / "cache"))
+    model = tiny_bert_folder
+    if source == "compact":
+        model = tmp_path / "compact"
+        argv = ["factorize", "--model", tiny_bert_folder, "--quiet", "--iters", "2", "--output", model]
+        assert run(capsys, *argv)[0] == 0
+    out = tmp_path / "bench.json"
+    argv = ["bench", model, "--batch", "2", "1", "--seq", "8", "4", "--repeats", "2", "--output", out]
+    code, stdout, _ = run(capsys, *argv, *(["--ratio", "2"] if source == "dense" else []))
+    assert code == 0, stdout
+    record = json.loads(out.read_text())
+    assert record["hardware"]["cores"] >= 1 and record["command"].startswith("dsformer bench")
+    assert [(r["batch"], r["seq"]) for r in record["runs"]] == [(2, 8), (1, 4)]
+    for result in record["runs"]:
+        e = result["end_to_end"]
+        assert e["speedup"] == pytest.approx(e["dense_ms"] / e["compact_ms"])
+        assert len(result["layers"]) == 12
+        for row in result["layers"].values():
+            assert row["path"] in ("reference", "dense", "gather")
+            assert row["speedup"] == pytest.approx(row["dense_ms"] / row["compact_ms"])
+            assert row["of_flop_limit"] == pytest.approx(row["speedup"] / row["flop_limit"])
+            assert (row["flop_limit"] == 1) == (row["path"] == "dense")
+        assert sum(p["layers"] for p in result["parts"].values()) == 12
+    assert "end to end" in stdout and "ffn linears" in stdout
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--batch", "1", "2", "--seq", "4", "8", "16"], ["pair up"]),
+        (["--batch", "0"], ["at least 1"]),
+        (["--device", "cuda"], ["no CUDA device"]),
+    ],
+)
+def test_bench_bad_input(capsys, tiny_bert_folder, extra, words):
+    if "cuda" in extra and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    code, _, err = run(capsys, "bench", tiny_bert_folder, *extra)
+    assert code == 2
+    assert all(w in err for w in words), err

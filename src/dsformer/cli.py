@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -264,7 +265,7 @@ def bench_verb(args: argparse.Namespace) -> None:
         print(bench_table(result))
         results.append(result)
     if args.output:
-        record = bench_record(results, " ".join(["dsformer", *sys.argv[1:]]), source)
+        record = bench_record(results, args.command_line, source)
         atomic_write_text(Path(args.output), json.dumps(record, indent=2) + "\n")
         print(f"results written to {args.output}")
 
@@ -285,6 +286,7 @@ def _paired(batches: list[int], seqs: list[int]) -> list[tuple[int, int]]:
 def summary_verb(args: argparse.Namespace) -> None:
     from dsformer.bench import latency_ms
     from dsformer.io import load
+    from dsformer.kernels import use_backend
 
     runs = []
     for path in args.paths:
@@ -294,13 +296,14 @@ def summary_verb(args: argparse.Namespace) -> None:
         metrics = json.loads(metrics_file.read_text())
         if not args.no_latency:
             model = load(path)
+            use_backend(model, "auto")
             seq = min(64, getattr(model.config, "max_position_embeddings", 64))  # a tiny model may allow fewer
             metrics["latency_ms"], metrics["latency_tokens"] = latency_ms(model, batch=1, seq=seq), seq
         runs.append(metrics)
     print(summary_table(runs))
     if not args.no_latency:
         tokens = "/".join(str(t) for t in sorted({m["latency_tokens"] for m in runs}))
-        print(f"latency: median forward time at batch 1 x {tokens} tokens on this machine's CPU, reference kernels")
+        print(f"latency: median forward at batch 1 x {tokens} tokens on this machine's CPU, fastest kernels (auto)")
     if args.json:
         from dsformer.hardware import describe
         from dsformer.io import atomic_write_text
@@ -308,7 +311,7 @@ def summary_verb(args: argparse.Namespace) -> None:
         keys = ("method", "trainer", "task", "metric", "test", "difference_to_dense", "ratios", "model_bytes")
         keys += ("latency_ms", "latency_tokens")
         rows = [{"path": str(path), **{k: m.get(k) for k in keys}} for path, m in zip(args.paths, runs, strict=True)]
-        summary = {"command": " ".join(["dsformer", *sys.argv[1:]]), "runs": rows, "hardware": describe()}
+        summary = {"command": args.command_line, "runs": rows, "hardware": describe()}
         atomic_write_text(Path(args.json), json.dumps(summary, indent=2) + "\n")
 
 
@@ -441,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     import threading
 
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["dsformer", *(sys.argv[1:] if argv is None else argv)])  # stored with results
     _quiet_libraries()
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
