@@ -157,3 +157,19 @@ def test_backends_agree_on_cuda(structure):
     for name in [*layer.backends(), "auto"]:
         kernels.use_backend(layer, name)
         assert relative_error(layer(x), want) < 1e-4, name
+
+
+@pytest.mark.parametrize(
+    "structure, shape, path, expected",
+    [
+        ("ds", (96, 64), "gather", lambda lay: lay["k"] * 64 + lay["s"] * 96),
+        ("ds", (64, 96), "gather", lambda lay: lay["k"] * 64 + lay["s"] * 96),
+        ("ds", (96, 64), "reference", lambda lay: lay["k"] * (64 + 96)),
+        ("ds", (96, 64), "dense", lambda lay: 96 * 64),
+        ("svd", (96, 64), "reference", lambda lay: lay["rank"] * (96 + 64)),
+        ("nm", (96, 64), "reference", lambda lay: 96 * 64),
+    ],
+)
+def test_work_counts_the_multiply_adds_of_each_path(structure, shape, path, expected):
+    layer = layer_of(structure, shape)
+    assert layer.work(path) == expected(layer.layout())
