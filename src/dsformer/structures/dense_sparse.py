@@ -450,11 +450,13 @@ class DenseSparseLinear(CompactLinear):
             return super().run(name, x)
         from dsformer.kernels.gather import column_plan, ds_columns, ds_rows
 
+        basis, values = self.basis.detach(), self.values.detach()  # inference only: the kernels skip autograd
+        bias = self.bias.detach() if self.bias is not None else None
         if self.rows:
             indices = self._cached("indices", self.indices.long, self.indices)
-            return ds_rows(x, self.basis, indices, self.values, self.bias)
-        plan = self._cached("plan", lambda: column_plan(self.indices, self.values, self.k), self.values, self.indices)
-        return ds_columns(x, plan, self.basis, self.bias)
+            return ds_rows(x, basis, indices, values, bias)
+        plan = self._cached("plan", lambda: column_plan(self.indices, values, self.k), self.values, self.indices)
+        return ds_columns(x, plan, basis, bias)
 
     def layout(self) -> dict[str, Any]:
         return {"k": self.k, "s": int(self.values.shape[-1])}
