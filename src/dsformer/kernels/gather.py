@@ -10,9 +10,10 @@ row is ``T`` contiguous floats and the work is ``N·s·T`` multiply-adds instead
   it (the ELL transposed to a CSR of variable bags), then ``Y = U B``.
 
 Both work one sequence at a time (``x (..., L, f)``): the gathered rows are that sequence's
-``L`` tokens, which stay in cache. Row layers return a transposed view of their ``(N, L)``
-storage rather than copying it back; the elementwise ops that follow keep that layout, and a
-following column-vector layer reads it without a copy.
+``L`` tokens, which stay in cache. A widening row layer (an FFN's up-projection) returns a
+transposed view of its ``(N, L)`` storage rather than copying it back: the activation keeps
+that layout, and the column-vector layer after it reads it without a copy. Other row layers
+copy back to token-major rows, which attention and residual sums need.
 
 Example:
     >>> import torch
@@ -69,7 +70,12 @@ def ds_rows(
         yt[i] = F.embedding_bag(indices, zt[i], per_sample_weights=values, mode="sum")
     if bias is not None:
         yt += bias[:, None]
-    return yt.mT.reshape(*x.shape[:-1], indices.shape[0])
+    y = yt.mT
+    if indices.shape[0] <= seqs.shape[-1]:
+        # a layer that does not widen feeds attention or a residual sum, which want token-major
+        # rows (CPU flash attention needs the head dimension contiguous): transpose back
+        y = y.contiguous()
+    return y.reshape(*x.shape[:-1], indices.shape[0])
 
 
 def ds_columns(x: torch.Tensor, plan: ColumnPlan, basis: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
