@@ -173,3 +173,12 @@ def test_backends_agree_on_cuda(structure):
 def test_work_counts_the_multiply_adds_of_each_path(structure, shape, path, expected):
     layer = layer_of(structure, shape)
     assert layer.work(path) == expected(layer.layout())
+
+
+def test_auto_keeps_no_dense_copy_unless_it_chose_dense():
+    layer = layer_of("ds", (96, 64))
+    kernels.use_backend(layer, "auto")
+    choice = kernels.choose(layer, torch.ones(2, 4, 64))
+    kept = set(layer.__dict__.get("_kernel_cache", {}))
+    assert kept <= set(layer.cache_slots(choice))
+    assert ("dense" in kept) == (choice == "dense")

@@ -125,8 +125,11 @@ def bench_model(
         linear = layer.merge()
         x = torch.randn(batch, seq, layer.in_features, generator=torch.Generator().manual_seed(1))
         x = x.to(device, linear.weight.dtype)
-        path = layer.backend if layer.backend != "auto" else _auto_choice(layer, x)
-        t = alternate({"dense": functools.partial(linear, x), "compact": functools.partial(layer, x)}, device, repeats)
+        # a narrowing layer gets its input as the compact layer before it leaves it (token-minor, see
+        # dsformer.kernels.gather); the dense one gets it as a dense model would (token-major)
+        xc = x.mT.contiguous().mT if layer.in_features > layer.out_features else x
+        path = layer.backend if layer.backend != "auto" else _auto_choice(layer, xc)
+        t = alternate({"dense": functools.partial(linear, x), "compact": functools.partial(layer, xc)}, device, repeats)
         dense_bytes = layer.out_features * layer.in_features * linear.weight.element_size()
         row = {
             "shape": [layer.out_features, layer.in_features],

@@ -89,7 +89,16 @@ def choose(layer: CompactLinear, x: torch.Tensor) -> str:
         disk.entries[key] = _time_paths(layer, tokens, seq, x.dtype, x.device)
         disk.save()
     choices[fast] = disk.entries[key]["choice"]
+    _release_unused(layer, set(choices.values()))
     return choices[fast]
+
+
+def _release_unused(layer: CompactLinear, used: set[str]) -> None:
+    """Drop what timing the other paths cached (a dense weight, densified coefficients): memory is the point."""
+    keep = {slot for path in used for slot in layer.cache_slots(path)}
+    cache = layer.__dict__.get("_kernel_cache", {})
+    for slot in [slot for slot in cache if slot not in keep]:
+        del cache[slot]
 
 
 @torch.inference_mode()

@@ -87,6 +87,10 @@ class CompactLinear(nn.Module):
         """Execution paths this layer can take (see ``dsformer.kernels``)."""
         return ("reference", "dense")
 
+    def cache_slots(self, path: str) -> tuple[str, ...]:
+        """The ``_cached`` slots ``path`` fills (dropped when no choice uses the path)."""
+        return ("dense",) if path == "dense" else ()
+
     def work(self, path: str) -> int:
         """Multiply-adds per token on ``path`` (the dense product's ``out · in`` unless a path saves some)."""
         return self.out_features * self.in_features

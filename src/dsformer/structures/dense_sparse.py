@@ -437,6 +437,9 @@ class DenseSparseLinear(CompactLinear):
     def backends(self) -> tuple[str, ...]:
         return ("reference", "dense", "gather")
 
+    def cache_slots(self, path: str) -> tuple[str, ...]:
+        return {"reference": ("coefficients",), "gather": ("indices", "plan")}.get(path, super().cache_slots(path))
+
     def work(self, path: str) -> int:
         lay = self.factors.layout
         if path == "gather":  # the dense stage, then s multiply-adds per output vector

@@ -123,6 +123,9 @@ class NMLinear(CompactLinear):
         weight = self._cached("dense", self.materialize, self.values, self.indices)
         return nn.functional.linear(x, weight, self.bias)
 
+    def cache_slots(self, path: str) -> tuple[str, ...]:
+        return ("dense",)  # both paths multiply by the materialized weight
+
     def layout(self) -> dict[str, Any]:
         return {"n": int(self.values.shape[-1]), "m": self.m}
 
