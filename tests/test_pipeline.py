@@ -207,6 +207,13 @@ def test_method_runs_saves_and_evaluates(capsys, tmp_path, model_dir, sst2_dir, 
     assert "test (16 examples)" in line
     # the folder as saved scores what the run reported
     assert f"accuracy {metrics['test']['accuracy']:.4f}" in line
+    # int8 on top: the weights round, the folder is left as it was
+    record = tmp_path / "int8.json"
+    assert "int8 weights" in evaluate_line(capsys, output, "--int8", "--json", str(record))
+    saved = json.loads(record.read_text())
+    assert saved["int8"]["layers"] == LAYERS * BLOCK_LINEARS and saved["int8"]["ratio"] > 1.5
+    assert set(saved["test"]) == {"accuracy"} and saved["command"].startswith("dsformer evaluate")
+    assert f"accuracy {metrics['test']['accuracy']:.4f}" in evaluate_line(capsys, output)
 
 
 # ---------------------------------------------------------------- trainers

@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     eva.add_argument("path")
     eva.add_argument("--task", default=None, help="default: the task it was trained on (metrics.json)")
     eva.add_argument("--data-dir", default=None)
+    eva.add_argument(
+        "--int8",
+        action="store_true",
+        help="round the weights (compact factors, or a dense model's block linears) to int8 per row first",
+    )
+    eva.add_argument("--json", default=None, help="also write the result (with the int8 bytes) to this JSON file")
 
     mer = verbs.add_parser("merge", help="export a saved compact model as a plain dense Hugging Face folder")
     mer.add_argument("path", help="folder written by dsformer factorize")
@@ -388,11 +394,23 @@ def evaluate_verb(args: argparse.Namespace) -> None:
     if task is None:
         raise DsformerError(f"{folder} has no metrics.json naming its task; pass --task")
     data = load_task(task, data_dir)
+    quant = None
+    if args.int8:
+        from dsformer.quantize import quantize_int8
+
+        quant = quantize_int8(model)
     result = evaluate(model, tokenizer, data.test, data.spec)
-    print(
-        f"{folder}: {data.spec.name} test ({len(data.test)} examples): "
-        + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
-    )
+    line = f"{folder}: {data.spec.name} test ({len(data.test)} examples)"
+    if quant is not None:
+        line += f", int8 weights ({quant.model_bytes_after / 2**20:.1f} MiB)"
+    print(line + ": " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    if args.json:
+        from dsformer.hardware import describe
+        from dsformer.io import atomic_write_text
+
+        record = {"command": args.command_line, "path": str(folder), "task": data.spec.name, "test": result}
+        record.update({"int8": quant.to_json() if quant else None, "hardware": describe()})
+        atomic_write_text(Path(args.json), json.dumps(record, indent=2) + "\n")
 
 
 def merge(args: argparse.Namespace) -> None:

@@ -1,0 +1,45 @@
+"""Int8 rounding of weights per row, alone and on top of every structure."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_MODELS, fast_structure, model_output, relative_error
+
+import dsformer
+from dsformer.compress import compact_layers
+from dsformer.quantize import int8_rows, quantize_int8
+
+
+@pytest.mark.parametrize("shape", [(8, 5), (3, 4, 2), (1, 7)])
+def test_int8_rows_is_within_half_a_step_of_every_value(shape):
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    rounded, size = int8_rows(t)
+    step = t.reshape(shape[0], -1).abs().amax(1) / 127
+    assert ((rounded - t).reshape(shape[0], -1).abs() <= step[:, None] / 2 + 1e-7).all()
+    assert size == t.numel() + 4 * shape[0]
+    levels = (rounded.reshape(shape[0], -1) / step[:, None]).round()
+    assert levels.abs().max() <= 127
+
+
+def test_int8_rows_keeps_a_zero_row():
+    rounded, _ = int8_rows(torch.zeros(2, 3))
+    assert torch.equal(rounded, torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("structure", [None, "ds", "svd", "nm"])
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_quantize_counts_int8_bytes_and_changes_outputs_little(make_model, name, structure):
+    model = make_model(name)
+    if structure is not None:
+        dsformer.compress(model, dsformer.CompressConfig(fast_structure(structure)), progress=False)
+    before = model_output(model)
+    report = quantize_int8(model)
+    assert report.layers == 8 if name == "gpt2" else report.layers == 12
+    assert 3.0 < report.ratio <= 4.0 or structure in ("ds", "nm")  # indices stay as they are
+    assert report.bytes_after < report.bytes_before
+    assert report.model_bytes_before - report.model_bytes_after == report.bytes_before - report.bytes_after
+    assert 0 < relative_error(model_output(model), before) < 0.05
+    for layer in compact_layers(model).values():  # cached products follow the rounded factors
+        x = torch.randn(3, layer.in_features)
+        assert relative_error(layer(x), x @ layer.materialize().T + layer.bias) < 1e-5
