@@ -18,7 +18,7 @@ from dsformer.cli import main
 from dsformer.compress import compact_layers
 
 ERROR = "dsformer: error:"
-METHODS = ["dense", "svd", "fwsvd", "nm", "ds-conventional", "dsformer"]
+METHODS = ["dense", "svd", "fwsvd", "nm", "ds-conventional", "dsformer", "ds-shared"]
 DEFAULT_TRAINER = {
     "dense": "-",
     "svd": "conventional",
@@ -26,8 +26,9 @@ DEFAULT_TRAINER = {
     "nm": "stf",
     "ds-conventional": "conventional",
     "dsformer": "stf",
+    "ds-shared": "stf",
 }
-STRUCTURE = {"svd": "svd", "fwsvd": "svd", "nm": "nm", "ds-conventional": "ds", "dsformer": "ds"}
+STRUCTURE = {"svd": "svd", "fwsvd": "svd", "nm": "nm", "ds-conventional": "ds", "dsformer": "ds", "ds-shared": "ds"}
 METRICS_KEYS = {
     "method",
     "trainer",

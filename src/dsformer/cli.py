@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     com.add_argument(
         "--data-dir", default=None, help="GLUE task folder (default: mr's embedded data; GLUE from the hub)"
     )
-    com.add_argument("--method", default="dsformer", help="dense, svd, fwsvd, nm, ds-conventional, dsformer")
+    com.add_argument(
+        "--method", default="dsformer", help="dense, svd, fwsvd, nm, ds-conventional, dsformer, ds-shared, distil"
+    )
     com.add_argument("--ratio", type=_number, default=2.0, help="compression ratio of the target layers (default: 2)")
     com.add_argument("--trainer", choices=["stf", "conventional"], default=None, help="default: the method's own")
     com.add_argument("--epochs", type=_number, default=3.0)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from dsformer.errors import TargetError
 from dsformer.report import LayerReport, Report, model_bytes
 from dsformer.structures import CompactLinear, DenseSparseConfig, StructureConfig, compact_layer
+from dsformer.structures.dense_sparse import share_bases
 
 try:  # GPT-2 style models use a transposed linear
     from transformers.pytorch_utils import Conv1D
@@ -185,9 +186,14 @@ def compress(
             options["importance"] = [importance.get(name) for name in names]
         with torch.no_grad():
             fitted = structure.fit(weights, **options)
-            for name, mod, w, factors in zip(names, modules, weights, fitted, strict=True):
+            built = []
+            for mod, w, factors in zip(modules, weights, fitted, strict=True):
                 layer = compact_layer(structure, factors, mod.bias).to(device=w.device)
                 layer.source_kind = "linear" if isinstance(mod, nn.Linear) else "conv1d"
+                built.append(layer)
+            if getattr(structure, "share_basis", False):
+                share_bases(built)
+            for name, w, layer in zip(names, weights, built, strict=True):
                 _set_module(model, name, layer)
                 layers.append(layer_report(name, w, layer))
         bar.update(len(names))

@@ -41,6 +41,7 @@ from dsformer.compress import _set_module, compact_layers, merge
 from dsformer.errors import CheckpointError
 from dsformer.report import Report
 from dsformer.structures import STRUCTURES
+from dsformer.structures.dense_sparse import share_bases
 
 FORMAT_VERSION = 1
 META_FILE = "dsformer.json"
@@ -148,6 +149,7 @@ def save(
 
     ``extra_files`` maps file names to JSON-able data written into the same folder (metrics).
     """
+    compact = compact_layers(model)
     layers = {
         name: {
             "structure": layer.structure,
@@ -156,8 +158,12 @@ def save(
             "source": layer.source_kind,
             "layout": layer.layout(),
         }
-        for name, layer in compact_layers(model).items()
+        for name, layer in compact.items()
     }
+    owners = {layer.basis.data_ptr(): name for name, layer in compact.items() if getattr(layer, "basis_owner", False)}
+    for name, layer in compact.items():
+        if getattr(layer, "basis_owner", True) is False:  # a shared basis is stored once, with its owner
+            layers[name]["basis_from"] = owners[layer.basis.data_ptr()]
     with atomic_folder(path) as tmp:
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -261,6 +267,13 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Modu
             raise CheckpointError(f"{META_FILE} layer {name!r} does not fit {meta['model_class']}: {err}") from None
         layer.source_kind = spec.get("source", "linear")
         _set_module(model, name, layer)
+    for name, spec in meta["layers"].items():
+        if "basis_from" in spec:
+            try:
+                owner = model.get_submodule(spec["basis_from"])
+                share_bases([owner, model.get_submodule(name)])
+            except AttributeError as err:
+                raise CheckpointError(f"{META_FILE} layer {name!r}: its shared basis cannot be found: {err}") from None
     _load_tensors(model, weights)
     return model.to(device).eval()
 

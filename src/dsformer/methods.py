@@ -13,6 +13,7 @@ start is the dense model fine-tuned on the task (``dsformer compress --method de
 | ``nm``            | N:M            | stf             | magnitude mask, re-selected straight-through (SR-STE style) |
 | ``ds-conventional`` | dense-sparse | conventional    | DS fit once; basis and values train, support frozen |
 | ``dsformer``      | dense-sparse   | stf             | STF: latent weights, warm-started projections      |
+| ``ds-shared``     | dense-sparse   | stf             | as dsformer, one basis shared by all targets of a shape |
 | ``distil``        | fewer layers   | -               | every other layer of a fine-tuned teacher, trained with KD |
 
 ``trainer="conventional"`` fits once and trains the factors; ``"stf"`` keeps latent dense weights
@@ -35,13 +36,14 @@ from dsformer.structures import DenseSparseConfig, LowRankConfig, NMConfig, Stru
 from dsformer.tasks import TaskData
 from dsformer.train import TrainConfig, _batch, encode
 
-METHODS = ("dense", "svd", "fwsvd", "nm", "ds-conventional", "dsformer", "distil")
+METHODS = ("dense", "svd", "fwsvd", "nm", "ds-conventional", "dsformer", "ds-shared", "distil")
 DEFAULT_TRAINER = {
     "svd": "conventional",
     "fwsvd": "conventional",
     "nm": "stf",
     "ds-conventional": "conventional",
     "dsformer": "stf",
+    "ds-shared": "stf",
 }
 
 
@@ -62,7 +64,7 @@ def structure_for(method: str, ratio: float) -> StructureConfig | None:
         return LowRankConfig(ratio=ratio)
     if method == "nm":
         return NMConfig(ratio=ratio)
-    return DenseSparseConfig(ratio=ratio)
+    return DenseSparseConfig(ratio=ratio, share_basis=method == "ds-shared")
 
 
 def prepare(

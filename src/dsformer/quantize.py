@@ -58,8 +58,12 @@ def quantize_int8(model: nn.Module) -> QuantReport:
     before = after = count = 0
     compact = compact_layers(model)
     if compact:
+        seen: set[int] = set()  # a basis shared by several layers is stored, and rounded, once
         for layer in compact.values():
             for tensor in layer.factor_tensors():
+                if tensor.data_ptr() in seen:
+                    continue
+                seen.add(tensor.data_ptr())
                 before += tensor_bytes(tensor)
                 if tensor.is_floating_point():
                     rounded, size = int8_rows(tensor)

@@ -32,6 +32,7 @@ from torch import nn
 from dsformer.compress import _set_module, find_targets, layer_report, linear_weight
 from dsformer.report import Report, model_bytes
 from dsformer.structures import CompactLinear, DenseSparseConfig, StructureConfig, compact_layer
+from dsformer.structures.dense_sparse import share_bases
 
 
 class STFLinear(nn.Module):
@@ -188,8 +189,8 @@ class STF:
         for name, (layer, _) in self.layers.items():
             for field in ("basis", "values", "indices", "left", "right"):
                 tensor = getattr(layer.factors, field, None)
-                if tensor is not None:
-                    state[f"{name}.{field}"] = tensor.detach().contiguous()
+                if tensor is not None:  # a copy: shared bases and slices of one fit must not share storage
+                    state[f"{name}.{field}"] = tensor.detach().clone()
         return state
 
     def load_factor_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -216,11 +217,16 @@ class STF:
         iters = self.schedule.final_iters if iters is None else iters
         if iters > 0:
             self.refresh(iters=iters)
-        reports = []
+        reports, shared = [], {}
         for name, (layer, structure) in self.layers.items():
             compact: CompactLinear = compact_layer(structure, layer.factors, layer.bias).to(layer.weight.device)
             compact.source_kind = layer.source_kind
+            if getattr(structure, "share_basis", False):  # one basis per group that refresh fitted together
+                shared.setdefault((id(structure), tuple(layer.weight.shape)), []).append(compact)
             _set_module(self.model, name, compact)
-            reports.append(layer_report(name, layer.weight.detach(), compact))
+        for group in shared.values():
+            share_bases(group)
+        for name, (layer, _) in self.layers.items():
+            reports.append(layer_report(name, layer.weight.detach(), self.model.get_submodule(name)))
         self.layers = {}
         return Report(reports, 0.0, bytes_before, model_bytes(self.model))

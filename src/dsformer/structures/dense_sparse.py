@@ -23,7 +23,7 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -126,6 +126,10 @@ class DenseSparseConfig:
     Give ``ratio`` (dense / value parameters) and let a short search pick ``k`` per layer, or fix
     ``k`` (or ``gamma = k/d``) and let the ratio's budget fix ``s``; or fix ``k``/``gamma`` and
     ``delta = s/k`` with ``ratio=None``.
+
+    ``share_basis``: the layers of one ``fit`` call (``compress`` passes every target of one
+    shape) share a single basis, fitted on all their vectors at once; the basis is counted once,
+    so the budget buys more non-zeros per vector (ALBERT-style sharing, applied to the basis only).
     """
 
     ratio: float | None = 2.0
@@ -135,6 +139,8 @@ class DenseSparseConfig:
     iters: int = 25
     search_iters: int = 3
     search_points: int = 8
+    # layers fitted together (every target of one shape) share one basis; the ratio is the group's
+    share_basis: bool = False
 
     name = "ds"
 
@@ -168,6 +174,8 @@ class DenseSparseConfig:
 
         ``warm`` gives previous factors to start from (their layouts are kept, no search).
         """
+        if self.share_basis and len(weights) > 1:
+            return self._fit_shared(weights, warm)
         warm = warm or [None] * len(weights)
         results: list[DenseSparseFactors | None] = [None] * len(weights)
         groups: dict[Any, list[int]] = {}
@@ -188,6 +196,32 @@ class DenseSparseConfig:
                     lay, state[j][0].to(weights[i].dtype), state[j][2].to(weights[i].dtype), state[j][1]
                 )
         return results  # type: ignore[return-value]
+
+    def _fit_shared(
+        self, weights: list[torch.Tensor], warm: list[DenseSparseFactors | None] | None
+    ) -> list[DenseSparseFactors]:
+        """One fit of every layer's vectors stacked (one basis), split back per layer; bases are one tensor."""
+        shapes = {tuple(w.shape) for w in weights}
+        if len(shapes) != 1:
+            raise ValueError(f"share_basis: the layers of one fit must have one shape (got {sorted(shapes)})")
+        vectors = [_vectors(w).to(weights[0].dtype) for w in weights]
+        n, d = vectors[0].shape
+        stacked_warm = None
+        if warm is not None and all(f is not None for f in warm):
+            lay = warm[0].layout
+            stacked_warm = [
+                DenseSparseFactors(
+                    DenseSparseLayout(n * len(weights), d, lay.k, lay.s),
+                    warm[0].basis,
+                    torch.cat([f.values for f in warm]),
+                    torch.cat([f.indices for f in warm]),
+                )
+            ]
+        (joint,) = replace(self, share_basis=False).fit([torch.cat(vectors)], warm=stacked_warm)
+        out_features, in_features = weights[0].shape
+        layout = DenseSparseLayout(out_features, in_features, joint.layout.k, joint.layout.s)
+        part = [slice(j * n, (j + 1) * n) for j in range(len(weights))]
+        return [DenseSparseFactors(layout, joint.basis, joint.values[p], joint.indices[p]) for p in part]
 
     def _search(self, stack: torch.Tensor, shape: tuple[int, int]):
         """Pick ``k`` per layer by successive halving, then finish each layer's best fit.
@@ -413,6 +447,7 @@ class DenseSparseLinear(CompactLinear):
         self.basis = nn.Parameter(factors.basis.detach().clone())
         self.values = nn.Parameter(factors.values.detach().clone())
         self.register_buffer("indices", factors.indices.detach().to(lay.index_dtype))
+        self.basis_owner = True  # False where the basis is another layer's (share_bases): counted there
 
     @property
     def factors(self) -> DenseSparseFactors:
@@ -436,6 +471,12 @@ class DenseSparseLinear(CompactLinear):
 
     def backends(self) -> tuple[str, ...]:
         return ("reference", "dense", "gather")
+
+    def value_params(self) -> int:
+        return super().value_params() - (0 if self.basis_owner else self.basis.numel())
+
+    def weight_bytes(self) -> int:
+        return super().weight_bytes() - (0 if self.basis_owner else self.basis.numel() * self.basis.element_size())
 
     def cache_slots(self, path: str) -> tuple[str, ...]:
         return {"reference": ("coefficients",), "gather": ("indices", "plan")}.get(path, super().cache_slots(path))
@@ -477,3 +518,10 @@ class DenseSparseLinear(CompactLinear):
 
     def describe(self) -> str:
         return f"k={self.k} s={self.values.shape[-1]}"
+
+
+def share_bases(layers: list[DenseSparseLinear]) -> None:
+    """Tie the bases of layers fitted with one shared basis to the first layer's parameter (it owns it)."""
+    for layer in layers[1:]:
+        layer.basis = layers[0].basis
+        layer.basis_owner = False
