@@ -168,6 +168,12 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _kernel_cache_outside_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Kernel timings that tests cause go to a temporary cache, not the user's ~/.cache."""
+    os.environ.setdefault("DSFORMER_CACHE", str(tmp_path_factory.mktemp("kernel-cache")))
+
+
 @pytest.fixture
 def make_model() -> Callable[[str], torch.nn.Module]:
     """``make_model("bert" | "mpnet" | "gpt2")``: a fresh tiny model (compress edits models in place)."""
