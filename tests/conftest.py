@@ -165,7 +165,8 @@ def model_output(model: torch.nn.Module, inputs: dict[str, torch.Tensor] | None 
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 @pytest.fixture(autouse=True, scope="session")
