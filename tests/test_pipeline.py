@@ -626,6 +626,29 @@ def test_ratio_at_one_point_drop(curve, dense, expected):
     assert ratio_at_drop(curve, dense) == (pytest.approx(expected) if expected is not None else None)
 
 
+def test_versus_names_the_best_baseline_and_leaves_out_dsformer_variants():
+    from dsformer.results import Cell, versus, versus_markdown
+
+    def cell(label: str, ratio: float, *scores: float) -> Cell:
+        return Cell("mr", "accuracy", label, "-", ratio, ratio, scores, ("x.json",))
+
+    cells = [
+        cell("dense", 1.0, 86.0),
+        cell("svd", 2.0, 83.0),
+        cell("ds-conventional", 2.0, 85.0, 86.0),
+        cell("ds-shared", 2.0, 90.0),  # a variant of ours, not a baseline
+        cell("dsformer", 2.0, 85.0),
+        cell("svd", 2.8, 80.0),
+        cell("dsformer", 2.8, 82.0),
+        cell("dsformer", 3.57, 81.0),  # no baseline ran there: no row
+    ]
+    rows = versus(cells)
+    got = [(r["ratio"], r["best"], r["difference"]) for r in rows]
+    assert got == [(2.0, "ds-conventional", -0.5), (2.8, "svd", 2.0)]
+    text = versus_markdown(cells)
+    assert "**loses**" in text and "| wins |" in text and "ahead of every baseline in 1 of 2" in text
+
+
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, model_dir, sst2_dir):
     """What a scheduler's stop (or `kill`) does to a real process: exit 143, checkpoint kept, --resume finishes."""
     import os

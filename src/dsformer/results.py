@@ -97,6 +97,54 @@ def ratio_at_drop(curve: list[tuple[float, float]], dense: float, drop: float = 
     return round(best, 4)
 
 
+# labels that are DSFormer itself or a variant of it, not baselines to beat
+OURS = ("dsformer", "dsformer+kd", "ds-shared")
+
+
+def versus(cells: list[Cell], ours: str = "dsformer") -> list[dict]:
+    """At each task and ratio where ``ours`` ran: its mean against the best baseline's (DS variants excluded)."""
+    rows = []
+    for cell in (c for c in cells if c.label == ours):
+        rivals = [c for c in cells if c.task == cell.task and c.ratio == cell.ratio and c.label not in (*OURS, "dense")]
+        if rivals:
+            best = max(rivals, key=lambda c: c.mean)
+            rows.append(
+                {
+                    "task": cell.task,
+                    "ratio": cell.ratio,
+                    "ours": cell.mean,
+                    "n": len(cell.scores),
+                    "best": best.label,
+                    "best_mean": best.mean,
+                    "best_n": len(best.scores),
+                    "difference": cell.mean - best.mean,
+                }
+            )
+    return rows
+
+
+def versus_markdown(cells: list[Cell]) -> str:
+    """Where DSFormer wins and where it loses: one line per task and ratio, and the count."""
+    rows = versus(cells)
+    if not rows:
+        return ""
+    lines = [
+        "### DSFormer against the best baseline",
+        "",
+        "| task | ratio | dsformer | best baseline | difference | |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        verdict = "wins" if r["difference"] > 0 else ("ties" if r["difference"] == 0 else "**loses**")
+        lines.append(
+            f"| {r['task']} | {r['ratio']:g}x | {r['ours']:.2f} [n={r['n']}] "
+            f"| {r['best']} {r['best_mean']:.2f} [n={r['best_n']}] | {r['difference']:+.2f} | {verdict} |"
+        )
+    wins = sum(r["difference"] > 0 for r in rows)
+    lines += ["", f"DSFormer is ahead of every baseline in {wins} of {len(rows)} task-ratio cells.", ""]
+    return "\n".join(lines)
+
+
 def markdown(cells: list[Cell]) -> str:
     """Tables per task: mean ± std (n seeds) per method and ratio, the difference to dense, files."""
     lines = []
