@@ -450,12 +450,17 @@ class DenseSparseLinear(CompactLinear):
         self.basis_owner = True  # False where the basis is another layer's (share_bases): counted there
 
     @property
+    def layout_shapes(self) -> DenseSparseLayout:
+        return DenseSparseLayout(self.out_features, self.in_features, self.k, self.values.shape[-1])
+
+    @property
     def factors(self) -> DenseSparseFactors:
-        lay = DenseSparseLayout(self.out_features, self.in_features, self.k, self.values.shape[-1])
-        return DenseSparseFactors(lay, self.basis, self.values, self.indices.long())
+        return DenseSparseFactors(self.layout_shapes, self.basis, self.values, self.indices.long())
 
     def coefficients(self) -> torch.Tensor:
-        build = lambda: _dense_coefficients(self.indices.long(), self.values, self.k)  # noqa: E731
+        def build() -> torch.Tensor:
+            return _dense_coefficients(self.indices.long(), self.values, self.k)
+
         return self._cached("coefficients", build, self.values, self.indices)
 
     def materialize(self) -> torch.Tensor:
@@ -482,7 +487,7 @@ class DenseSparseLinear(CompactLinear):
         return {"reference": ("coefficients",), "gather": ("indices", "plan")}.get(path, super().cache_slots(path))
 
     def work(self, path: str) -> int:
-        lay = self.factors.layout
+        lay = self.layout_shapes
         if path == "gather":  # the dense stage, then s multiply-adds per output vector
             return lay.k * lay.d + lay.s * lay.n
         if path == "reference":  # two GEMMs with C densified
