@@ -59,7 +59,7 @@ def _sequences(x: torch.Tensor) -> torch.Tensor:
 def ds_rows(
     x: torch.Tensor, basis: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """``x (..., L, d) -> (..., L, N)`` for row vectors: ``y = C (B x)``; the result is a transposed view.
+    """``x (..., L, d) -> (..., L, N)`` for row vectors: ``y = C (B x)`` (a transposed view when ``N > d``).
 
     One sequence at a time, so the ``k x L`` rows being gathered stay in cache.
     """
