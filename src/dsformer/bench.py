@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import functools
 import statistics
-import time
 from typing import Any
 
 import torch
@@ -31,6 +30,7 @@ from torch import nn
 
 from dsformer.compress import compact_layers, merge
 from dsformer.hardware import describe
+from dsformer.kernels import calibrate, choose, seconds, use_backend
 
 
 def _inputs(model: nn.Module, batch: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -39,23 +39,13 @@ def _inputs(model: nn.Module, batch: int, seq: int, device: torch.device) -> dic
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _seconds(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 @torch.inference_mode()
 def latency_ms(model: nn.Module, batch: int = 1, seq: int = 64, repeats: int = 20, warmup: int = 3) -> float:
     """Median forward latency in milliseconds on token ids of shape ``(batch, seq)``."""
     model.eval()
     device = next(model.parameters()).device
     inputs = _inputs(model, batch, seq, device)
-    times = [_seconds(lambda: model(**inputs), device) for _ in range(warmup + repeats)]
+    times = [seconds(lambda: model(**inputs), device) for _ in range(warmup + repeats)]
     return 1000 * statistics.median(times[warmup:])
 
 
@@ -68,7 +58,7 @@ def alternate(fns: dict[str, Any], device: torch.device, repeats: int, warmup: i
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(_seconds(fn, device))
+            times[name].append(seconds(fn, device))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -94,8 +84,6 @@ def bench_model(
     ``layers`` (per compact layer: the path ``auto`` chose, ms, speedup, limits) and ``parts``
     (attention and FFN linears summed).
     """
-    from dsformer.kernels import calibrate, use_backend
-
     model.eval()
     device = next(model.parameters()).device
     tokens = batch * seq
@@ -128,7 +116,7 @@ def bench_model(
         # a narrowing layer gets its input as the compact layer before it leaves it (token-minor, see
         # dsformer.kernels.gather); the dense one gets it as a dense model would (token-major)
         xc = x.mT.contiguous().mT if layer.in_features > layer.out_features else x
-        path = layer.backend if layer.backend != "auto" else _auto_choice(layer, xc)
+        path = layer.backend if layer.backend != "auto" else choose(layer, xc)
         t = alternate({"dense": functools.partial(linear, x), "compact": functools.partial(layer, xc)}, device, repeats)
         dense_bytes = layer.out_features * layer.in_features * linear.weight.element_size()
         row = {
@@ -151,12 +139,6 @@ def bench_model(
         part["speedup"] = part["dense_ms"] / part["compact_ms"]
     result["layers"], result["parts"] = rows, parts
     return result
-
-
-def _auto_choice(layer, x: torch.Tensor) -> str:
-    from dsformer.kernels import choose
-
-    return choose(layer, x)
 
 
 def bench_table(result: dict[str, Any]) -> str:

@@ -155,7 +155,7 @@ def _time_paths(layer: CompactLinear, tokens: int, seq: int, dtype: torch.dtype,
     with torch.inference_mode():
         for _ in range(_REPEATS):
             for p in paths:
-                times[p].append(_seconds(layer, p, x))
+                times[p].append(seconds(functools.partial(layer.run, p, x), x.device))
     median = {p: statistics.median(t) for p, t in times.items()}
     return {"choice": min(median, key=median.get), "seconds": median}
 
@@ -170,12 +170,14 @@ def _runs(layer: CompactLinear, path: str, x: torch.Tensor) -> bool:
         return False
 
 
-def _seconds(layer: CompactLinear, path: str, x: torch.Tensor) -> float:
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    sync()
+def seconds(fn, device: torch.device) -> float:
+    """Wall time of ``fn()``, with the GPU's queued work included where there is one."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
-    layer.run(path, x)
-    sync()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
@@ -208,4 +210,4 @@ def _disk_cache() -> _DiskCache:
     return _CACHE
 
 
-__all__ = ["BACKENDS", "calibrate", "choose", "describe_choices", "token_bucket", "use_backend"]
+__all__ = ["BACKENDS", "calibrate", "choose", "describe_choices", "seconds", "token_bucket", "use_backend"]
