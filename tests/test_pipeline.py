@@ -16,6 +16,8 @@ from transformers import BertConfig, BertForSequenceClassification, BertModel
 import dsformer
 from dsformer.cli import main
 from dsformer.compress import compact_layers
+from dsformer.errors import DsformerError
+from dsformer.methods import make_student
 
 ERROR = "dsformer: error:"
 METHODS = ["dense", "svd", "fwsvd", "nm", "ds-conventional", "dsformer", "ds-shared"]
@@ -283,6 +285,24 @@ def test_distil_from_a_dense_teacher(capsys, tmp_path, model_dir, sst2_dir, dens
     assert model.config.num_hidden_layers == 1 and len(model.bert.encoder.layer) == 1
     assert "accuracy" in evaluate_line(capsys, output)
     assert not work_folder(output).exists()
+
+
+@pytest.mark.parametrize(("ratio", "kept"), [(2, [0, 2, 4]), (3, [0, 3]), (2.8, [0, 3]), (1.5, [0, 2, 3, 4]), (6, [0])])
+def test_student_keeps_evenly_spaced_blocks(ratio, kept):
+    config = BertConfig(vocab_size=8, hidden_size=8, num_hidden_layers=6, num_attention_heads=2, intermediate_size=8)
+    teacher = BertModel(config)
+    for i, block in enumerate(teacher.encoder.layer):
+        block.output.dense.bias.data.fill_(i)  # a mark to tell the blocks apart
+    student = make_student(teacher, ratio)
+    assert [int(b.output.dense.bias[0]) for b in student.encoder.layer] == kept
+    assert student.config.num_hidden_layers == len(kept) and teacher.config.num_hidden_layers == 6
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5, 13])
+def test_student_of_all_or_no_blocks_is_refused(ratio):
+    config = BertConfig(vocab_size=8, hidden_size=8, num_hidden_layers=6, num_attention_heads=2, intermediate_size=8)
+    with pytest.raises(DsformerError, match="keeps at least one and fewer than all"):
+        make_student(BertModel(config), ratio)
 
 
 def test_distil_without_teacher_exits_2(capsys, tmp_path, model_dir, sst2_dir):
@@ -647,6 +667,43 @@ def test_versus_names_the_best_baseline_and_leaves_out_dsformer_variants():
     assert got == [(2.0, "ds-conventional", -0.5), (2.8, "svd", 2.0)]
     text = versus_markdown(cells)
     assert "**loses**" in text and "| wins |" in text and "ahead of every baseline in 1 of 2" in text
+
+
+@pytest.mark.parametrize(
+    "curves, expected",
+    [
+        # ours crosses 85.0 halfway between 2x and 2.8x; svd at 2x, distil never; nm never drops: "≥"
+        (
+            {"dsformer": [(2.0, 85.5), (2.8, 84.5)], "svd": [(2.0, 84.0)], "fwsvd": [(2.0, 85.2), (2.8, 84.2)]},
+            ("2.40x", "fwsvd 2.16x", "1.11x", "fwsvd 2.16x", "1.11x"),
+        ),
+        (
+            {"dsformer": [(2.0, 85.5), (2.8, 85.1)], "svd": [(2.0, 80.0)], "nm": [(2.0, 85.6), (2.8, 85.5)]},
+            ("≥ 2.80x", "nm ≥ 2.80x", "≥ 1.00x", "none within 1 point", "unbounded: none of them is within 1 point"),
+        ),
+        (
+            {"dsformer": [(2.0, 80.0)], "svd": [(2.0, 79.0)]},
+            ("never", "none within 1 point", "neither is within 1 point", "none within 1 point", "neither"),
+        ),
+        (
+            {"dsformer": [(2.0, 80.0)], "nm": [(2.0, 85.5)]},
+            ("never", "nm ≥ 2.00x", "below it", "-", "no such baseline ran"),
+        ),
+    ],
+)
+def test_compression_within_one_point_against_the_baselines(curves, expected):
+    from dsformer.results import Cell, compression_markdown
+
+    method = {"dsformer": "dsformer", "svd": "svd", "fwsvd": "fwsvd", "nm": "nm"}
+    cells = [Cell("mr", "accuracy", "dense", "-", 1.0, 1.0, (86.0,), ("d.json",), "dense")]
+    for label, points in curves.items():
+        for ratio, score in points:
+            cells.append(Cell("mr", "accuracy", label, "-", ratio, ratio, (score,), ("x.json",), method[label]))
+    row = compression_markdown(cells).splitlines()[-1]
+    cols = [c.strip() for c in row.strip("|").split("|")]
+    assert cols[0] == "mr"
+    for got, want in zip(cols[1:], expected, strict=True):
+        assert got.startswith(want), (got, want)
 
 
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, model_dir, sst2_dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections import Counter
 from functools import cache
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dsformer.data.mr import mr_path
-from dsformer.tasks import TASKS, DataError, load_task, read_tsv, task_spec
+from dsformer.tasks import TASKS, DataError, Example, load_task, read_tsv, task_spec
 
 GLUE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "glue"
 
@@ -198,12 +199,6 @@ def test_empty_splits(tmp_path: Path, train: str, dev: str | None, pattern: str)
         load_task("sst2", folder)
 
 
-def test_hub_without_data_dir_is_a_data_error() -> None:
-    """Offline and without ``datasets`` (or without network), a GLUE task with no --data-dir says what to do."""
-    with pytest.raises(DataError, match="--data-dir"):
-        load_task("wnli")
-
-
 # ---------------------------------------------------------------------------- parsing details
 
 
@@ -270,52 +265,184 @@ def test_mr_from_a_data_dir(tmp_path: Path) -> None:
         load_task("mr", tmp_path / "absent")
 
 
-class _Split(list):
-    """The part of a ``datasets.Dataset`` that the hub loader reads: rows and column names."""
+# ---------------------------------------------------------------------------- Hugging Face datasets
+#
+# The real ``datasets`` package, offline, reading a local copy of a hub dataset repo written in the
+# layout of nyu-mll/glue: a README.md whose configs name each config's parquet files, and a folder
+# per config (sst2/train-00000-of-00001.parquet, ...). The hub's test splits carry label -1.
 
-    @property
-    def column_names(self) -> list[str]:
-        return list(self[0])
+# config -> its columns in nyu-mll/glue, as a function of the row number
+HUB_ROWS = {
+    "sst2": lambda i: {"sentence": f"film {i}", "label": i % 2, "idx": i},
+    "stsb": lambda i: {"sentence1": f"a {i}", "sentence2": f"b {i}", "label": i % 21 / 4, "idx": i},  # scores 0 to 5
+    "mnli": lambda i: {"premise": f"p {i}", "hypothesis": f"h {i}", "label": i % 3, "idx": i},
+}
+HUB_SPLITS = {  # split -> rows (the first row's number and the count)
+    "sst2": {"train": (0, 20), "validation": (100, 4), "test": (200, 3)},
+    "stsb": {"train": (0, 20), "validation": (100, 4), "test": (200, 3)},
+    "mnli": {
+        "train": (0, 30),
+        "validation_matched": (100, 4),
+        "validation_mismatched": (150, 5),
+        "test_matched": (200, 3),
+    },
+}
+
+
+def hub_rows(config: str, split: str) -> list[dict]:
+    start, count = HUB_SPLITS[config][split]
+    rows = [HUB_ROWS[config](start + i) for i in range(count)]
+    if split.startswith("test"):
+        rows = [{**row, "label": -1} for row in rows]
+    return rows
+
+
+def write_hub_copy(folder: Path, splits: dict[str, dict[str, list[dict] | bytes]], readme: bool = True) -> Path:
+    """A hub dataset repo's layout: ``{config}/{split}-00000-of-00001.parquet`` and a README.md naming the configs.
+
+    A split given as bytes is written as they are (a file that is not parquet).
+    """
+    pd = pytest.importorskip("pandas")
+    card = ["---", "configs:"]
+    for config, rows in splits.items():
+        (folder / config).mkdir(parents=True, exist_ok=True)
+        card += [f"- config_name: {config}", "  data_files:"]
+        for split, table in rows.items():
+            file = folder / config / f"{split}-00000-of-00001.parquet"
+            if isinstance(table, bytes):
+                file.write_bytes(table)
+            else:
+                pd.DataFrame(table).to_parquet(file, index=False)
+            card += [f"  - split: {split}", f"    path: {config}/{split}-*"]
+    if readme:
+        (folder / "README.md").write_text("\n".join([*card, "---", "", "# A copy of a hub dataset", ""]))
+    return folder
+
+
+@pytest.fixture
+def hub_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """The real ``datasets``, offline, caching under ``tmp_path`` (not the user's cache); returns the cache folder.
+
+    ``datasets`` and ``huggingface_hub`` read these variables once, at import (an earlier test may have
+    imported them), so their settings are pinned to the same values too.
+    """
+    cache = tmp_path / "hf" / "datasets"
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    datasets = pytest.importorskip("datasets")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    return cache
 
 
 @pytest.mark.parametrize(
-    "task, rows, test_split",
-    [
-        ("sst2", [{"sentence": "a fine film", "label": 1, "idx": 0}], "validation"),
-        ("mnli", [{"premise": "p", "hypothesis": "h", "label": 2, "idx": 0}], "validation_matched"),
-    ],
+    ("task", "test_split"), [("sst2", "validation"), ("stsb", "validation"), ("mnli", "validation_matched")]
 )
-def test_hub_rows_become_examples(monkeypatch, task, rows, test_split):
-    """The online path (``--task`` without ``--data-dir``), with the hub replaced: the hub is unreachable here."""
-    import sys
-    import types
+@pytest.mark.parametrize("as_string", [False, True], ids=["path", "str"])
+def test_hub_copy_rows_become_examples(
+    hub_offline: Path, tmp_path: Path, task: str, test_split: str, as_string: bool
+) -> None:
+    """A local copy of nyu-mll/glue reads offline as the hub name reads online: train, and validation as test."""
+    folder = write_hub_copy(tmp_path / "glue", {task: {split: hub_rows(task, split) for split in HUB_SPLITS[task]}})
+    data = load_task(task, str(folder) if as_string else folder, validation_fraction=0.25)
+    spec = TASKS[task]
+    b = "sentence2" if task == "stsb" else "hypothesis" if task == "mnli" else None
+    a = {"sst2": "sentence", "stsb": "sentence1", "mnli": "premise"}[task]
 
-    asked = []
+    def examples(split: str) -> list:
+        return [Example(r[a], r[b] if b else None, float(r["label"])) for r in hub_rows(task, split)]
 
-    def load_dataset(*names):
-        asked.append(names)
-        return {"train": _Split(rows * 30), test_split: _Split(rows * 3)}
+    assert data.spec is spec
+    assert data.test == examples(test_split)
+    assert Counter(data.train) + Counter(data.validation) == Counter(examples("train"))
+    n_train, n_validation = HUB_SPLITS[task]["train"][1], round(HUB_SPLITS[task]["train"][1] / 4)
+    assert data.sizes() == {"train": n_train - n_validation, "validation": n_validation, "test": 4}
+    assert all((e.text_b is not None) == (spec.text_b is not None) for e in data.train + data.test)
+    assert all(isinstance(e.label, float) for e in data.train)
+    if spec.is_regression:
+        assert {e.label for e in data.test} == {4.0, 4.25, 4.5, 4.75}
+    else:
+        assert {e.label for e in data.train + data.validation} == set(map(float, range(spec.num_labels)))
+    assert list(hub_offline.iterdir())  # the arrow cache went under tmp_path
 
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    data = load_task(task, max_validation=2)
-    assert asked == [TASKS[task].hub]
-    first = data.test[0]
-    values = [v for k, v in rows[0].items() if k not in ("label", "idx")]
-    assert (first.text_a, first.text_b) == (values[0], values[1] if len(values) > 1 else None)
-    assert first.label == float(rows[0]["label"])
-    assert data.sizes() == {"train": 28, "validation": 2, "test": 3}  # a tenth of train, capped at 2
+
+def test_hub_copy_holds_many_configs(hub_offline: Path, tmp_path: Path) -> None:
+    """One copy of the repo serves every task, each from its own config; a GLUE TSV folder still reads as one."""
+    configs = {c: {s: hub_rows(c, s) for s in HUB_SPLITS[c] if s != "test"} for c in ("sst2", "stsb")}
+    folder = write_hub_copy(tmp_path / "glue", configs)
+    assert load_task("sst2", folder).test[0] == Example("film 100", None, 0.0)
+    assert load_task("stsb", folder).test[0] == Example("a 100", "b 100", 4.0)
+    tsv = write_task(tmp_path / "SST-2", SST_TRAIN)
+    (tsv / "README.md").write_text("the GLUE download's notes\n")
+    assert load_task("sst2", tsv).test == [Example("fine", None, 1.0), Example("bad", None, 0.0)]
 
 
-def test_hub_failure_is_a_data_error(monkeypatch):
-    import sys
-    import types
+SST2_OK = {"train": hub_rows("sst2", "train"), "validation": hub_rows("sst2", "validation")}
 
-    def load_dataset(*names):
-        raise ConnectionError("offline")
 
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    with pytest.raises(DataError, match="from the hub .ConnectionError.; pass --data-dir"):
-        load_task("sst2")
-    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
-    with pytest.raises(DataError, match="pip install datasets"):
-        load_task("sst2")
+@pytest.mark.parametrize(
+    ("task", "splits", "readme", "pattern"),
+    [
+        ("sst2", SST2_OK, False, r"cannot load sst2 from .*glue \(ValueError: BuilderConfig 'sst2' not found"),
+        (
+            "cola",
+            SST2_OK,
+            True,
+            r"cannot load cola from .*glue \(ValueError: BuilderConfig 'cola' not found",
+        ),
+        ("sst2", {"train": SST2_OK["train"]}, True, r"glue \(sst2\) has no validation split; its splits are train"),
+        (
+            "sst2",
+            {s: [{"sentence1": "x", "sentence2": "y", "label": 0}] * 8 for s in SST2_OK},
+            True,
+            r"sst2 needs one text column and a label; found sentence1, sentence2, label",
+        ),
+        (
+            "sst2",
+            {**SST2_OK, "train": [*SST2_OK["train"], {"sentence": "odd", "label": 2, "idx": 20}]},
+            True,
+            r"glue \(sst2\) train row 21: label 2 is not one of 0..1",
+        ),
+        (
+            "sst2",
+            {**SST2_OK, "validation": b"not parquet"},
+            True,
+            r"\(DatasetGenerationError: .*; ArrowInvalid: .*Parquet magic bytes not found",
+        ),
+    ],
+    ids=["no-readme", "no-such-config", "no-validation", "wrong-columns", "label-2", "not-parquet"],
+)
+def test_bad_hub_copy_is_a_data_error(
+    hub_offline: Path, tmp_path: Path, task: str, splits: dict, readme: bool, pattern: str
+) -> None:
+    """A copy that ``datasets`` cannot read, or whose rows do not fit the task, names the copy and what is wrong."""
+    write_hub_copy(tmp_path / "glue", {"sst2": splits}, readme=readme)
+    with pytest.raises(DataError, match=pattern):
+        load_task(task, tmp_path / "glue")
+
+
+@pytest.mark.parametrize("name", [None, "someone/glue-copy", "glue_data/SST-2"], ids=["default", "other", "relative"])
+def test_hub_name_offline_is_a_data_error(
+    hub_offline: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str | None
+) -> None:
+    """A hub name (the default nyu-mll/glue, another, or a relative path that is not there) reads from the hub."""
+    monkeypatch.chdir(tmp_path)
+    dataset = name or "nyu-mll/glue"
+    with pytest.raises(
+        DataError, match=re.escape(f"cannot load sst2 from {dataset} (ConnectionError: ") + ".*pass --data-dir"
+    ):
+        load_task("sst2", name)
+
+
+def test_hub_without_datasets_is_a_data_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where ``datasets`` is not installed (an import that fails), a GLUE task with no --data-dir says what to do."""
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(DataError, match=r"reading nyu-mll/glue needs `pip install datasets`.*pass --data-dir"):
+        load_task("wnli")

@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
 import dsformer.train as train_module
+from dsformer.compress import compact_layers
 from dsformer.errors import DsformerError
-from dsformer.stf import STF, Schedule
+from dsformer.stf import STF, Schedule, STFLinear
 from dsformer.structures import DenseSparseConfig
 from dsformer.tasks import TASKS, Example, TaskData
 from dsformer.train import STATE_FILE, TrainConfig, TrainingError, _batch, _loss, _validate, encode, evaluate, train
@@ -60,9 +61,14 @@ def config(**options) -> TrainConfig:
     return TrainConfig(**{**base, "progress": False, **options})
 
 
-def with_stf(model: torch.nn.Module) -> STF:
+def with_stf(model: torch.nn.Module, polish: float = 0.0) -> STF:
     structure = DenseSparseConfig(ratio=None, gamma=0.5, delta=0.5, iters=2)
-    return STF.wrap(model, structure, schedule=Schedule(refresh_every=2, iters=1, ramp_steps=8, ramp_start=0.5))
+    schedule = Schedule(refresh_every=2, iters=1, ramp_steps=8, ramp_start=0.5, polish=polish)
+    return STF.wrap(model, structure, schedule=schedule)
+
+
+POLISH = 0.3  # STF for the first 13 of 18 steps, then the compact factors
+HANDOVER = round(TOTAL * (1 - POLISH))
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -190,22 +196,47 @@ def test_best_step_is_the_first_maximum_of_history(tokenizer, tmp_path: Path) ->
 # ---------------------------------------------------------------------------- resume
 
 
-def uninterrupted(tokenizer, folder: Path, stf: bool, **options):
+def tracker_for(model: torch.nn.Module, stf: str | None) -> STF | None:
+    """No STF, STF to the end, or STF then the compact factors (``"polish"``)."""
+    return None if stf is None else with_stf(model, polish=POLISH if stf == "polish" else 0.0)
+
+
+def uninterrupted(tokenizer, folder: Path, stf: str | None, **options):
     model = classifier()
-    tracker = with_stf(model) if stf else None
+    tracker = tracker_for(model, stf)
     return train(model, tokenizer, task(), config(**options), folder, stf=tracker), weights(model)
 
 
 @pytest.mark.parametrize(
     ("k", "stf"),
-    [(1, False), (4, False), (7, False), (15, False), (5, True), (10, True)],
-    ids=["first-step", "mid-epoch-1", "first-of-epoch-2", "epoch-3", "stf-mid-epoch", "stf-epoch-2"],
+    [
+        (1, None),
+        (4, None),
+        (7, None),
+        (15, None),
+        (5, "stf"),
+        (10, "stf"),
+        (5, "polish"),
+        (HANDOVER + 1, "polish"),
+        (HANDOVER + 3, "polish"),
+    ],
+    ids=[
+        "first-step",
+        "mid-epoch-1",
+        "first-of-epoch-2",
+        "epoch-3",
+        "stf-mid-epoch",
+        "stf-epoch-2",
+        "polish-before-handover",
+        "polish-right-after-handover",
+        "polish-after-handover",
+    ],
 )
-def test_interrupted_then_resumed_equals_uninterrupted(tokenizer, tmp_path: Path, k: int, stf: bool) -> None:
+def test_interrupted_then_resumed_equals_uninterrupted(tokenizer, tmp_path: Path, k: int, stf: str | None) -> None:
     expected, expected_weights = uninterrupted(tokenizer, tmp_path / "a", stf)
 
     model = classifier()
-    tracker = with_stf(model) if stf else None
+    tracker = tracker_for(model, stf)
     fail_at(model, k, "interrupt")
     with pytest.raises(KeyboardInterrupt):
         train(model, tokenizer, task(), config(), tmp_path / "b", stf=tracker)
@@ -213,9 +244,9 @@ def test_interrupted_then_resumed_equals_uninterrupted(tokenizer, tmp_path: Path
     no_temp_folders(tmp_path / "b")
 
     fresh = classifier(seed=123)  # a new process: nothing but the checkpoint carries over
-    tracker = with_stf(fresh) if stf else None
+    tracker = tracker_for(fresh, stf)
     if stf:
-        assert (tmp_path / "b" / "checkpoint" / "stf.safetensors").exists()
+        assert (tmp_path / "b" / "checkpoint" / "stf.safetensors").exists() == (k <= HANDOVER or stf == "stf")
     result = train(fresh, tokenizer, task(), config(), tmp_path / "b", stf=tracker, resume=True)
     assert result.test == expected.test and result.validation == expected.validation
     assert result.history == expected.history and result.best_step == expected.best_step
@@ -225,7 +256,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tokenizer, tmp_path: Path
 
 
 def test_resume_of_a_finished_run_reevaluates_the_best(tokenizer, tmp_path: Path) -> None:
-    first, first_weights = uninterrupted(tokenizer, tmp_path, stf=False)
+    first, first_weights = uninterrupted(tokenizer, tmp_path, stf=None)
     model = classifier(seed=7)
     again = train(model, tokenizer, task(), config(), tmp_path, resume=True)
     assert again.test == first.test and again.best_step == first.best_step and again.steps == TOTAL
@@ -301,7 +332,7 @@ def test_resume_with_a_corrupt_checkpoint_raises(tokenizer, tmp_path: Path, file
 
 
 def test_nan_loss_stops_with_the_step_and_the_last_checkpoint(tokenizer, tmp_path: Path) -> None:
-    expected, expected_weights = uninterrupted(tokenizer, tmp_path / "a", stf=False, checkpoint_every=2)
+    expected, expected_weights = uninterrupted(tokenizer, tmp_path / "a", stf=None, checkpoint_every=2)
     model = classifier()
     fail_at(model, 5, "nan")
     ckpt = tmp_path / "b" / "checkpoint"
@@ -404,6 +435,39 @@ def test_validation_uses_the_projection_and_restores_the_ramp(tokenizer) -> None
     assert metrics == evaluate(model, tokenizer, data.validation, data.spec, config())
 
 
+def test_polish_hands_over_to_the_compact_factors(tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``polish`` the last steps train the compact layers' own factors, with the support frozen."""
+    model = classifier()
+    stf = with_stf(model, polish=POLISH)
+    supports = {}
+    finalize = STF.finalize
+
+    def remember(self, iters=None):
+        report = finalize(self, iters)
+        for name, layer in compact_layers(model).items():
+            supports[name] = (layer.indices.clone(), layer.values.detach().clone())
+        return report
+
+    monkeypatch.setattr(STF, "finalize", remember)
+    result = train(model, tokenizer, task(), config(), tmp_path, stf=stf)
+    layers = compact_layers(model)
+    assert layers and set(supports) == set(layers) and not any(isinstance(m, STFLinear) for m in model.modules())
+    for name, layer in layers.items():
+        indices, values = supports[name]
+        assert torch.equal(layer.indices, indices)  # the support stayed
+        assert not torch.equal(layer.values.detach(), values)  # the values trained
+    assert result.best_step > HANDOVER  # only the compact model's evaluations compete
+    assert stf.finalize() is stf.report and stf.report.ratio_params > 1
+    state = json.loads((tmp_path / "checkpoint" / STATE_FILE).read_text())
+    assert state["handover_step"] == HANDOVER and state["stf_report"] == stf.report.to_json()
+
+
+@pytest.mark.parametrize("polish", [-0.1, 1.0, 1.5])
+def test_polish_outside_zero_to_one_is_refused(polish: float) -> None:
+    with pytest.raises(DsformerError, match="polish is a fraction"):
+        Schedule(polish=polish)
+
+
 def test_checkpoint_folders_hold_everything(tokenizer, tmp_path: Path) -> None:
     model = classifier()
     stf = with_stf(model)
@@ -453,7 +517,7 @@ def test_signal_mid_step_finishes_the_step_then_resumes_exactly(tokenizer, tmp_p
 
     from dsformer.errors import Interrupted
 
-    expected, expected_weights = uninterrupted(tokenizer, tmp_path / "a", stf=True)
+    expected, expected_weights = uninterrupted(tokenizer, tmp_path / "a", stf="stf")
     model = classifier()
     tracker = with_stf(model)
     calls = {"n": 0}

@@ -107,18 +107,26 @@ def prepare(
     return Prepared(None, report)
 
 
-def make_student(teacher: nn.Module, keep_every: int = 2) -> nn.Module:
-    """A DistilBERT-style student: a copy of ``teacher`` keeping every ``keep_every``-th block.
+def make_student(teacher: nn.Module, ratio: float = 2.0) -> nn.Module:
+    """A DistilBERT-style student: a copy of ``teacher`` with ``round(L / ratio)`` of its ``L`` blocks, evenly spaced.
 
     The blocks are the longest ``nn.ModuleList`` of the model (BERT's ``encoder.layer``,
-    GPT-2's ``h``); the config's layer count follows.
+    GPT-2's ``h``); the config's layer count follows. At 2x a 6-block model keeps blocks 0, 2, 4
+    (every other one, as DistilBERT); at 3x it keeps 0 and 3. The block ratio is ``L`` over the
+    blocks kept, the nearest a whole number of blocks allows.
     """
     student = copy.deepcopy(teacher)
     lists = [(name, mod) for name, mod in student.named_modules() if isinstance(mod, nn.ModuleList)]
     if not lists:
         raise DsformerError("distil: the model has no list of blocks to thin out")
     name, blocks = max(lists, key=lambda item: len(item[1]))
-    kept = nn.ModuleList(blocks[i] for i in range(0, len(blocks), keep_every))
+    count = round(len(blocks) / ratio)
+    if not 1 <= count < len(blocks):
+        raise DsformerError(
+            f"distil: ratio {ratio:g} would keep {count} of the model's {len(blocks)} blocks; a student keeps "
+            f"at least one and fewer than all (ratios from {len(blocks) / (len(blocks) - 1):.2f} to {len(blocks)})"
+        )
+    kept = nn.ModuleList(blocks[round(i * len(blocks) / count)] for i in range(count))
     _set_module(student, name, kept)
     for attr in ("num_hidden_layers", "n_layer", "num_layers"):
         if hasattr(student.config, attr):

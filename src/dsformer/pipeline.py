@@ -79,7 +79,7 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
             raise DsformerError(
                 "--method distil needs --teacher: a fine-tuned model saved by `dsformer compress --method dense`"
             )
-        model = make_student(teacher).to(device)
+        model = make_student(teacher, config.ratio).to(device)
     prepared = prepare(
         config.method,
         model,

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from dsformer.compress import _set_module, find_targets, layer_report, linear_weight
+from dsformer.errors import DsformerError
 from dsformer.report import Report, model_bytes
 from dsformer.structures import CompactLinear, DenseSparseConfig, StructureConfig, compact_layer
 from dsformer.structures.dense_sparse import share_bases
@@ -77,6 +78,11 @@ class Schedule:
     ``pull`` moves each latent weight that fraction of the way to its projection after every step,
     ``W̃ ← W̃ - pull (W̃ - Π(W̃))``: SR-STE's refinement of the dropped part, for any structure
     (0: off, plain STF).
+
+    ``polish``: the fraction of training, at its end, in which the support is frozen and the compact
+    factors themselves train (the "short fine-tune of the factors" after STF that METHOD.md allows).
+    At that step :meth:`STF.finalize` swaps in the compact layers and the optimizer goes on with
+    their parameters; 0 trains straight-through to the end.
     """
 
     refresh_every: int = 10
@@ -86,6 +92,19 @@ class Schedule:
     final_iters: int = 10
     pull: float = 0.0
     follow: bool = True
+    polish: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.polish < 1.0:
+            raise DsformerError(f"polish is a fraction of the training steps in [0, 1) (got {self.polish:g})")
+        if self.refresh_every < 1:
+            raise DsformerError(f"refresh_every must be at least 1 step (got {self.refresh_every})")
+
+    def polish_step(self, total: int) -> int | None:
+        """The step after which the factors train directly (None: never), for ``total`` training steps."""
+        if not self.polish or total < 2:
+            return None
+        return min(total - 1, max(1, round(total * (1.0 - self.polish))))
 
     def ramp(self, step: int) -> float:
         if self.ramp_steps <= 0 or step >= self.ramp_steps:
@@ -111,6 +130,7 @@ class STF:
         self.layers = layers
         self.schedule = schedule
         self.support_change = 0.0  # fraction of support entries that moved at the last refresh
+        self.report: Report | None = None  # set by finalize, after which the STF layers are gone
 
     @classmethod
     def wrap(
@@ -209,7 +229,10 @@ class STF:
 
         ``iters``: fitting rounds of one more projection first (``None``: the schedule's
         ``final_iters``; ``0``: keep the last projection, exactly what training evaluated).
+        A second call returns the first one's report (the compact layers may have trained since).
         """
+        if self.report is not None:
+            return self.report
         # the dense model's size: the STF layers' own buffers (projection, anchor) are training state
         bytes_before = model_bytes(self.model) - sum(
             buffer.numel() * buffer.element_size() for layer, _ in self.layers.values() for buffer in layer.buffers()
@@ -229,4 +252,5 @@ class STF:
         for name, (layer, _) in self.layers.items():
             reports.append(layer_report(name, layer.weight.detach(), self.model.get_submodule(name)))
         self.layers = {}
-        return Report(reports, 0.0, bytes_before, model_bytes(self.model))
+        self.report = Report(reports, 0.0, bytes_before, model_bytes(self.model))
+        return self.report

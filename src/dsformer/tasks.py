@@ -164,21 +164,34 @@ def load_task(
     """Load a task's three splits.
 
     ``mr`` reads the embedded default (``dsformer data mr`` prepares it). A GLUE task reads
-    ``data_dir`` (a folder in the standard GLUE layout) or, without one, the Hugging Face hub.
-    ``max_train`` keeps a ``seed``-ed subsample of train (for quick CPU runs); the validation slice
-    is a fixed ``validation_fraction`` of train (the same for every seed), at most
-    ``max_validation`` examples.
+    ``data_dir``, which is one of: a folder in the standard GLUE layout (``train.tsv``, ``dev.tsv``);
+    a local copy of a Hugging Face dataset repo in the hub's layout (``hf download nyu-mll/glue
+    --repo-type dataset --local-dir glue``: a ``README.md`` whose configs map ``sst2`` to
+    ``sst2/train-*.parquet``, ...); or a hub dataset name with the same configs. As with
+    ``--model``, a ``Path`` or a string that starts with ``.``, ``/`` or ``~`` or names an existing
+    path is local; any other string is a hub name. Without ``data_dir``, a GLUE task reads
+    ``nyu-mll/glue`` from the hub. ``max_train`` keeps a ``seed``-ed subsample of train (for quick
+    CPU runs); the validation slice is a fixed ``validation_fraction`` of train (the same for every
+    seed), at most ``max_validation`` examples.
     """
     spec = task_spec(name)
     if spec.name == "mr":
         train, test = _load_mr(Path(data_dir) if data_dir else None)
-    elif data_dir is not None:
-        folder = Path(data_dir)
-        if not folder.is_dir():
-            raise DataError(f"--data-dir {folder} is not a folder; give the GLUE task folder (e.g. glue_data/SST-2)")
-        train, test = read_tsv(folder / "train.tsv", spec), read_tsv(folder / spec.test_file, spec)
-    else:
+    elif data_dir is None:
         train, test = _load_hub(spec)
+    elif not _is_local(data_dir):
+        train, test = _load_hub(spec, str(data_dir))
+    else:
+        folder = Path(data_dir).expanduser()
+        if not folder.is_dir():
+            raise DataError(
+                f"--data-dir {folder} is not a folder; give the GLUE task folder (e.g. glue_data/SST-2)"
+                " or a local copy of a hub dataset (e.g. of nyu-mll/glue)"
+            )
+        if _is_hub_copy(folder, spec):
+            train, test = _load_hub(spec, folder)
+        else:
+            train, test = read_tsv(folder / "train.tsv", spec), read_tsv(folder / spec.test_file, spec)
     # one validation slice for every training seed: a model fine-tuned with one seed (a teacher, the
     # dense start of a compression run) has never trained on the slice that selects another's checkpoints
     train, validation = _carve(train, validation_fraction, VALIDATION_SEED, cap=max_validation)
@@ -203,26 +216,73 @@ def _load_mr(data_dir: Path | None) -> tuple[list[Example], list[Example]]:
     return _carve(examples, 0.1, seed=20231221)
 
 
-def _load_hub(spec: TaskSpec) -> tuple[list[Example], list[Example]]:
-    """GLUE from the Hugging Face hub (online users); needs the ``datasets`` package."""
+def _is_local(data_dir: str | Path) -> bool:
+    """Whether ``--data-dir`` names a local path rather than a hub dataset (the rule ``--model`` follows)."""
+    return isinstance(data_dir, Path) or data_dir.startswith((".", "/", "~")) or Path(data_dir).exists()
+
+
+def _is_hub_copy(folder: Path, spec: TaskSpec) -> bool:
+    """Whether ``folder`` is a local copy of a hub dataset repo rather than a GLUE task folder.
+
+    A GLUE task folder holds ``train.tsv``; a hub dataset repo holds its dataset card (``README.md``,
+    whose configs say where each config's files are) or, as ``nyu-mll/glue`` does, a folder per config.
+    """
+    if spec.hub is None or (folder / "train.tsv").exists():
+        return False
+    return (folder / "README.md").is_file() or (folder / spec.hub[1]).is_dir()
+
+
+def _load_hub(spec: TaskSpec, source: str | Path | None = None) -> tuple[list[Example], list[Example]]:
+    """A GLUE task's train and test splits from a Hugging Face dataset; needs the ``datasets`` package.
+
+    ``source`` is a hub dataset name or a local copy of a hub dataset repo (default: the task's own
+    hub dataset, ``nyu-mll/glue``); either way ``datasets.load_dataset(source, config)`` reads it,
+    ``config`` being the task's config (``sst2``, ``stsb``, ...), so a local copy reads offline
+    exactly as the hub name reads online. Test is the ``validation`` split (``validation_matched``
+    for MNLI): the hub's ``test`` splits have no labels.
+    """
     if spec.hub is None:
         raise DataError(f"{spec.name} has no hub dataset; pass --data-dir")
+    dataset, config = spec.hub if source is None else (str(source), spec.hub[1])
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{spec.name}: pass --data-dir, or `pip install datasets` to read it from the hub") from None
-    try:
-        ds = datasets.load_dataset(*spec.hub)
-    except Exception as err:  # noqa: BLE001 - the hub raises many kinds; all mean the same to the user
         raise DataError(
-            f"cannot load {'/'.join(spec.hub)} from the hub ({type(err).__name__}); pass --data-dir"
+            f"{spec.name}: reading {dataset} needs `pip install datasets` (or dsformer[hub]); or pass --data-dir"
+            " a GLUE task folder"
         ) from None
-    keys = [k for k in ds["train"].column_names if k not in ("label", "idx")]
+    try:
+        ds = datasets.load_dataset(dataset, config)
+    except Exception as err:  # noqa: BLE001 - the hub raises many kinds; all mean the same to the user
+        # the first line of the error and of its cause (datasets wraps a bad file's error in a generic one)
+        reason = "; ".join(
+            type(e).__name__ + (f": {str(e).strip().splitlines()[0][:200]}" if str(e).strip() else "")
+            for e in (err, err.__cause__)
+            if e is not None
+        )
+        raise DataError(
+            f"cannot load {config} from {dataset} ({reason}); pass --data-dir a GLUE task folder,"
+            f" a local copy of a hub dataset with a {config} config, or a hub dataset name"
+        ) from None
     test_split = "validation_matched" if spec.name == "mnli" else "validation"
+    missing = [split for split in ("train", test_split) if split not in ds]
+    if missing:
+        raise DataError(f"{dataset} ({config}) has no {' or '.join(missing)} split; its splits are {', '.join(ds)}")
+    columns = ds["train"].column_names
+    keys = [k for k in columns if k not in ("label", "idx")]
+    if "label" not in columns or len(keys) != (1 if spec.text_b is None else 2):
+        texts = "one text column" if spec.text_b is None else "two text columns"
+        raise DataError(f"{dataset} ({config}): {spec.name} needs {texts} and a label; found {', '.join(columns)}")
 
     def convert(split: str) -> list[Example]:
-        return [
-            Example(row[keys[0]], row[keys[1]] if len(keys) > 1 else None, float(row["label"])) for row in ds[split]
-        ]
+        table = ds[split].to_dict()
+        texts_b = table[keys[1]] if len(keys) > 1 else [None] * len(table["label"])
+        expected = "a score" if spec.is_regression else f"one of 0..{spec.num_labels - 1}"
+        examples = []
+        for number, (a, b, label) in enumerate(zip(table[keys[0]], texts_b, table["label"], strict=True), 1):
+            if label is None or (not spec.is_regression and label not in range(spec.num_labels)):
+                raise DataError(f"{dataset} ({config}) {split} row {number}: label {label!r} is not {expected}")
+            examples.append(Example(a, b, float(label)))
+        return examples
 
     return convert("train"), convert(test_split)

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from dsformer.errors import DsformerError, Interrupted
 from dsformer.metrics import compute
+from dsformer.report import Report
 from dsformer.stf import STF
 from dsformer.tasks import Example, TaskData, TaskSpec
 
@@ -136,7 +137,9 @@ def evaluate(model: nn.Module, tokenizer, examples: list[Example], spec: TaskSpe
     return compute(spec.metrics, preds, [e.label for e in examples])
 
 
-def _optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
+def _optimizer(model: nn.Module, config: TrainConfig, total_steps: int, offset: int = 0):
+    """AdamW over the trainable parameters and its warm-up/decay schedule; a schedule built after
+    ``offset`` steps (a hand-over to new parameters) goes on where the run's schedule is."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -150,7 +153,7 @@ def _optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
             return (step + 1) / warmup
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step + offset))
 
 
 def _loss(outputs, batch, spec: TaskSpec, teacher: nn.Module | None, config: TrainConfig) -> torch.Tensor:
@@ -292,6 +295,10 @@ def train(
                 f"--resume: {ckpt} was written with other settings ({', '.join(changed)}); "
                 "use the same ones or a new --output"
             )
+        saved = json.loads((ckpt / STATE_FILE).read_text())
+        if stf is not None and "stf_report" in saved:  # it was written after the hand-over
+            optimizer, scheduler = _hand_over(stf, model, config, total, saved)
+            stf = None
         state, rng = _read_checkpoint(ckpt, model, optimizer, scheduler, stf)
         _restore_rng(rng, device)
         if stf is not None:
@@ -351,6 +358,10 @@ def train(
                 epoch_end = step % per_epoch == 0 or step == total
                 if stf is not None:  # validation at an epoch end sees the latest latents' projection
                     stf.maybe_refresh(step, force=epoch_end)
+                    if step == stf.schedule.polish_step(total):
+                        optimizer, scheduler = _hand_over(stf, model, config, total, state)
+                        stf = None
+                        net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
                 step_times.append(time.perf_counter() - start)
                 postfix = {"loss": f"{shown.item():.4f}", "step_s": f"{step_times[-1]:.2f}"}
                 if stf is not None:
@@ -399,6 +410,23 @@ def train(
         history=state["history"],
         mean_step_seconds=sum(timed) / max(1, len(timed)),
     )
+
+
+def _hand_over(stf: STF, model: nn.Module, config: TrainConfig, total: int, state: dict[str, Any]):
+    """End STF (``Schedule.polish``): compact layers with the support frozen train on from here.
+
+    The best-checkpoint selection restarts with them, so the run ends in a compact model. On
+    resume, ``state`` is the checkpoint's: the compact layers are rebuilt with their layouts (their
+    values come from the checkpoint) and the report of the hand-over is the one it recorded.
+    """
+    if "stf_report" in state:
+        stf.finalize(iters=0)
+        stf.report = Report.from_json(state["stf_report"])
+    else:
+        state["stf_report"] = stf.finalize().to_json()
+        state["handover_step"] = state["step"]
+        state["best"], state["best_step"] = None, 0
+    return _optimizer(model, config, total, offset=state["handover_step"])
 
 
 class _StopRequest:
