@@ -615,6 +615,34 @@ def test_bad_sweep_config_exits_2_before_any_run(capsys, tmp_path, model_dir, ss
     assert not (tmp_path / "results").exists() and not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.parametrize(
+    "only, expected",
+    [
+        ([], ["sst2-dense-s0", "sst2-svd-2x-s0", "sst2-svd-2x-s1", "sst2-dsformer+kd-2x-s0", "sst2-dsformer+kd-2x-s1",
+              "sst2-svd-3x-s0"]),
+        (["--labels", "svd"], ["sst2-dense-s0", "sst2-svd-2x-s0", "sst2-svd-2x-s1", "sst2-svd-3x-s0"]),
+        (["--ratios", "3"], ["sst2-dense-s0", "sst2-svd-3x-s0"]),
+        (["--labels", "dsformer+kd", "--ratios", "2", "--tasks", "sst2"],
+         ["sst2-dense-s0", "sst2-dsformer+kd-2x-s0", "sst2-dsformer+kd-2x-s1"]),
+    ],
+)  # fmt: skip
+def test_sweep_runs_part_of_the_grid(capsys, tmp_path, model_dir, sst2_dir, only, expected):
+    config = _sweep_config(tmp_path, model_dir, sst2_dir)
+    code, out, err = run_cli(capsys, ["sweep", "--config", config, "--dry-run", *only])
+    assert code == 0, err
+    assert [line.strip() for line in out.splitlines()[1:]] == expected
+
+
+@pytest.mark.parametrize(
+    "only, words",
+    [(["--tasks", "cola"], "no task cola; it has sst2"), (["--labels", "nm"], "no label nm"), (["--ratios", "4"], "4")],
+)
+def test_sweep_part_that_is_not_in_the_config_exits_2(capsys, tmp_path, model_dir, sst2_dir, only, words):
+    config = _sweep_config(tmp_path, model_dir, sst2_dir)
+    assert words in assert_one_error_line(*run_cli(capsys, ["sweep", "--config", config, *only]))
+    assert not (tmp_path / "results").exists()
+
+
 def test_sweep_config_that_is_not_yaml_exits_2(capsys, tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("name: [unclosed\n")

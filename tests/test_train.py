@@ -4,6 +4,7 @@ selection, exact resume (with and without STF), errors, KD and atomic checkpoint
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -268,6 +269,16 @@ def test_resume_with_other_settings_raises(tokenizer, tmp_path: Path, change: di
     train(classifier(), tokenizer, task(), config(epochs=1), tmp_path)
     with pytest.raises(TrainingError, match=rf"other settings \({next(iter(change))}\)"):
         train(classifier(), tokenizer, task(), config(**{"epochs": 1, **change}), tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("change", [{"polish": 0.5}, {"refresh_every": 3}, {"polish": 0.0}])
+def test_resume_with_another_stf_schedule_raises(tokenizer, tmp_path: Path, change: dict) -> None:
+    uninterrupted(tokenizer, tmp_path, stf="polish")
+    model = classifier()
+    stf = with_stf(model, polish=POLISH)
+    stf.schedule = Schedule(**{**dataclasses.asdict(stf.schedule), **change})
+    with pytest.raises(TrainingError, match=f"schedule.{next(iter(change))}"):
+        train(model, tokenizer, task(), config(), tmp_path, stf=stf, resume=True)
 
 
 def test_resume_ignores_the_progress_bar_and_settings_a_checkpoint_predates(tokenizer, tmp_path: Path) -> None:

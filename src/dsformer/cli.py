@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     swp.add_argument("--config", required=True, help="experiments/<name>.yaml")
     swp.add_argument("--dry-run", action="store_true", help="list the runs still to do and stop")
     swp.add_argument("--quiet", action="store_true", help="no progress bars")
+    swp.add_argument("--tasks", nargs="+", default=None, help="only these tasks of the config (and their dense starts)")
+    swp.add_argument("--labels", nargs="+", default=None, help="only these method labels of the config")
+    swp.add_argument("--ratios", nargs="+", type=_number, default=None, help="only these ratios of the config")
 
     rep = verbs.add_parser("report", help="tables and plots from sweep results")
     rep.add_argument("results", nargs="+", help="results folders of sweeps (one JSON per run)")
@@ -365,7 +368,8 @@ def sweep_verb(args: argparse.Namespace) -> None:
     from dsformer.sweep import load_sweep, run_sweep
 
     try:
-        run_sweep(load_sweep(args.config), quiet=args.quiet, dry_run=args.dry_run)
+        only = {"tasks": args.tasks, "labels": args.labels, "ratios": args.ratios}
+        run_sweep(load_sweep(args.config), quiet=args.quiet, dry_run=args.dry_run, **only)
     except KeyboardInterrupt as interrupt:
         interrupt.hint = f"interrupted; run `dsformer sweep --config {args.config}` again to go on where it stopped"
         raise

@@ -230,12 +230,24 @@ def load_sweep(path: str | Path) -> Sweep:
     )
 
 
-def run_sweep(sweep: Sweep, quiet: bool = False, dry_run: bool = False, echo=print) -> list[PlannedRun]:
-    """Run every planned run that has no result yet; returns the runs done (or, with ``dry_run``, to do)."""
+def run_sweep(
+    sweep: Sweep,
+    quiet: bool = False,
+    dry_run: bool = False,
+    echo=print,
+    tasks: list[str] | None = None,
+    labels: list[str] | None = None,
+    ratios: list[float] | None = None,
+) -> list[PlannedRun]:
+    """Run every planned run that has no result yet; returns the runs done (or, with ``dry_run``, to do).
+
+    ``tasks``, ``labels`` and ``ratios`` run part of the grid (a task's dense start always belongs to it),
+    to put what matters first; names the config does not have are an error, not an empty selection.
+    """
     from dsformer.io import atomic_write_text
     from dsformer.pipeline import run, work_folder
 
-    planned_runs = sweep.plan()
+    planned_runs = _select(sweep, tasks, labels, ratios)
     todo = [r for r in planned_runs if not r.result.exists()]
     echo(f"sweep {sweep.name}: {len(planned_runs) - len(todo)} runs done, {len(todo)} to do")
     if dry_run:
@@ -260,3 +272,26 @@ def run_sweep(sweep: Sweep, quiet: bool = False, dry_run: bool = False, echo=pri
         ratio = "" if planned.dense is None else f" ({metrics.get('ratios', {}).get('ratio_params', 0):.2f}x)"
         echo(f"    {metrics['metric']} {metrics['test'][metrics['metric']]:.4f}{ratio}")
     return todo
+
+
+def _select(
+    sweep: Sweep, tasks: list[str] | None, labels: list[str] | None, ratios: list[float] | None
+) -> list[PlannedRun]:
+    planned = sweep.plan()
+    runs = [r for r in planned if r.dense is not None]
+    for name, asked, known in (
+        ("task", tasks, {r.task for r in planned}),
+        ("label", labels, {r.label for r in runs}),
+        ("ratio", ratios, {r.ratio for r in runs}),
+    ):
+        unknown = set(asked or ()) - known
+        if unknown:
+            have = ", ".join(f"{k:g}" if isinstance(k, float) else k for k in sorted(known))
+            missing = ", ".join(f"{k:g}" if isinstance(k, float) else k for k in sorted(unknown))
+            raise SweepError(f"{sweep.name} has no {name} {missing}; it has {have}")
+    return [
+        r
+        for r in planned
+        if (tasks is None or r.task in tasks)
+        and (r.dense is None or ((labels is None or r.label in labels) and (ratios is None or r.ratio in ratios)))
+    ]

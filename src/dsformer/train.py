@@ -282,11 +282,17 @@ def train(
         teacher.eval()
 
     state: dict[str, Any] = {"step": 0, "best": None, "best_step": 0, "history": [], "config": asdict(config)}
+    if stf is not None:
+        state["schedule"] = asdict(stf.schedule)
     ckpt = out / "checkpoint"
     if resume:
         try:  # checked before anything is loaded into the model
-            changed = _changed_settings(json.loads((ckpt / STATE_FILE).read_text())["config"], config)
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            saved = json.loads((ckpt / STATE_FILE).read_text())
+            changed = _changed_settings(saved["config"], config)
+            if stf is not None and saved.get("schedule") is not None:  # older checkpoints did not record it
+                mine = asdict(stf.schedule)
+                changed += [f"schedule.{key}" for key in mine if saved["schedule"].get(key, mine[key]) != mine[key]]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise TrainingError(
                 f"checkpoint {ckpt} cannot be resumed into this run ({type(err).__name__}: {err})"
             ) from None
@@ -295,7 +301,6 @@ def train(
                 f"--resume: {ckpt} was written with other settings ({', '.join(changed)}); "
                 "use the same ones or a new --output"
             )
-        saved = json.loads((ckpt / STATE_FILE).read_text())
         if stf is not None and "stf_report" in saved:  # it was written after the hand-over
             optimizer, scheduler = _hand_over(stf, model, config, total, saved)
             stf = None
