@@ -269,6 +269,31 @@ def test_dense_with_a_trainer_is_rejected(capsys, tmp_path, model_dir, sst2_dir)
     assert not output.exists()
 
 
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--method", "svd", "--polish", "0.3"], "does not train with STF"),
+        (["--method", "dsformer", "--polish", "1"], "polish is a fraction"),
+        (["--method", "dsformer", "--polish", "-0.2"], "polish is a fraction"),
+    ],
+)
+def test_polish_that_cannot_apply_is_rejected(capsys, tmp_path, model_dir, sst2_dir, extra, words):
+    output = tmp_path / "out"
+    assert words in assert_one_error_line(*run_cli(capsys, _compress_args(model_dir, sst2_dir, output, *extra)))
+    assert not output.exists() and not work_folder(output).exists()
+
+
+def test_dsformer_with_polish_saves_a_compact_model(capsys, tmp_path, model_dir, sst2_dir):
+    output = tmp_path / "polished"
+    argv = _compress_args(model_dir, sst2_dir, output, "--method", "dsformer", "--polish", "0.5")
+    code, _, err = run_cli(capsys, argv)
+    assert code == 0, err
+    metrics = metrics_of(output)
+    assert metrics["config"]["schedule"]["polish"] == 0.5 and metrics["ratios"]["ratio_params"] > 1.5
+    assert metrics["best_step"] > metrics["steps"] // 2  # selection ran on the compact model only
+    assert compact_layers(dsformer.load(output))
+
+
 # ---------------------------------------------------------------- distillation and the dense reference
 
 
@@ -643,6 +668,24 @@ def test_sweep_part_that_is_not_in_the_config_exits_2(capsys, tmp_path, model_di
     assert not (tmp_path / "results").exists()
 
 
+def test_sweep_data_dir_is_a_folder_next_to_the_config_or_a_hub_name(tmp_path, model_dir, sst2_dir):
+    from dsformer.sweep import load_sweep
+
+    (tmp_path / "local").mkdir()
+    tasks = {"sst2": {"data_dir": "nyu-mll/glue"}, "cola": {"data_dir": "local"}, "stsb": {"data_dir": "./gone"}}
+    sweep = load_sweep(_sweep_config(tmp_path, model_dir, sst2_dir, tasks=tasks))
+    assert sweep.tasks["sst2"]["data_dir"] == "nyu-mll/glue"
+    assert sweep.tasks["cola"]["data_dir"] == str((tmp_path / "local").resolve())
+    assert sweep.tasks["stsb"]["data_dir"] == str((tmp_path / "gone").resolve())
+
+
+def test_sweep_ratios_given_as_decimals(capsys, tmp_path, model_dir, sst2_dir):
+    config = _sweep_config(tmp_path, model_dir, sst2_dir, ratios=[2.8])
+    code, out, err = run_cli(capsys, ["sweep", "--config", config, "--dry-run", "--ratios", "2.8", "--labels", "svd"])
+    assert code == 0, err
+    assert [line.strip() for line in out.splitlines()[1:]] == ["sst2-dense-s0", "sst2-svd-2.8x-s0", "sst2-svd-2.8x-s1"]
+
+
 def test_sweep_config_that_is_not_yaml_exits_2(capsys, tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("name: [unclosed\n")
@@ -700,14 +743,25 @@ def test_versus_names_the_best_baseline_and_leaves_out_dsformer_variants():
 @pytest.mark.parametrize(
     "curves, expected",
     [
-        # ours crosses 85.0 halfway between 2x and 2.8x; svd at 2x, distil never; nm never drops: "≥"
+        # ours crosses 85.0 halfway between 2x and 2.8x, fwsvd at 2.16x, svd never within 1 point
         (
             {"dsformer": [(2.0, 85.5), (2.8, 84.5)], "svd": [(2.0, 84.0)], "fwsvd": [(2.0, 85.2), (2.8, 84.2)]},
             ("2.40x", "fwsvd 2.16x", "1.11x", "fwsvd 2.16x", "1.11x"),
         ),
+        # both never drop below 85.0: neither curve shows where it would
         (
             {"dsformer": [(2.0, 85.5), (2.8, 85.1)], "svd": [(2.0, 80.0)], "nm": [(2.0, 85.6), (2.8, 85.5)]},
-            ("≥ 2.80x", "nm ≥ 2.80x", "≥ 1.00x", "none within 1 point", "unbounded: none of them is within 1 point"),
+            ("≥ 2.80x", "nm ≥ 2.80x", "unknown", "none within 1 point", "unbounded: none of them is within 1 point"),
+        ),
+        # ours never drops: a lower bound
+        (
+            {"dsformer": [(2.0, 85.5), (2.8, 85.1)], "fwsvd": [(2.0, 85.2), (2.8, 84.2)]},
+            ("≥ 2.80x", "fwsvd 2.16x", "≥ 1.30x", "fwsvd 2.16x", "≥ 1.30x"),
+        ),
+        # the baseline's only ratio measured is still within: an upper bound
+        (
+            {"dsformer": [(2.0, 85.5), (2.8, 84.5)], "fwsvd": [(2.0, 85.2)]},
+            ("2.40x", "fwsvd ≥ 2.00x", "≤ 1.20x", "fwsvd ≥ 2.00x", "≤ 1.20x"),
         ),
         (
             {"dsformer": [(2.0, 80.0)], "svd": [(2.0, 79.0)]},

@@ -446,10 +446,25 @@ def test_validation_uses_the_projection_and_restores_the_ramp(tokenizer) -> None
     assert metrics == evaluate(model, tokenizer, data.validation, data.spec, config())
 
 
-def test_polish_hands_over_to_the_compact_factors(tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("polish", [POLISH, 1 / 3], ids=["mid-epoch", "at-an-epoch-end"])
+def test_polish_hands_over_to_the_compact_factors(
+    tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, polish: float
+) -> None:
     """With ``polish`` the last steps train the compact layers' own factors, with the support frozen."""
+    handover = round(TOTAL * (1 - polish))
     model = classifier()
-    stf = with_stf(model, polish=POLISH)
+    stf = with_stf(model, polish=polish)
+    hand_over = train_module._hand_over
+
+    def check_the_optimizer(stf, model, config, total, state, optimizer=None):
+        before = dict(optimizer.state)
+        new, scheduler = hand_over(stf, model, config, total, state, optimizer)
+        kept = dict(new.state)
+        assert kept and all(before[p] is st for p, st in kept.items())  # survivors keep their moments
+        assert scheduler.get_last_lr()[0] == pytest.approx(config.lr * (total - handover) / (total - 2))
+        return new, scheduler
+
+    monkeypatch.setattr(train_module, "_hand_over", check_the_optimizer)
     supports = {}
     finalize = STF.finalize
 
@@ -463,14 +478,15 @@ def test_polish_hands_over_to_the_compact_factors(tokenizer, tmp_path: Path, mon
     result = train(model, tokenizer, task(), config(), tmp_path, stf=stf)
     layers = compact_layers(model)
     assert layers and set(supports) == set(layers) and not any(isinstance(m, STFLinear) for m in model.modules())
+    last = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))  # the state after the last step
     for name, layer in layers.items():
         indices, values = supports[name]
-        assert torch.equal(layer.indices, indices)  # the support stayed
-        assert not torch.equal(layer.values.detach(), values)  # the values trained
-    assert result.best_step > HANDOVER  # only the compact model's evaluations compete
+        assert torch.equal(layer.indices, indices) and torch.equal(last[f"{name}.indices"], indices)  # support kept
+        assert not torch.equal(last[f"{name}.values"], values)  # the values trained
+    assert result.best_step >= handover  # only the compact model's evaluations compete
     assert stf.finalize() is stf.report and stf.report.ratio_params > 1
     state = json.loads((tmp_path / "checkpoint" / STATE_FILE).read_text())
-    assert state["handover_step"] == HANDOVER and state["stf_report"] == stf.report.to_json()
+    assert state["handover_step"] == handover and state["stf_report"] == stf.report.to_json()
 
 
 @pytest.mark.parametrize("polish", [-0.1, 1.0, 1.5])

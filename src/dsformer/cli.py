@@ -371,7 +371,15 @@ def sweep_verb(args: argparse.Namespace) -> None:
         only = {"tasks": args.tasks, "labels": args.labels, "ratios": args.ratios}
         run_sweep(load_sweep(args.config), quiet=args.quiet, dry_run=args.dry_run, **only)
     except KeyboardInterrupt as interrupt:
-        interrupt.hint = f"interrupted; run `dsformer sweep --config {args.config}` again to go on where it stopped"
+        again = " ".join(
+            [f"dsformer sweep --config {args.config}"]
+            + [
+                f"--{key} {' '.join(f'{v:g}' if isinstance(v, float) else v for v in value)}"
+                for key, value in only.items()
+                if value
+            ]
+        )
+        interrupt.hint = f"interrupted; run `{again}` again to go on where it stopped"
         raise
 
 

@@ -123,8 +123,8 @@ def make_student(teacher: nn.Module, ratio: float = 2.0) -> nn.Module:
     count = round(len(blocks) / ratio)
     if not 1 <= count < len(blocks):
         raise DsformerError(
-            f"distil: ratio {ratio:g} would keep {count} of the model's {len(blocks)} blocks; a student keeps "
-            f"at least one and fewer than all (ratios from {len(blocks) / (len(blocks) - 1):.2f} to {len(blocks)})"
+            f"distil: ratio {ratio:g} would keep round({len(blocks)} / {ratio:g}) = {count} of the model's "
+            f"{len(blocks)} blocks; a student keeps at least one and fewer than all"
         )
     kept = nn.ModuleList(blocks[round(i * len(blocks) / count)] for i in range(count))
     _set_module(student, name, kept)

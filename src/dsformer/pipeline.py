@@ -55,6 +55,8 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
     # everything that can be checked before loading is checked first
     structure_for(config.method, config.ratio)
     trainer = _trainer(config.method, config.trainer)
+    if config.schedule.polish and trainer != "stf":
+        raise DsformerError(f"--polish ends STF training early; {config.method} does not train with STF")
     out = check_output(output, source=config.model)
     work = work_folder(out)
     if resume and not (work / "checkpoint" / STATE_FILE).exists():

@@ -155,14 +155,17 @@ def _furthest(found: list[dict]) -> dict | None:
 
 
 def _quotient(ours: dict, other: dict | None) -> str:
+    """``ours`` over ``other``; an open end (still within the drop at the largest ratio measured) makes it a bound."""
     if other is None:
         return "no such baseline ran"
     if ours["ratio"] is None:
         return "neither is within 1 point" if other["ratio"] is None else "below it"
     if other["ratio"] is None:
         return "unbounded: none of them is within 1 point"
-    sign = "≥ " if ours["open"] else ""
-    return f"{sign}{ours['ratio'] / other['ratio']:.2f}x"
+    if ours["open"] and other["open"]:
+        return "unknown: both are within 1 point at every ratio measured"
+    bound = "≥ " if ours["open"] else ("≤ " if other["open"] else "")
+    return f"{bound}{ours['ratio'] / other['ratio']:.2f}x"
 
 
 def _at_text(found: dict | None, with_label: bool = True) -> str:

@@ -203,8 +203,8 @@ def load_sweep(path: str | Path) -> Sweep:
         options = dict(options or {})
         if set(options) - {"data_dir", "max_train"}:
             raise SweepError(f"{file}: task {task}: only data_dir and max_train can be set")
-        if "data_dir" in options:
-            options["data_dir"] = local(options["data_dir"])
+        if "data_dir" in options:  # a local folder, relative to the config; anything else names a hub dataset
+            options["data_dir"] = _local_or_hub(here, str(options["data_dir"]))
         tasks[str(task)] = options
     from dsformer.tasks import task_spec
 
@@ -228,6 +228,13 @@ def load_sweep(path: str | Path) -> Sweep:
         dense=dict(raw.get("dense") or {}),
         keep_models=bool(raw.get("keep_models", True)),
     )
+
+
+def _local_or_hub(here: Path, value: str) -> str:
+    """``value`` relative to the config's folder when it is a path (as ``--data-dir`` tells them apart), else as is."""
+    if value.startswith((".", "/", "~")) or (here / value).exists():
+        return str((here / Path(value).expanduser()).resolve())
+    return value
 
 
 def run_sweep(

@@ -363,8 +363,9 @@ def train(
                 epoch_end = step % per_epoch == 0 or step == total
                 if stf is not None:  # validation at an epoch end sees the latest latents' projection
                     stf.maybe_refresh(step, force=epoch_end)
-                    if step == stf.schedule.polish_step(total):
-                        optimizer, scheduler = _hand_over(stf, model, config, total, state)
+                    handover = stf.schedule.polish_step(total)
+                    if handover is not None and step >= handover:
+                        optimizer, scheduler = _hand_over(stf, model, config, total, state, optimizer)
                         stf = None
                         net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
                 step_times.append(time.perf_counter() - start)
@@ -417,12 +418,16 @@ def train(
     )
 
 
-def _hand_over(stf: STF, model: nn.Module, config: TrainConfig, total: int, state: dict[str, Any]):
+def _hand_over(
+    stf: STF, model: nn.Module, config: TrainConfig, total: int, state: dict[str, Any], optimizer=None
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """End STF (``Schedule.polish``): compact layers with the support frozen train on from here.
 
-    The best-checkpoint selection restarts with them, so the run ends in a compact model. On
-    resume, ``state`` is the checkpoint's: the compact layers are rebuilt with their layouts (their
-    values come from the checkpoint) and the report of the hand-over is the one it recorded.
+    The new optimizer takes over the moments of every parameter that survives (embeddings,
+    norms, the head, untouched linears); the compact factors start theirs. The best-checkpoint
+    selection restarts with them, so the run ends in a compact model. On resume, ``state`` is the
+    checkpoint's: the compact layers are rebuilt with their layouts (the checkpoint then loads
+    their values) and the report of the hand-over is the one it recorded.
     """
     if "stf_report" in state:
         stf.finalize(iters=0)
@@ -431,7 +436,13 @@ def _hand_over(stf: STF, model: nn.Module, config: TrainConfig, total: int, stat
         state["stf_report"] = stf.finalize().to_json()
         state["handover_step"] = state["step"]
         state["best"], state["best_step"] = None, 0
-    return _optimizer(model, config, total, offset=state["handover_step"])
+    new, scheduler = _optimizer(model, config, total, offset=state["handover_step"])
+    if optimizer is not None:
+        for group in new.param_groups:
+            for param in group["params"]:
+                if param in optimizer.state:
+                    new.state[param] = optimizer.state[param]
+    return new, scheduler
 
 
 class _StopRequest:
