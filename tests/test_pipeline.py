@@ -188,6 +188,7 @@ def test_method_runs_saves_and_evaluates(capsys, tmp_path, model_dir, sst2_dir, 
     assert metrics["config"]["train"]["epochs"] == 1.0 and metrics["config"]["train"]["batch_size"] == 8
     assert isinstance(metrics["hardware"], (dict, str)) and metrics["hardware"]
     assert metrics["sizes"] == {"train": 58, "validation": 6, "test": 16}
+    assert metrics["start_sha256"] is None  # a plain Hugging Face start has no recorded checksum
     assert metrics["steps"] == 8  # ceil(58 / 8) for one epoch
     if method == "dense":
         assert metrics["ratios"] is None
@@ -352,6 +353,7 @@ def test_compress_starts_from_a_fine_tuned_dense_run(capsys, tmp_path, model_dir
     assert code == 0, err
     metrics = metrics_of(output)
     assert metrics["config"]["model"] == str(dense_run)
+    assert metrics["start_sha256"] == dsformer.io.read_meta(dense_run)["weights"]["sha256"]  # which start it was
     assert metrics["ratios"]["ratio_params"] == pytest.approx(2.0, rel=0.02)
     start = dsformer.load(dense_run)
     assert metrics["dense_model_bytes"] == sum(t.numel() * t.element_size() for t in start.state_dict().values())

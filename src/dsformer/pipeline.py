@@ -118,6 +118,7 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
         "model_bytes": model_bytes(model),
         "dense_model_bytes": dense_bytes,
         "history": result.history,
+        "start_sha256": _start_checksum(config.model),
         "sizes": data.sizes(),
         "config": {**asdict(config), "train": asdict(config.train), "schedule": asdict(config.schedule)},
         "hardware": describe(),
@@ -137,6 +138,19 @@ def work_folder(output: str | os.PathLike) -> Path:
     """Where a run keeps its checkpoints until it finishes: ``<output>.work``."""
     out = Path(output)
     return out.with_name(out.name + ".work")
+
+
+def _start_checksum(model: str | None) -> str | None:
+    """The SHA-256 of the start's weight file when it is a saved dsformer folder (a fine-tuned dense
+    start): runs that share it started from the same weights. None for other starts."""
+    from dsformer.io import read_meta
+
+    if model is None or not Path(model).is_dir():
+        return None
+    try:
+        return read_meta(model)["weights"]["sha256"]
+    except DsformerError:
+        return None
 
 
 def _block_params(model) -> int:
