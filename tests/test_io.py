@@ -77,7 +77,7 @@ def test_saved_folder_layout(make_model, tmp_path, name):
     folder = save(model, tmp_path / "saved", report=report)
     assert {"config.json", WEIGHTS_FILE, META_FILE} <= {p.name for p in folder.iterdir()}
     meta = json.loads((folder / META_FILE).read_text())
-    assert meta["format_version"] == FORMAT_VERSION and isinstance(meta["format_version"], int)
+    assert meta["format_version"] == 1 and "int8" not in meta  # float folders stay readable by format-1 readers
     assert meta["model_class"] == type(model).__name__
     assert sorted(meta["layers"]) == sorted(compact_layers(model))
     for spec in meta["layers"].values():
@@ -295,7 +295,7 @@ CORRUPT = {
     "binary dsformer.json": (_binary_json, r"dsformer\.json is corrupt"),
     "JSON not an object": (_json_list, r"dsformer\.json is corrupt"),
     "no format_version": (_no_format_version, r"dsformer\.json is corrupt.*format_version"),
-    "newer format_version": (_newer_format, r"format 2 by a newer dsformer.*upgrade dsformer"),
+    "newer format_version": (_newer_format, rf"format {FORMAT_VERSION + 1} by a newer dsformer.*upgrade dsformer"),
     "truncated safetensors": (_truncated, r"model\.safetensors has \d+ bytes but \d+ were saved.*truncated"),
     "truncated safetensors, checksum updated": (_truncated_with_matching_checksum, r"cannot be read as safetensors"),
     "flipped byte": (_flipped_byte, r"does not match its saved checksum"),

@@ -422,6 +422,35 @@ def test_summary_without_metrics_exits_2(capsys, tmp_path, dense_run, model_dir)
     assert "metrics.json" in line
 
 
+@pytest.mark.parametrize("start", ["dense", "svd"])
+def test_quantize_writes_a_smaller_folder_and_evaluates_it(capsys, tmp_path, dense_run, svd_run, start):
+    folder = dense_run if start == "dense" else svd_run
+    output = tmp_path / "int8"
+    code, out, err = run_cli(capsys, ["quantize", folder, output])
+    assert code == 0, err
+    assert "int8 model written to" in out and "test accuracy" in out
+    size = {f: (f / "model.safetensors").stat().st_size for f in (folder, output)}
+    assert size[output] < size[folder]
+    metrics, before = metrics_of(output), metrics_of(folder)
+    assert metrics["test_before_int8"] == before["test"] and metrics["int8"]["quantized_from"] == str(folder)
+    assert metrics["model_bytes"] < before["model_bytes"] and metrics["method"] == before["method"]
+    # the saved folder evaluates to what quantize measured, and the summary lists it
+    line = evaluate_line(capsys, output)
+    assert f"accuracy {metrics['test']['accuracy']:.4f}" in line
+    code, out, err = run_cli(capsys, ["summary", folder, output, "--no-latency"])
+    assert code == 0 and len(out.strip().splitlines()) == 4, err
+
+
+def test_quantize_refuses_an_int8_folder_and_keeps_other_folders(capsys, tmp_path, svd_run):
+    output = tmp_path / "int8"
+    assert run_cli(capsys, ["quantize", svd_run, output])[0] == 0
+    assert "already stored as int8" in assert_one_error_line(*run_cli(capsys, ["quantize", output, tmp_path / "x"]))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert_one_error_line(*run_cli(capsys, ["quantize", svd_run, tmp_path / "mine"]))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
 # ---------------------------------------------------------------- bad input
 
 

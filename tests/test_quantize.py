@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import TINY_MODELS, fast_structure, model_output, relative_error
 
 import dsformer
 from dsformer.compress import compact_layers
+from dsformer.errors import CheckpointError
+from dsformer.io import read_meta
 from dsformer.quantize import int8_rows, quantize_int8
 
 
@@ -43,3 +47,49 @@ def test_quantize_counts_int8_bytes_and_changes_outputs_little(make_model, name,
     for layer in compact_layers(model).values():  # cached products follow the rounded factors
         x = torch.randn(3, layer.in_features)
         assert relative_error(layer(x), x @ layer.materialize().T + layer.bias) < 1e-5
+
+
+# ---------------------------------------------------------------- int8 storage
+
+
+@pytest.mark.parametrize("structure", [None, "ds", "svd", "nm", "ds-shared"])
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_int8_folder_is_smaller_and_loads_as_the_rounded_model(make_model, tmp_path, name, structure):
+    model = make_model(name)
+    if structure == "ds-shared":
+        config = dsformer.DenseSparseConfig(ratio=2.0, iters=2, search_iters=1, share_basis=True)
+        dsformer.compress(model, dsformer.CompressConfig(config), progress=False)
+    elif structure is not None:
+        dsformer.compress(model, dsformer.CompressConfig(fast_structure(structure)), progress=False)
+    plain = dsformer.save(model, tmp_path / "fp32")
+    small = dsformer.save(model, tmp_path / "int8", int8=True)  # rounds on the way: the model is untouched
+    assert read_meta(small)["format_version"] == 2 and read_meta(plain)["format_version"] == 1
+    report = quantize_int8(model)
+    rounded = model_output(model)
+    loaded = dsformer.load(small)
+    assert torch.equal(model_output(loaded), rounded)  # int8 + scales dequantize to exactly the rounded floats
+    saved = {f: (f / "model.safetensors").stat().st_size for f in (plain, small)}
+    assert saved[plain] - saved[small] == pytest.approx(report.bytes_before - report.bytes_after, rel=0.05)
+    again = dsformer.save(loaded, tmp_path / "again", int8=True)  # rounding is idempotent
+    assert torch.equal(model_output(dsformer.load(again)), rounded)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda meta: meta.update(int8="basis"),
+        lambda meta: meta.update(int8=[1, 2]),
+        lambda meta: meta["int8"].append("encoder.layer.0.attention.self.query.nothing"),
+        lambda meta: meta["int8"].append(next(iter(meta["layers"])) + ".indices"),
+    ],
+    ids=["not-a-list", "not-names", "missing-tensor", "not-int8"],
+)
+def test_int8_folder_with_a_damaged_manifest_is_refused(make_model, tmp_path, damage):
+    model = make_model("bert")
+    dsformer.compress(model, dsformer.CompressConfig(fast_structure("ds")), progress=False)
+    folder = dsformer.save(model, tmp_path / "int8", int8=True)
+    meta = json.loads((folder / "dsformer.json").read_text())
+    damage(meta)
+    (folder / "dsformer.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError):
+        dsformer.load(folder)

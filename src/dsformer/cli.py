@@ -139,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     eva.add_argument("--json", default=None, help="also write the result (with the int8 bytes) to this JSON file")
 
+    qua = verbs.add_parser(
+        "quantize", help="store a saved model's weights as int8 with per-row scales (a smaller file), and evaluate it"
+    )
+    qua.add_argument("path", help="a folder written by dsformer compress or factorize")
+    qua.add_argument("output", help="folder to write")
+    qua.add_argument("--task", default=None, help="default: the task it was trained on (metrics.json)")
+    qua.add_argument("--data-dir", default=None, help="as for evaluate")
+
     mer = verbs.add_parser("merge", help="export a saved compact model as a plain dense Hugging Face folder")
     mer.add_argument("path", help="folder written by dsformer factorize")
     mer.add_argument("output", help="folder to write")
@@ -404,31 +412,41 @@ def report_verb(args: argparse.Namespace) -> None:
     print(f"written: {output}, " + ", ".join(str(p) for p in plots))
 
 
+def _task_of(folder: Path, task: str | None, data_dir: str | None) -> tuple[str | None, str | None, dict | None]:
+    """The task and data of a saved run: as given, else from its metrics.json; and that file's content."""
+    metrics_file = folder / "metrics.json"
+    saved = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
+    if task is None and saved is not None:
+        task, data_dir = saved["task"], data_dir or saved["config"].get("data_dir")
+    return task, data_dir, saved
+
+
+def _test_metrics(model, tokenizer, task: str, data_dir: str | None):
+    from dsformer.tasks import load_task
+    from dsformer.train import evaluate
+
+    data = load_task(task, data_dir)
+    return data, evaluate(model, tokenizer, data.test, data.spec)
+
+
 def evaluate_verb(args: argparse.Namespace) -> None:
     from dsformer.io import load
     from dsformer.models import load_tokenizer
-    from dsformer.tasks import load_task
-    from dsformer.train import evaluate
 
     folder = Path(args.path)
     model = load(folder)
     tokenizer = load_tokenizer(str(folder))
     if tokenizer is None:
         raise DsformerError(f"{folder} holds no tokenizer; it cannot be evaluated on text")
-    task, data_dir = args.task, args.data_dir
-    metrics_file = folder / "metrics.json"
-    if task is None and metrics_file.exists():
-        saved = json.loads(metrics_file.read_text())
-        task, data_dir = saved["task"], data_dir or saved["config"].get("data_dir")
+    task, data_dir, _ = _task_of(folder, args.task, args.data_dir)
     if task is None:
         raise DsformerError(f"{folder} has no metrics.json naming its task; pass --task")
-    data = load_task(task, data_dir)
     quant = None
     if args.int8:
         from dsformer.quantize import quantize_int8
 
         quant = quantize_int8(model)
-    result = evaluate(model, tokenizer, data.test, data.spec)
+    data, result = _test_metrics(model, tokenizer, task, data_dir)
     line = f"{folder}: {data.spec.name} test ({len(data.test)} examples)"
     if quant is not None:
         line += f", int8 weights ({quant.model_bytes_after / 2**20:.1f} MiB)"
@@ -440,6 +458,52 @@ def evaluate_verb(args: argparse.Namespace) -> None:
         record = {"command": args.command_line, "path": str(folder), "task": data.spec.name, "test": result}
         record.update({"int8": quant.to_json() if quant else None, "hardware": describe()})
         atomic_write_text(Path(args.json), json.dumps(record, indent=2) + "\n")
+
+
+def quantize_verb(args: argparse.Namespace) -> None:
+    from dsformer.io import check_output, load, read_meta, save
+    from dsformer.models import load_tokenizer
+    from dsformer.quantize import quantize_int8
+    from dsformer.report import Report
+
+    folder, output = Path(args.path), Path(args.output)
+    check_output(output, source=folder)
+    meta = read_meta(folder)
+    if meta.get("int8"):
+        raise DsformerError(f"{folder} is already stored as int8")
+    model = load(folder)
+    tokenizer = load_tokenizer(str(folder))
+    quant = quantize_int8(model)
+    task, data_dir, saved = _task_of(folder, args.task, args.data_dir)
+    metrics = None
+    if task is not None and tokenizer is not None:
+        data, result = _test_metrics(model, tokenizer, task, data_dir)
+        metrics = {
+            **(saved or {"task": data.spec.name, "metric": data.spec.metrics[0], "config": {"data_dir": data_dir}}),
+            "command": args.command_line,
+            "test": result,
+            "test_before_int8": (saved or {}).get("test"),
+            "model_bytes": quant.model_bytes_after,
+            "int8": {**quant.to_json(), "quantized_from": str(folder.resolve())},
+        }
+        if saved is not None and saved.get("dense_test") is not None:
+            metrics["difference_to_dense"] = result[saved["metric"]] - saved["dense_test"]
+    report = Report.from_json(meta["report"]) if meta.get("report") else None
+    save(
+        model,
+        output,
+        tokenizer=tokenizer,
+        report=report,
+        extra_files={"metrics.json": metrics} if metrics else None,
+        int8=True,
+    )
+    before_mib, after_mib = ((f / meta["weights"]["file"]).stat().st_size / 2**20 for f in (folder, output))
+    line = f"int8 model written to {output}: weight file {before_mib:.1f} -> {after_mib:.1f} MiB"
+    if metrics is not None:
+        key = metrics["metric"]
+        before = (metrics["test_before_int8"] or {}).get(key)
+        line += f"; test {key} {result[key]:.4f}" + (f" (before: {before:.4f})" if before is not None else "")
+    print(line)
 
 
 def merge(args: argparse.Namespace) -> None:
@@ -503,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
             "summary": summary_verb,
             "bench": bench_verb,
             "sweep": sweep_verb,
+            "quantize": quantize_verb,
             "report": report_verb,
             "merge": merge,
             "info": info,

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_model
+from safetensors.torch import save_file, save_model
 from torch import nn
 
 from dsformer import __version__
@@ -43,7 +43,8 @@ from dsformer.report import Report
 from dsformer.structures import STRUCTURES
 from dsformer.structures.dense_sparse import share_bases
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest format this version reads; folders with int8 weights are 2, others 1
+INT8_SCALE = ".int8_scale"  # suffix of the per-row scales stored beside an int8 tensor
 META_FILE = "dsformer.json"
 EXPORT_FILE = "dsformer-export.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -144,10 +145,14 @@ def save(
     tokenizer: Any = None,
     report: Report | None = None,
     extra_files: dict[str, Any] | None = None,
+    int8: bool = False,
 ) -> Path:
     """Save a compressed model (with its tokenizer, if given) as a folder that :func:`load` reads.
 
     ``extra_files`` maps file names to JSON-able data written into the same folder (metrics).
+    ``int8`` stores the weights that :func:`dsformer.quantize.quantize_int8` rounds as int8 with one
+    fp32 scale per row (format 2): a model already rounded by it is stored exactly, any other is
+    rounded on the way (the model in memory is left as it is).
     """
     compact = compact_layers(model)
     layers = {
@@ -168,9 +173,15 @@ def save(
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "dsformer": __version__})
+        metadata = {"format": "pt", "dsformer": __version__}
+        int8_keys: list[str] = []
+        if int8:
+            tensors, int8_keys = _int8_state(model)
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
+        else:
+            save_model(model, str(tmp / WEIGHTS_FILE), metadata=metadata)
         meta = {
-            "format_version": FORMAT_VERSION,
+            "format_version": 2 if int8 else 1,
             "dsformer_version": __version__,
             "model_class": type(model).__name__,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -182,6 +193,8 @@ def save(
             },
             "report": report.to_json() if report is not None else None,
         }
+        if int8:
+            meta["int8"] = int8_keys
         _write_json(tmp / META_FILE, meta)
         for name, data in (extra_files or {}).items():
             _write_json(tmp / name, data)
@@ -212,6 +225,8 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
             and isinstance(weights["file"], str)
             and isinstance(weights["bytes"], int)
             and isinstance(weights["sha256"], str)
+            and isinstance(meta.get("int8", []), list)
+            and all(isinstance(key, str) for key in meta.get("int8", []))
         )
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{meta_path} is corrupt ({type(err).__name__}: {err}); save the model again") from None
@@ -238,6 +253,26 @@ def _check_weights(folder: Path, meta: dict[str, Any]) -> Path:
     if _sha256(weights) != meta["weights"]["sha256"]:
         raise CheckpointError(f"{weights} does not match its saved checksum: the file is corrupt or was changed")
     return weights
+
+
+def _int8_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The state dict with every tied tensor once, and the int8 targets as int8 plus their row scales."""
+    from dsformer.quantize import int8_targets, to_int8
+
+    targets = {t.data_ptr() for t in int8_targets(model)}
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    keys = []
+    for key, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:  # an alias of a tensor already stored (tied weights, a shared basis)
+            continue
+        seen.add(tensor.data_ptr())
+        if tensor.data_ptr() in targets:
+            tensors[key], tensors[key + INT8_SCALE] = to_int8(tensor)
+            keys.append(key)
+        else:
+            tensors[key] = tensor.detach().contiguous()
+    return tensors, keys
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
@@ -274,17 +309,26 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Modu
                 share_bases([owner, model.get_submodule(name)])
             except AttributeError as err:
                 raise CheckpointError(f"{META_FILE} layer {name!r}: its shared basis cannot be found: {err}") from None
-    _load_tensors(model, weights)
+    _load_tensors(model, weights, meta.get("int8", []), dtype)
     return model.to(device).eval()
 
 
-def _load_tensors(model: nn.Module, weights: Path) -> None:
+def _load_tensors(model: nn.Module, weights: Path, int8: list[str] = (), dtype: torch.dtype = torch.float32) -> None:
+    from dsformer.quantize import from_int8
+
     expected = model.state_dict()
     try:
         with safe_open(str(weights), framework="pt") as f:
             stored = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{weights} cannot be read as safetensors: {err}") from None
+    for key in int8:
+        q, scale = stored.pop(key, None), stored.pop(key + INT8_SCALE, None)
+        if q is None or scale is None or q.dtype != torch.int8 or scale.shape != q.shape[:1]:
+            raise CheckpointError(
+                f"{weights}: the int8 tensor {key!r} or its scales are missing or malformed; save the model again"
+            )
+        stored[key] = from_int8(q, scale, dtype)
     for key, tensor in stored.items():
         if key not in expected:
             raise CheckpointError(

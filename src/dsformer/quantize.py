@@ -5,7 +5,9 @@ values; low rank: both factors; N:M: the kept values) and, in a model without co
 every linear that ``compress`` would target, to symmetric int8 with one fp32 scale per row
 (absmax). It keeps the dequantized values in the model's float tensors, so the model computes
 exactly what int8 storage dequantized at load computes, and it reports the bytes that storage
-takes (1 byte per value, 4 per row scale, indices as they are stored).
+takes (1 byte per value, 4 per row scale, indices as they are stored). ``dsformer.save(...,
+int8=True)`` (``dsformer quantize``) writes those tensors as int8 with their scales: the file
+really is that small, and :func:`dsformer.load` dequantizes them to the same floats.
 
 Example:
     >>> import torch
@@ -27,12 +29,40 @@ from dsformer.compress import compact_layers, find_targets
 from dsformer.structures.base import tensor_bytes
 
 
+def to_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` as int8 values (its shape) and one fp32 absmax scale per row (the first dimension).
+
+    Idempotent on its own output: rounding ``from_int8(*to_int8(t))`` again gives the same int8.
+    """
+    rows = t.detach().reshape(t.shape[0], -1).float()
+    scale = rows.abs().amax(dim=1).clamp_min(1e-12) / 127
+    q = (rows / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return q.reshape(t.shape), scale
+
+
+def from_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float tensor that int8 ``q`` with per-row ``scale`` stands for."""
+    return (q.reshape(q.shape[0], -1).float() * scale.float()[:, None]).reshape(q.shape).to(dtype)
+
+
 def int8_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``t`` rounded to int8 with one absmax scale per row (first dimension); and its int8 bytes."""
-    rows = t.detach().reshape(t.shape[0], -1).float()
-    scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
-    q = (rows / scale).round().clamp(-127, 127)
-    return (q * scale).reshape(t.shape).to(t.dtype), t.numel() + 4 * t.shape[0]
+    q, scale = to_int8(t)
+    return from_int8(q, scale, t.dtype), t.numel() + 4 * t.shape[0]
+
+
+def int8_targets(model: nn.Module) -> list[torch.Tensor]:
+    """The float weights int8 storage rounds, each once: every compact layer's float factors or, in a
+    model without compact layers, the weights of the linears ``compress`` would target."""
+    compact = compact_layers(model)
+    if compact:
+        tensors = [t for layer in compact.values() for t in layer.factor_tensors() if t.is_floating_point()]
+    else:
+        tensors = [model.get_submodule(name).weight for name in find_targets(model)]
+    unique: dict[int, torch.Tensor] = {}
+    for t in tensors:  # a basis shared by several layers is stored, and rounded, once
+        unique.setdefault(t.data_ptr(), t)
+    return list(unique.values())
 
 
 @dataclass
@@ -55,29 +85,21 @@ class QuantReport:
 def quantize_int8(model: nn.Module) -> QuantReport:
     """Round the weights of ``model`` to int8 per row, in place (see the module docstring)."""
     model_before = tensor_bytes(*model.parameters(), *model.buffers())
-    before = after = count = 0
     compact = compact_layers(model)
-    if compact:
-        seen: set[int] = set()  # a basis shared by several layers is stored, and rounded, once
-        for layer in compact.values():
-            for tensor in layer.factor_tensors():
-                if tensor.data_ptr() in seen:
-                    continue
-                seen.add(tensor.data_ptr())
-                before += tensor_bytes(tensor)
-                if tensor.is_floating_point():
-                    rounded, size = int8_rows(tensor)
-                    tensor.copy_(rounded)
-                    after += size
-                else:
-                    after += tensor_bytes(tensor)
-            count += 1
-    else:
-        for name in find_targets(model):
-            weight = model.get_submodule(name).weight
-            rounded, size = int8_rows(weight)
-            before += tensor_bytes(weight)
-            weight.copy_(rounded)
-            after += size
-            count += 1
-    return QuantReport(count, before, after, model_before, model_before - before + after)
+    targets = int8_targets(model)
+    rounded = {t.data_ptr() for t in targets}
+    before = after = 0
+    for t in targets:
+        before += tensor_bytes(t)
+        q, size = int8_rows(t)
+        t.copy_(q)
+        after += size
+    # the integer tensors of compact layers (indices) stay as they are stored
+    kept: dict[int, torch.Tensor] = {}
+    for layer in compact.values():
+        for t in layer.factor_tensors():
+            if t.data_ptr() not in rounded:
+                kept.setdefault(t.data_ptr(), t)
+    fixed = sum(tensor_bytes(t) for t in kept.values())
+    count = len(compact) or len(targets)
+    return QuantReport(count, before + fixed, after + fixed, model_before, model_before - before + after)
