@@ -640,9 +640,12 @@ def test_sweep_runs_the_grid_skips_what_is_done_and_reports(capsys, tmp_path, mo
     assert code == 0 and "6 runs done, 0 to do" in out
 
     md = tmp_path / "docs" / "results.md"
-    code, out, err = run_cli(capsys, ["report", results, "--output", md])
+    notes = tmp_path / "notes.md"
+    notes.write_text("Runs of this grid started from one dense model.\n")
+    code, out, err = run_cli(capsys, ["report", results, "--output", md, "--notes", notes])
     assert code == 0, err
     text = md.read_text()
+    assert "Runs of this grid started from one dense model." in text.split("###")[0]  # under the heading
     assert "| svd | conventional |" in text and "| dsformer+kd | stf |" in text and "[n=2]" in text
     assert "[n=1]" in text  # svd at 3x: one seed
     assert (tmp_path / "docs" / "results_sst2.png").stat().st_size > 1000
@@ -731,6 +734,15 @@ def test_report_of_a_folder_without_runs_exits_2(capsys, tmp_path):
     for folder in ("empty", "broken"):
         assert_one_error_line(*run_cli(capsys, ["report", tmp_path / folder, "--output", tmp_path / "r.md"]))
     assert not (tmp_path / "r.md").exists()
+
+
+def test_report_with_missing_notes_exits_2(capsys, tmp_path):
+    (tmp_path / "runs").mkdir()
+    run = {"task": "mr", "label": "svd", "method": "svd", "ratio": 2.0, "metric": "accuracy", "test": {"accuracy": 0.8}}
+    (tmp_path / "runs" / "a.json").write_text(json.dumps(run))
+    argv = ["report", tmp_path / "runs", "--output", tmp_path / "r.md", "--notes", tmp_path / "none.md"]
+    assert "none.md" in assert_one_error_line(*run_cli(capsys, argv))
+    assert not (tmp_path / "r.md").exists() and not list(tmp_path.glob("*.png"))
 
 
 @pytest.mark.parametrize(
