@@ -586,6 +586,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as interrupt:
         print(f"dsformer: {getattr(interrupt, 'hint', 'interrupted; nothing was written')}", file=sys.stderr)
         return 128 + getattr(interrupt, "signum", 2)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+    except BrokenPipeError:  # the reader went away (`dsformer sweep --dry-run | head`): stop quietly
+        sys.stdout = open(os.devnull, "w")  # the interpreter flushes stdout at exit: not into the closed pipe
+        return 141
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
