@@ -51,6 +51,8 @@ BAD_INPUTS = {
     "unknown exclusion": (["--exclude", "nosuchlayer"], ["exclusion", "nosuchlayer"]),
     "k out of range": (["--k", "1000"], ["k must be in"]),
     "k with svd": (["--structure", "svd", "--k", "4"], ["--k"]),
+    "k multiple with nm": (["--structure", "nm", "--k-multiple", "16"], ["--k-multiple", "ds only"]),
+    "k multiple 0": (["--k-multiple", "0"], ["k_multiple must be at least 1"]),
     "model missing": (["--model", "/nonexistent"], ["/nonexistent", "config.json"]),
     "model folder empty": (["--model", "{empty}"], ["config.json"]),
     "output is a file": (["--output", "{file}"], ["not a folder"]),

@@ -360,6 +360,27 @@ def test_ds_search_points_one_is_a_valid_search():
     assert factors.layout.value_params <= 96 * 64 / 2
 
 
+@pytest.mark.parametrize(
+    "shape, ratio, multiple, aligned",
+    [
+        ((1536, 384), 2.8, 16, True),
+        ((384, 384), 2.8, 32, True),
+        ((384, 1536), 2.0, 16, True),
+        ((96, 64), 2.0, 1, False),  # any k
+        ((20, 12), 2.0, 64, False),  # no multiple of 64 fits: the search keeps every layout
+    ],
+)
+def test_ds_k_multiple_aligns_the_searched_layouts(shape, ratio, multiple, aligned):
+    layouts = DenseSparseConfig(ratio=ratio, k_multiple=multiple).candidates(*shape)
+    assert layouts and all(lay.ratio >= ratio - 1e-9 for lay in layouts)
+    assert all(lay.k % multiple == 0 for lay in layouts) == aligned or multiple == 1
+
+
+def test_ds_k_multiple_below_one_is_refused():
+    with pytest.raises(InfeasibleRatioError, match="k_multiple"):
+        DenseSparseConfig(ratio=2.0, k_multiple=0).candidates(96, 64)
+
+
 def test_ds_fit_leaves_global_rng_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)

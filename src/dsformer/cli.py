@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     fac.add_argument("--exclude", nargs="+", default=None, help="module names, suffixes or re: patterns to leave dense")
     fac.add_argument("--k", type=int, default=None, help="ds: fix the basis size k instead of searching it")
     fac.add_argument("--iters", type=int, default=None, help="ds: alternating-minimization rounds")
+    fac.add_argument(
+        "--k-multiple", type=int, default=None, help="ds: search only k that are multiples of this (faster GEMMs)"
+    )
     fac.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     fac.add_argument("--no-save", action="store_true", help="only report, write no model folder")
     fac.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -121,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--backend", default="auto", help="auto (default), reference, dense or gather")
     ben.add_argument("--structure", choices=["ds", "svd", "nm"], default="ds", help="when factorizing (default: ds)")
     ben.add_argument("--ratio", type=_number, default=2.8, help="when factorizing (default: 2.8)")
+    ben.add_argument("--k-multiple", type=int, default=None, help="when factorizing with ds: k a multiple of this")
     ben.add_argument("--repeats", type=int, default=10, help="timed runs of each model, alternating (default: 10)")
     ben.add_argument("--no-layers", action="store_true", help="end to end only")
     ben.add_argument("--output", default=None, help="write the results (with the hardware) to this JSON file")
@@ -167,19 +171,19 @@ def _default_output(model: str | None, structure: str, ratio: float) -> str:
     return os.path.join("outputs", f"{name}-{structure}-{ratio:g}x")
 
 
-def _structure(args: argparse.Namespace):
+def _structure(
+    structure: str, ratio: float, k: int | None = None, iters: int | None = None, k_multiple: int | None = None
+):
+    """The structure config the command line asks for; the ds-only options are refused for the others."""
     from dsformer.structures import structure_config
     from dsformer.structures.base import check_ratio
 
-    options = {"ratio": check_ratio(args.ratio)}
-    if args.structure == "ds":
-        if args.k is not None:
-            options["k"] = args.k
-        if args.iters is not None:
-            options["iters"] = args.iters
-    elif args.k is not None or args.iters is not None:
-        raise DsformerError("--k and --iters apply to --structure ds only")
-    return structure_config(args.structure, **options)
+    options = {"ratio": check_ratio(ratio)}
+    ds_only = {"k": k, "iters": iters, "k_multiple": k_multiple}
+    given = {key: value for key, value in ds_only.items() if value is not None}
+    if structure != "ds" and given:
+        raise DsformerError(f"{', '.join('--' + key.replace('_', '-') for key in given)} apply to --structure ds only")
+    return structure_config(structure, **options, **given)
 
 
 def factorize(args: argparse.Namespace) -> None:
@@ -189,7 +193,7 @@ def factorize(args: argparse.Namespace) -> None:
     from dsformer.io import atomic_write_text, check_output
     from dsformer.models import load_pretrained, resolve
 
-    structure = _structure(args)
+    structure = _structure(args.structure, args.ratio, args.k, args.iters, args.k_multiple)
     output = None if args.no_save else Path(args.output or _default_output(args.model, args.structure, args.ratio))
     if output is not None:
         check_output(output, source=resolve(args.model))
@@ -287,11 +291,12 @@ def bench_verb(args: argparse.Namespace) -> None:
         from dsformer import CompressConfig, compress
         from dsformer.models import load_pretrained, resolve
 
-        args.k = args.iters = None
         model, _ = load_pretrained(args.path)
         model = model.to(args.device).eval()
         print(f"factorizing {resolve(args.path)} with {args.structure} at {args.ratio:g}x (fit only, no training)")
-        compress(model, CompressConfig(_structure(args)), progress=True)
+        compress(
+            model, CompressConfig(_structure(args.structure, args.ratio, k_multiple=args.k_multiple)), progress=True
+        )
         source = f"{resolve(args.path)} factorized with {args.structure} at {args.ratio:g}x"
     results = []
     for batch, seq in shapes:
