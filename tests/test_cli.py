@@ -179,6 +179,7 @@ def test_factorize_writes_folder_and_report(factorized):
         assert {"name", "shape", "structure", "params", "bytes", "rel_error"} <= set(row)
     assert {"ratio_params", "ratio_bytes", "ratio_model_bytes", "seconds"} <= set(report["totals"])
     assert report["totals"]["ratio_params"] >= 2.0
+    assert report["command"].startswith("dsformer factorize") and report["hardware"]["cores"] >= 1
     meta = json.loads((out / "dsformer.json").read_text())
     assert meta["report"]["totals"]["ratio_params"] == pytest.approx(report["totals"]["ratio_params"])
     assert "encoder.layer.0.attention.self.query" in stdout and f"saved to {out}" in stdout

@@ -205,7 +205,10 @@ def factorize(args: argparse.Namespace) -> None:
     report = compress(model, config, progress=not args.quiet)
     print(report.table())
     if args.json:
-        atomic_write_text(args.json, json.dumps(report.to_json(), indent=2) + "\n")
+        from dsformer.hardware import describe
+
+        record = {"command": args.command_line, **report.to_json(), "hardware": describe()}
+        atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
         print(f"report written to {args.json}")
     if output is not None:
         save(model.cpu(), output, tokenizer=tokenizer, report=report)
