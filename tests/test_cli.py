@@ -325,9 +325,24 @@ def test_bench_writes_ratios_against_the_dense_original(capsys, tiny_bert_folder
     assert "end to end" in stdout and "ffn linears" in stdout
 
 
+@pytest.mark.parametrize("structure", ["ds", "svd"])
+def test_bench_int8_faces_dense_fp32_and_dense_int8(capsys, tiny_bert_folder, tmp_path, monkeypatch, structure):
+    monkeypatch.setenv("DSFORMER_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bench.json"
+    argv = ["bench", tiny_bert_folder, "--structure", structure, "--ratio", "2", "--backend", "int8"]
+    code, stdout, _ = run(capsys, *argv, "--batch", "2", "--seq", "8", "--repeats", "2", "--output", out)
+    assert code == 0, stdout
+    (result,) = json.loads(out.read_text())["runs"]
+    e = result["end_to_end"]
+    assert e["speedup_vs_dense_int8"] == pytest.approx(e["dense_int8_ms"] / e["compact_ms"])
+    assert {row["path"] for row in result["layers"].values()} == {"int8"}
+    assert "against the dense model with int8 linears" in stdout
+
+
 @pytest.mark.parametrize(
     "extra, words",
     [
+        (["--backend", "int4"], ["unknown backend", "int8"]),
         (["--batch", "1", "2", "--seq", "4", "8", "16"], ["pair up"]),
         (["--batch", "0"], ["at least 1"]),
         (["--device", "cuda"], ["no CUDA device"]),

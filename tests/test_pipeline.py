@@ -218,6 +218,11 @@ def test_method_runs_saves_and_evaluates(capsys, tmp_path, model_dir, sst2_dir, 
     assert saved["int8"]["layers"] == LAYERS * BLOCK_LINEARS and saved["int8"]["ratio"] > 1.5
     assert set(saved["test"]) == {"accuracy"} and saved["command"].startswith("dsformer evaluate")
     assert f"accuracy {metrics['test']['accuracy']:.4f}" in evaluate_line(capsys, output)
+    # int8 products (compact layers, or a dense model's block linears): a close score
+    record = tmp_path / "int8-path.json"
+    assert "int8 path" in evaluate_line(capsys, output, "--backend", "int8", "--json", str(record))
+    saved = json.loads(record.read_text())
+    assert saved["backend"] == "int8" and abs(saved["test"]["accuracy"] - metrics["test"]["accuracy"]) <= 0.25
 
 
 # ---------------------------------------------------------------- trainers

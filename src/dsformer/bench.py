@@ -31,6 +31,7 @@ from torch import nn
 from dsformer.compress import compact_layers, merge
 from dsformer.hardware import describe
 from dsformer.kernels import calibrate, choose, seconds, use_backend
+from dsformer.kernels.int8 import int8_linears
 
 
 def _inputs(model: nn.Module, batch: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -92,7 +93,11 @@ def bench_model(
     calibrate(model, [(batch, seq)])
     dense = merge(copy.deepcopy(model)).eval()
     inputs = _inputs(model, batch, seq, device)
-    total = alternate({"dense": lambda: dense(**inputs), "compact": lambda: model(**inputs)}, device, repeats)
+    runs = {"dense": lambda: dense(**inputs), "compact": lambda: model(**inputs)}
+    if backend == "int8":  # int8 compact layers also face the dense model with int8 linears
+        dense8 = int8_linears(merge(copy.deepcopy(model)).eval(), list(compact))
+        runs["dense_int8"] = lambda: dense8(**inputs)
+    total = alternate(runs, device, repeats)
     result: dict[str, Any] = {
         "batch": batch,
         "seq": seq,
@@ -106,6 +111,9 @@ def bench_model(
             "speedup": total["dense"] / total["compact"],
         },
     }
+    if "dense_int8" in total:
+        result["end_to_end"]["dense_int8_ms"] = 1000 * total["dense_int8"]
+        result["end_to_end"]["speedup_vs_dense_int8"] = total["dense_int8"] / total["compact"]
     if not layers:
         return result
     rows, parts = {}, {}
@@ -150,6 +158,11 @@ def bench_table(result: dict[str, Any]) -> str:
         f"  end to end: dense {e['dense_ms']:.1f} ms, compact {e['compact_ms']:.1f} ms -> {e['speedup']:.2f}x "
         f"({e['compact_tokens_per_s']:.0f} tokens/s against {e['dense_tokens_per_s']:.0f})",
     ]
+    if "dense_int8_ms" in e:
+        lines.append(
+            f"  against the dense model with int8 linears: {e['dense_int8_ms']:.1f} ms -> "
+            f"{e['speedup_vs_dense_int8']:.2f}x"
+        )
     for part, p in sorted(result.get("parts", {}).items()):
         lines.append(
             f"  {part} linears ({p['layers']}): dense {p['dense_ms']:.1f} ms, compact {p['compact_ms']:.1f} ms "

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--batch", type=int, nargs="+", default=[32, 1], help="batch sizes (default: 32 1)")
     ben.add_argument("--seq", type=int, nargs="+", default=[128, 64], help="sequence lengths, paired with --batch")
     ben.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    ben.add_argument("--backend", default="auto", help="auto (default), reference, dense or gather")
+    ben.add_argument("--backend", default="auto", help="auto (default), reference, dense, gather or int8")
     ben.add_argument("--structure", choices=["ds", "svd", "nm"], default="ds", help="when factorizing (default: ds)")
     ben.add_argument("--ratio", type=_number, default=2.8, help="when factorizing (default: 2.8)")
     ben.add_argument("--k-multiple", type=int, default=None, help="when factorizing with ds: k a multiple of this")
@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="round the weights (compact factors, or a dense model's block linears) to int8 per row first",
     )
     eva.add_argument("--json", default=None, help="also write the result (with the int8 bytes) to this JSON file")
+    eva.add_argument(
+        "--backend",
+        default="reference",
+        help="execution path of the compact layers: reference (default), auto, dense, gather, int8 (int8 products)",
+    )
 
     qua = verbs.add_parser(
         "quantize", help="store a saved model's weights as int8 with per-row scales (a smaller file), and evaluate it"
@@ -446,6 +451,7 @@ def _test_metrics(model, tokenizer, task: str, data_dir: str | None):
 
 def evaluate_verb(args: argparse.Namespace) -> None:
     from dsformer.io import load
+    from dsformer.kernels import use_backend
     from dsformer.models import load_tokenizer
 
     folder = Path(args.path)
@@ -461,8 +467,15 @@ def evaluate_verb(args: argparse.Namespace) -> None:
         from dsformer.quantize import quantize_int8
 
         quant = quantize_int8(model)
+    if not use_backend(model, args.backend) and args.backend == "int8":  # a dense model: its block linears
+        from dsformer.compress import find_targets
+        from dsformer.kernels.int8 import int8_linears
+
+        int8_linears(model, find_targets(model))
     data, result = _test_metrics(model, tokenizer, task, data_dir)
     line = f"{folder}: {data.spec.name} test ({len(data.test)} examples)"
+    if args.backend != "reference":
+        line += f", {args.backend} path"
     if quant is not None:
         line += f", int8 weights ({quant.model_bytes_after / 2**20:.1f} MiB)"
     print(line + ": " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
@@ -471,7 +484,7 @@ def evaluate_verb(args: argparse.Namespace) -> None:
         from dsformer.io import atomic_write_text
 
         record = {"command": args.command_line, "path": str(folder), "task": data.spec.name, "test": result}
-        record.update({"int8": quant.to_json() if quant else None, "hardware": describe()})
+        record.update({"backend": args.backend, "int8": quant.to_json() if quant else None, "hardware": describe()})
         atomic_write_text(Path(args.json), json.dumps(record, indent=2) + "\n")
 
 

@@ -6,7 +6,10 @@ Every compact layer can run on:
 - ``dense``: the materialized weight in one GEMM (the dense cost; the fallback that makes
   ``auto`` never slower than dense, at the memory of a dense weight);
 - its structure's fast path: ``gather`` for dense-sparse (``dsformer.kernels.gather``). Low rank's
-  reference is already its fast path (two GEMMs); N:M has no CPU kernel that beats dense.
+  reference is already its fast path (two GEMMs); N:M has no CPU kernel that beats dense;
+- ``int8``: every GEMM in int8 (weights per row, activations per token; ``dsformer.kernels.int8``),
+  DS's sparse stage a float gather. It changes the numerics, so only ``use_backend(model, "int8")``
+  takes it, never ``auto``.
 
 ``auto`` times every path of a layer on its input shape the first time it meets a token count
 (rounded up to a power of two) and keeps the fastest. Choices are cached in memory per layer
@@ -44,7 +47,9 @@ from torch import nn
 from dsformer.errors import DsformerError
 from dsformer.structures.base import CompactLinear
 
-BACKENDS = ("auto", "reference", "dense", "gather")
+BACKENDS = ("auto", "reference", "dense", "gather", "int8")
+# paths that change the numerics: only taken when asked for by name, never by ``auto``
+_APPROXIMATE = ("int8",)
 _REPEATS = 7
 # part of every cache key: bump it when a path's implementation changes, so old timings are not reused
 REVISION = 4
@@ -150,7 +155,7 @@ def _time_paths(layer: CompactLinear, tokens: int, seq: int, dtype: torch.dtype,
         # a narrowing layer usually follows a widening one (an FFN), whose gather leaves its output
         # token-minor: time every path on that layout, as the model will run it
         x = x.mT.contiguous().mT
-    paths = [p for p in layer.backends() if _runs(layer, p, x)]
+    paths = [p for p in layer.backends() if p not in _APPROXIMATE and _runs(layer, p, x)]
     times: dict[str, list[float]] = {p: [] for p in paths}
     with torch.inference_mode():
         for _ in range(_REPEATS):

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -57,14 +58,23 @@ def _sequences(x: torch.Tensor) -> torch.Tensor:
 
 
 def ds_rows(
-    x: torch.Tensor, basis: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    basis: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None,
+    dense_stage: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``x (..., L, d) -> (..., L, N)`` for row vectors: ``y = C (B x)`` (a transposed view when ``N > d``).
 
-    One sequence at a time, so the ``k x L`` rows being gathered stay in cache.
+    One sequence at a time, so the ``k x L`` rows being gathered stay in cache. ``dense_stage``
+    computes ``X Bᵀ`` another way (int8: ``dsformer.kernels.int8``); default one float GEMM.
     """
     seqs = _sequences(x)
-    zt = torch.matmul(basis, seqs.mT)  # (S, k, L)
+    if dense_stage is None:
+        zt = torch.matmul(basis, seqs.mT)  # (S, k, L)
+    else:
+        zt = dense_stage(seqs).mT.contiguous()
     yt = zt.new_empty(seqs.shape[0], indices.shape[0], seqs.shape[1])  # (S, N, L)
     for i in range(seqs.shape[0]):
         yt[i] = F.embedding_bag(indices, zt[i], per_sample_weights=values, mode="sum")
@@ -78,13 +88,20 @@ def ds_rows(
     return y.reshape(*x.shape[:-1], indices.shape[0])
 
 
-def ds_columns(x: torch.Tensor, plan: ColumnPlan, basis: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x (..., L, N) -> (..., L, d)`` for column vectors: ``y = Bᵀ (Cᵀ x)``."""
+def ds_columns(
+    x: torch.Tensor,
+    plan: ColumnPlan,
+    basis: torch.Tensor,
+    bias: torch.Tensor | None,
+    dense_stage: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``x (..., L, N) -> (..., L, d)`` for column vectors: ``y = Bᵀ (Cᵀ x)``; ``dense_stage`` computes
+    ``U B`` another way (as in :func:`ds_rows`)."""
     xt = _sequences(x).mT.contiguous()  # (S, N, L): no copy when x came from a row layer's gather
     ut = xt.new_empty(xt.shape[0], plan.offsets.shape[0], xt.shape[2])  # (S, k, L)
     for i in range(xt.shape[0]):
         ut[i] = F.embedding_bag(plan.vectors, xt[i], plan.offsets, per_sample_weights=plan.values, mode="sum")
-    y = torch.matmul(ut.mT, basis)
+    y = torch.matmul(ut.mT, basis) if dense_stage is None else dense_stage(ut.mT.contiguous())
     if bias is not None:
         y += bias
     return y.reshape(*x.shape[:-1], basis.shape[1])

@@ -84,12 +84,12 @@ class CompactLinear(nn.Module):
         raise NotImplementedError
 
     def backends(self) -> tuple[str, ...]:
-        """Execution paths this layer can take (see ``dsformer.kernels``)."""
-        return ("reference", "dense")
+        """Execution paths this layer can take (see ``dsformer.kernels``); ``int8`` changes the numerics."""
+        return ("reference", "dense", "int8")
 
     def cache_slots(self, path: str) -> tuple[str, ...]:
         """The ``_cached`` slots ``path`` fills (dropped when no choice uses the path)."""
-        return ("dense",) if path == "dense" else ()
+        return {"dense": ("dense",), "int8": ("int8",)}.get(path, ())
 
     def work(self, path: str) -> int:
         """Multiply-adds per token on ``path`` (the dense product's ``out · in`` unless a path saves some)."""
@@ -102,6 +102,11 @@ class CompactLinear(nn.Module):
             return nn.functional.linear(x, weight, self.bias)
         if name == "reference":
             return self.reference(x)
+        if name == "int8":  # the materialized weight as int8; structures with GEMM stages override it
+            from dsformer.kernels.int8 import int8_linear, int8_weight
+
+            weight8 = self._cached("int8", lambda: int8_weight(self.materialize()), *self.factor_tensors())
+            return int8_linear(x, weight8, None if self.bias is None else self.bias.detach())
         raise ValueError(f"{type(self).__name__} has no backend {name!r}; it has {', '.join(self.backends())}")
 
     def layout(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import Any
@@ -481,7 +482,7 @@ class DenseSparseLinear(CompactLinear):
         return y + self.bias if self.bias is not None else y
 
     def backends(self) -> tuple[str, ...]:
-        return ("reference", "dense", "gather")
+        return ("reference", "dense", "gather", "int8")
 
     def value_params(self) -> int:
         return super().value_params() - (0 if self.basis_owner else self.basis.numel())
@@ -490,28 +491,40 @@ class DenseSparseLinear(CompactLinear):
         return super().weight_bytes() - (0 if self.basis_owner else self.basis.numel() * self.basis.element_size())
 
     def cache_slots(self, path: str) -> tuple[str, ...]:
-        return {"reference": ("coefficients",), "gather": ("indices", "plan")}.get(path, super().cache_slots(path))
+        slots = {
+            "reference": ("coefficients",),
+            "gather": ("indices", "plan"),
+            "int8": ("indices", "plan", "int8_basis"),
+        }
+        return slots.get(path, super().cache_slots(path))
 
     def work(self, path: str) -> int:
         lay = self.layout_shapes
-        if path == "gather":  # the dense stage, then s multiply-adds per output vector
+        if path in ("gather", "int8"):  # the dense stage, then s multiply-adds per output vector
             return lay.k * lay.d + lay.s * lay.n
         if path == "reference":  # two GEMMs with C densified
             return lay.k * (lay.d + lay.n)
         return super().work(path)
 
     def run(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        if name != "gather":
+        if name not in ("gather", "int8"):
             return super().run(name, x)
         from dsformer.kernels.gather import column_plan, ds_columns, ds_rows
 
         basis, values = self.basis.detach(), self.values.detach()  # inference only: the kernels skip autograd
         bias = self.bias.detach() if self.bias is not None else None
+        dense_stage = None
+        if name == "int8":  # the basis GEMM in int8; the sparse stage stays a float gather
+            from dsformer.kernels.int8 import int8_linear, int8_weight
+
+            # rows: Zᵀ = B Xᵀ; columns: Y = U B, that is U times the weight Bᵀ
+            weight8 = self._cached("int8_basis", lambda: int8_weight(basis if self.rows else basis.T), self.basis)
+            dense_stage = functools.partial(int8_linear, weight=weight8)
         if self.rows:
             indices = self._cached("indices", self.indices.long, self.indices)
-            return ds_rows(x, basis, indices, values, bias)
+            return ds_rows(x, basis, indices, values, bias, dense_stage)
         plan = self._cached("plan", lambda: column_plan(self.indices, values, self.k), self.values, self.indices)
-        return ds_columns(x, plan, basis, bias)
+        return ds_columns(x, plan, basis, bias, dense_stage)
 
     def layout(self) -> dict[str, Any]:
         return {"k": self.k, "s": int(self.values.shape[-1])}

@@ -122,7 +122,20 @@ class LowRankLinear(CompactLinear):
 
     def work(self, path: str) -> int:
         rank = int(self.right.shape[0])
-        return rank * (self.out_features + self.in_features) if path == "reference" else super().work(path)
+        return rank * (self.out_features + self.in_features) if path in ("reference", "int8") else super().work(path)
+
+    def cache_slots(self, path: str) -> tuple[str, ...]:
+        return ("int8_factors",) if path == "int8" else super().cache_slots(path)
+
+    def run(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if name != "int8":
+            return super().run(name, x)
+        from dsformer.kernels.int8 import int8_linear, int8_weight
+
+        right8, left8 = self._cached(
+            "int8_factors", lambda: (int8_weight(self.right), int8_weight(self.left)), self.left, self.right
+        )
+        return int8_linear(int8_linear(x, right8), left8, None if self.bias is None else self.bias.detach())
 
     def layout(self) -> dict[str, Any]:
         return {"rank": int(self.right.shape[0])}
