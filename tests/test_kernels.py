@@ -7,10 +7,12 @@ import json
 import pytest
 import torch
 from conftest import TINY_MODELS, fast_structure, model_inputs, model_output, relative_error, requires_cuda
+from torch.nn import functional as F
 
 import dsformer
 from dsformer import kernels
 from dsformer.errors import DsformerError
+from dsformer.kernels import native
 from dsformer.kernels.gather import column_plan
 from dsformer.structures import STRUCTURES
 
@@ -84,7 +86,7 @@ def test_column_plan_groups_every_entry_by_atom():
     indices = torch.tensor([[0, 2], [2, 3], [0, 3]])
     values = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
     plan = column_plan(indices, values, k=5)
-    assert plan.offsets.tolist() == [0, 2, 2, 4, 6]  # atom 1 and atom 4 are unused: empty groups
+    assert plan.offsets.tolist() == [0, 2, 2, 4, 6, 6]  # atoms 1 and 4 are unused: empty groups; then the total
     assert plan.vectors.tolist() == [0, 2, 0, 1, 1, 2]
     assert plan.values.tolist() == [1.0, 5.0, 2.0, 3.0, 4.0, 6.0]
 
@@ -204,3 +206,51 @@ def test_auto_keeps_no_dense_copy_unless_it_chose_dense():
     kept = set(layer.__dict__.get("_kernel_cache", {}))
     assert kept <= set(layer.cache_slots(choice))
     assert ("dense" in kept) == (choice == "dense")
+
+
+native_only = pytest.mark.skipif(not native.available(), reason="the native kernel needs AVX-512 and a C compiler")
+
+
+@native_only
+@pytest.mark.parametrize("row_len", [1, 16, 37, 128, 200], ids=lambda n: f"L{n}")
+@pytest.mark.parametrize("sequences", [1, 3])
+def test_native_bags_match_the_embedding_bag(row_len, sequences):
+    gen = torch.Generator().manual_seed(row_len)
+    rows = torch.randn(sequences, 11, row_len, generator=gen)
+    index = torch.randint(0, 11, (7, 4), generator=gen, dtype=torch.int32)
+    weights = torch.randn(7, 4, generator=gen)
+    want = torch.stack([F.embedding_bag(index, r, per_sample_weights=weights, mode="sum") for r in rows])
+    got = native.weighted_bags(rows, index.reshape(-1), weights.reshape(-1), bag_size=4)
+    assert torch.allclose(got, want, atol=1e-5)
+    # the same entries as variable bags, some of them empty (an atom no output uses)
+    offsets = torch.tensor([0, 3, 3, 10, 28, 28], dtype=torch.int32)
+    want = torch.stack(
+        [
+            F.embedding_bag(index.reshape(-1), r, offsets, per_sample_weights=weights.reshape(-1), mode="sum",
+                            include_last_offset=True)
+            for r in rows
+        ]
+    )  # fmt: skip
+    got = native.weighted_bags(rows, index.reshape(-1), weights.reshape(-1), offsets=offsets)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not got[:, [1, 4]].any()
+
+
+@native_only
+def test_native_bags_refuse_what_they_cannot_run():
+    rows, index, weights = torch.randn(1, 4, 8), torch.zeros(4, dtype=torch.int32), torch.ones(4)
+    with pytest.raises(ValueError, match="exactly one"):
+        native.weighted_bags(rows, index, weights)
+    with pytest.raises(ValueError, match="int32"):
+        native.weighted_bags(rows, index.long(), weights, bag_size=2)
+    with pytest.raises(ValueError, match="float32 CPU"):
+        native.weighted_bags(rows.double(), index, weights, bag_size=2)
+
+
+def test_gather_falls_back_to_the_embedding_bag(monkeypatch):
+    layer = layer_of("ds", SHAPES["rows"])
+    x = torch.randn(2, 5, 64)
+    kernels.use_backend(layer, "gather")
+    want = layer(x)
+    monkeypatch.setattr(native, "available", lambda: False)
+    assert torch.allclose(layer(x), want, atol=1e-5)

@@ -1,4 +1,4 @@
-"""The dense-sparse product with the sparse stage as a weighted embedding-bag (CPU and CUDA).
+"""The dense-sparse product with the sparse stage as weighted bags of rows (CPU and CUDA).
 
 ``W = C B`` with ``C`` in ELL form (``N`` rows of ``s`` atom indices and values). The dense stage
 is one GEMM; the sparse stage gathers whole rows of a token-minor matrix, so every gathered
@@ -9,11 +9,13 @@ row is ``T`` contiguous floats and the work is ``N·s·T`` multiply-adds instead
 - column vectors (``out < in``): ``Uᵀ = Cᵀ Xᵀ`` gathers, for each atom, the input rows that use
   it (the ELL transposed to a CSR of variable bags), then ``Y = U B``.
 
-Both work one sequence at a time (``x (..., L, f)``): the gathered rows are that sequence's
-``L`` tokens, which stay in cache. A widening row layer (an FFN's up-projection) returns a
-transposed view of its ``(N, L)`` storage rather than copying it back: the activation keeps
-that layout, and the column-vector layer after it reads it without a copy. Other row layers
-copy back to token-major rows, which attention and residual sums need.
+The bags run on the compiled CPU kernel of :mod:`dsformer.kernels.native` where it builds,
+else on ``F.embedding_bag`` (CUDA, other CPUs). Both work one sequence at a time
+(``x (..., L, f)``): the gathered rows are that sequence's ``L`` tokens, which stay in cache.
+A widening row layer (an FFN's up-projection) returns a transposed view of its ``(N, L)``
+storage rather than copying it back: the activation keeps that layout, and the column-vector
+layer after it reads it without a copy. Other row layers copy back to token-major rows, which
+attention and residual sums need.
 
 Example:
     >>> import torch
@@ -33,12 +35,14 @@ from typing import NamedTuple
 import torch
 from torch.nn import functional as F
 
+from dsformer.kernels import native
+
 
 class ColumnPlan(NamedTuple):
     """The ELL coefficients of a column-vector layer regrouped by atom (a CSR of ``Cᵀ``)."""
 
-    vectors: torch.Tensor  # (N·s,) int64: which input row each entry reads, grouped by atom
-    offsets: torch.Tensor  # (k,) int64: where each atom's group starts
+    vectors: torch.Tensor  # (N·s,) int32: which input row each entry reads, grouped by atom
+    offsets: torch.Tensor  # (k + 1,) int32: where each atom's group starts, then the total
     values: torch.Tensor  # (N·s,) the coefficients in the same order
 
 
@@ -48,8 +52,29 @@ def column_plan(indices: torch.Tensor, values: torch.Tensor, k: int) -> ColumnPl
     atoms = indices.reshape(-1).long()
     order = torch.argsort(atoms, stable=True)
     vectors = torch.arange(n, device=indices.device).repeat_interleave(s)[order]
-    offsets = torch.searchsorted(atoms[order], torch.arange(k, device=indices.device))
-    return ColumnPlan(vectors, offsets, values.reshape(-1)[order])
+    offsets = torch.searchsorted(atoms[order], torch.arange(k + 1, device=indices.device))
+    return ColumnPlan(vectors.int(), offsets.int(), values.reshape(-1)[order])
+
+
+def _bags(rows: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
+    """``rows (S, R, L) -> (S, B, L)``: weighted sums of rows, one bag per output row, every sequence.
+
+    ELL bags (``offsets`` None: ``index`` and ``weights`` are ``(B, s)``) or CSR bags (``offsets``
+    ``(B + 1,)`` over flat ``index`` and ``weights``). The compiled kernel where it runs
+    (:mod:`dsformer.kernels.native`), else an embedding-bag per sequence; both give the same sums.
+    """
+    index = index if index.dtype == torch.int32 else index.int()
+    if rows.dtype == torch.float32 and rows.device.type == "cpu" and native.available():
+        if offsets is None:
+            return native.weighted_bags(rows, index.reshape(-1), weights.reshape(-1), bag_size=index.shape[1])
+        return native.weighted_bags(rows, index, weights, offsets=offsets)
+    bags = index.shape[0] if offsets is None else offsets.shape[0] - 1
+    out = rows.new_empty(rows.shape[0], bags, rows.shape[2])
+    for i in range(rows.shape[0]):
+        out[i] = F.embedding_bag(
+            index, rows[i], offsets, per_sample_weights=weights, mode="sum", include_last_offset=offsets is not None
+        )
+    return out
 
 
 def _sequences(x: torch.Tensor) -> torch.Tensor:
@@ -75,9 +100,7 @@ def ds_rows(
         zt = torch.matmul(basis, seqs.mT)  # (S, k, L)
     else:
         zt = dense_stage(seqs).mT.contiguous()
-    yt = zt.new_empty(seqs.shape[0], indices.shape[0], seqs.shape[1])  # (S, N, L)
-    for i in range(seqs.shape[0]):
-        yt[i] = F.embedding_bag(indices, zt[i], per_sample_weights=values, mode="sum")
+    yt = _bags(zt, indices, values, None)  # (S, N, L)
     if bias is not None:
         yt += bias[:, None]
     y = yt.mT
@@ -98,9 +121,7 @@ def ds_columns(
     """``x (..., L, N) -> (..., L, d)`` for column vectors: ``y = Bᵀ (Cᵀ x)``; ``dense_stage`` computes
     ``U B`` another way (as in :func:`ds_rows`)."""
     xt = _sequences(x).mT.contiguous()  # (S, N, L): no copy when x came from a row layer's gather
-    ut = xt.new_empty(xt.shape[0], plan.offsets.shape[0], xt.shape[2])  # (S, k, L)
-    for i in range(xt.shape[0]):
-        ut[i] = F.embedding_bag(plan.vectors, xt[i], plan.offsets, per_sample_weights=plan.values, mode="sum")
+    ut = _bags(xt, plan.vectors, plan.values, plan.offsets)  # (S, k, L)
     y = torch.matmul(ut.mT, basis) if dense_stage is None else dense_stage(ut.mT.contiguous())
     if bias is not None:
         y += bias

@@ -521,7 +521,7 @@ class DenseSparseLinear(CompactLinear):
             weight8 = self._cached("int8_basis", lambda: int8_weight(basis if self.rows else basis.T), self.basis)
             dense_stage = functools.partial(int8_linear, weight=weight8)
         if self.rows:
-            indices = self._cached("indices", self.indices.long, self.indices)
+            indices = self._cached("indices", self.indices.int, self.indices)
             return ds_rows(x, basis, indices, values, bias, dense_stage)
         plan = self._cached("plan", lambda: column_plan(self.indices, values, self.k), self.values, self.indices)
         return ds_columns(x, plan, basis, bias, dense_stage)

@@ -1,0 +1,148 @@
+"""A compiled CPU kernel for the sparse stage of a dense-sparse product: weighted bags of rows.
+
+``weighted_bags(rows, index, weights, bag_size=s)`` computes, for every sequence ``t`` and bag
+``b``, ``out[t, b] = Σ weights[e] · rows[t, index[e]]`` over the entries ``e`` of the bag: the
+same as ``F.embedding_bag(index, rows[t], offsets, per_sample_weights=weights, mode="sum")``
+for every sequence, in one call. The C source (``bags.c``) keeps each output row in AVX-512
+registers over its whole bag, so it reads each gathered row once and writes each output once;
+the embedding-bag adds into its output in memory, one load and one store more per multiply-add.
+
+The kernel is compiled on first use with the system's C compiler (``$CC``, else ``cc`` or ``gcc``)
+into the dsformer cache (``$DSFORMER_CACHE`` or ``~/.cache/dsformer``), keyed by a hash of the
+source and flags, and loaded with ``ctypes``. It needs x86-64 with AVX-512 (as torch detects
+it); anywhere else, without a compiler, or with ``DSFORMER_NATIVE=0``, :func:`available` is
+false and the gather path uses the embedding-bag: the result is the same either way.
+
+Example:
+    >>> import torch
+    >>> from torch.nn import functional as F
+    >>> from dsformer.kernels import native
+    >>> rows, index = torch.randn(2, 5, 40), torch.tensor([0, 3, 4, 4, 1, 2], dtype=torch.int32)
+    >>> weights = torch.randn(6)
+    >>> want = torch.stack([F.embedding_bag(index.reshape(3, 2), r, per_sample_weights=weights.reshape(3, 2),
+    ...     mode="sum") for r in rows])
+    >>> got = native.weighted_bags(rows, index, weights, bag_size=2) if native.available() else want
+    >>> torch.allclose(got, want, atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("bags.c")
+FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC")
+
+
+def available() -> bool:
+    """Whether the compiled kernel runs here (compiling it on the first call)."""
+    return _library() is not None
+
+
+def weighted_bags(
+    rows: torch.Tensor,
+    index: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    offsets: torch.Tensor | None = None,
+    bag_size: int | None = None,
+) -> torch.Tensor:
+    """``rows (S, R, L)`` float32 on CPU, ``index (E,)`` int32, ``weights (E,)`` -> ``(S, B, L)``.
+
+    Bags are given either by ``offsets (B + 1,)`` int32 (bag ``b`` is ``offsets[b]:offsets[b + 1]``,
+    empty bags give zeros) or by a fixed ``bag_size`` (``E = B * bag_size``). Indices are not checked:
+    callers pass indices below ``R`` (a DS layer's are, by construction).
+    """
+    if _library() is None:
+        raise RuntimeError("the native kernel is not available here (dsformer.kernels.native.available())")
+    if (offsets is None) == (bag_size is None):
+        raise ValueError("give exactly one of offsets and bag_size")
+    if rows.dtype != torch.float32 or rows.device.type != "cpu" or rows.dim() != 3:
+        raise ValueError(f"rows must be a 3-D float32 CPU tensor, got {tuple(rows.shape)} {rows.dtype} {rows.device}")
+    if index.dtype != torch.int32 or (offsets is not None and offsets.dtype != torch.int32):
+        raise ValueError("index and offsets must be int32")
+    if torch.compiler.is_compiling():  # an opaque op to the compiler, with its output shape known
+        return torch.ops.dsformer.weighted_bags(rows, index, weights, offsets, bag_size or 0)
+    return _weighted_bags(rows, index, weights, offsets, bag_size or 0)
+
+
+def _weighted_bags(
+    rows: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor | None, bag_size: int
+) -> torch.Tensor:
+    rows, index = rows.contiguous(), index.contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    offsets = offsets.contiguous() if offsets is not None else None
+    bags = _bag_count(index, offsets, bag_size)
+    out = rows.new_empty(rows.shape[0], bags, rows.shape[2])
+    _library().dsformer_weighted_bags(
+        rows.data_ptr(), rows.shape[0], rows.shape[1], rows.shape[2], index.data_ptr(),
+        None if offsets is None else offsets.data_ptr(), bag_size, weights.data_ptr(), bags, out.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def _bag_count(index: torch.Tensor, offsets: torch.Tensor | None, bag_size: int) -> int:
+    return index.shape[0] // bag_size if offsets is None else offsets.shape[0] - 1
+
+
+_op = torch.library.custom_op("dsformer::weighted_bags", mutates_args=())(_weighted_bags)
+
+
+@_op.register_fake
+def _(rows, index, weights, offsets, bag_size):
+    return rows.new_empty(rows.shape[0], _bag_count(index, offsets, bag_size), rows.shape[2])
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("DSFORMER_NATIVE", "1") == "0":
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64") or platform.system() != "Linux":
+        return None
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        return None
+    try:
+        lib = ctypes.CDLL(str(_compiled(compiler)))
+    except (OSError, subprocess.SubprocessError) as err:
+        warnings.warn(f"dsformer: native gather kernel not built ({err}); using the embedding-bag", stacklevel=2)
+        return None
+    fn = lib.dsformer_weighted_bags
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return lib
+
+
+def _compiled(compiler: str) -> Path:
+    """The shared library for this source and these flags, built once per machine and cached."""
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    folder = Path(os.environ.get("DSFORMER_CACHE", Path.home() / ".cache" / "dsformer")) / "native"
+    target = folder / f"bags-{key}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run(
+            [compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True, timeout=300
+        )
+        if result.returncode != 0:
+            raise subprocess.SubprocessError(result.stderr.strip()[-500:] or f"{compiler} exited {result.returncode}")
+        os.replace(built, target)  # atomic: a concurrent process sees the whole library or none
+    return target
