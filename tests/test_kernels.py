@@ -234,6 +234,13 @@ def test_native_bags_match_the_embedding_bag(row_len, sequences):
     got = native.weighted_bags(rows, index.reshape(-1), weights.reshape(-1), offsets=offsets)
     assert torch.allclose(got, want, atol=1e-5)
     assert not got[:, [1, 4]].any()
+    # bias added in the kernel, output written token-major
+    bias = torch.randn(5, generator=gen)
+    got = native.weighted_bags(
+        rows, index.reshape(-1), weights.reshape(-1), offsets=offsets, bias=bias, token_major=True
+    )
+    assert got.shape == (sequences, row_len, 5)
+    assert torch.allclose(got, (want + bias[:, None]).mT, atol=1e-5)
 
 
 @native_only

@@ -1,8 +1,10 @@
 /* Weighted bags of rows, the sparse stage of a dense-sparse product (dsformer.kernels.native).
  *
- *   out[s, b, :] = sum over e in bag b of weights[e] * rows[s, index[e], :]
+ *   out[s, b, :] = bias[b] + sum over e in bag b of weights[e] * rows[s, index[e], :]
  *
- * Bag b is [offsets[b], offsets[b + 1]), or [b * bag_size, (b + 1) * bag_size) when offsets is NULL.
+ * Bag b is [offsets[b], offsets[b + 1]), or [b * bag_size, (b + 1) * bag_size) when offsets is NULL;
+ * bias may be NULL. With token_major set, out is laid out (s, :, b) instead: each bag's values go
+ * down a column, which spares the caller a transposing copy (the stores are 1/bag-size of the work).
  * Each output row is accumulated in AVX-512 registers over its whole bag, up to 128 floats at a
  * time, and stored once: the inner loop is one load and one multiply-add per 16 floats, where an
  * embedding-bag that adds into its output in memory also loads and stores the output every time.
@@ -15,35 +17,47 @@ static inline __mmask16 tail_mask(int64_t n) {
     return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
 }
 
-/* bag_NV: one bag over one slice of NV vectors (n floats, 16 * (NV - 1) < n <= 16 * NV) */
+/* bag_NV: one bag over one slice of NV vectors (n floats, 16 * (NV - 1) < n <= 16 * NV), written at
+   out[0], out[out_step], ... */
 static void bag_1(const float *rows, int64_t row_len, const int32_t *index, const float *weights,
-                  int64_t e0, int64_t e1, float *out, int64_t n) {
+                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n) {
     const __mmask16 last = tail_mask(n - 0);
-    __m512 a0 = _mm512_setzero_ps();
+    __m512 a0 = _mm512_set1_ps(start);
     for (int64_t e = e0; e < e1; e++) {
         const float *r = rows + (int64_t)index[e] * row_len;
         const __m512 w = _mm512_set1_ps(weights[e]);
         a0 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(last, r + 0), a0);
     }
-    _mm512_mask_storeu_ps(out + 0, last, a0);
+    if (out_step == 1) {
+        _mm512_mask_storeu_ps(out + 0, last, a0);
+    } else {  /* token-major output: the bag's values go down a column */
+        const __m512i step = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)out_step));
+        _mm512_mask_i32scatter_ps(out + 0 * out_step, last, step, a0, 4);
+    }
 }
 static void bag_2(const float *rows, int64_t row_len, const int32_t *index, const float *weights,
-                  int64_t e0, int64_t e1, float *out, int64_t n) {
+                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n) {
     const __mmask16 last = tail_mask(n - 16);
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    __m512 a0 = _mm512_set1_ps(start), a1 = _mm512_set1_ps(start);
     for (int64_t e = e0; e < e1; e++) {
         const float *r = rows + (int64_t)index[e] * row_len;
         const __m512 w = _mm512_set1_ps(weights[e]);
         a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 0), a0);
         a1 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(last, r + 16), a1);
     }
-    _mm512_storeu_ps(out + 0, a0);
-    _mm512_mask_storeu_ps(out + 16, last, a1);
+    if (out_step == 1) {
+        _mm512_storeu_ps(out + 0, a0);
+        _mm512_mask_storeu_ps(out + 16, last, a1);
+    } else {  /* token-major output: the bag's values go down a column */
+        const __m512i step = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)out_step));
+        _mm512_i32scatter_ps(out + 0 * out_step, step, a0, 4);
+        _mm512_mask_i32scatter_ps(out + 16 * out_step, last, step, a1, 4);
+    }
 }
 static void bag_3(const float *rows, int64_t row_len, const int32_t *index, const float *weights,
-                  int64_t e0, int64_t e1, float *out, int64_t n) {
+                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n) {
     const __mmask16 last = tail_mask(n - 32);
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
+    __m512 a0 = _mm512_set1_ps(start), a1 = _mm512_set1_ps(start), a2 = _mm512_set1_ps(start);
     for (int64_t e = e0; e < e1; e++) {
         const float *r = rows + (int64_t)index[e] * row_len;
         const __m512 w = _mm512_set1_ps(weights[e]);
@@ -51,14 +65,21 @@ static void bag_3(const float *rows, int64_t row_len, const int32_t *index, cons
         a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 16), a1);
         a2 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(last, r + 32), a2);
     }
-    _mm512_storeu_ps(out + 0, a0);
-    _mm512_storeu_ps(out + 16, a1);
-    _mm512_mask_storeu_ps(out + 32, last, a2);
+    if (out_step == 1) {
+        _mm512_storeu_ps(out + 0, a0);
+        _mm512_storeu_ps(out + 16, a1);
+        _mm512_mask_storeu_ps(out + 32, last, a2);
+    } else {  /* token-major output: the bag's values go down a column */
+        const __m512i step = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)out_step));
+        _mm512_i32scatter_ps(out + 0 * out_step, step, a0, 4);
+        _mm512_i32scatter_ps(out + 16 * out_step, step, a1, 4);
+        _mm512_mask_i32scatter_ps(out + 32 * out_step, last, step, a2, 4);
+    }
 }
 static void bag_4(const float *rows, int64_t row_len, const int32_t *index, const float *weights,
-                  int64_t e0, int64_t e1, float *out, int64_t n) {
+                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n) {
     const __mmask16 last = tail_mask(n - 48);
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    __m512 a0 = _mm512_set1_ps(start), a1 = _mm512_set1_ps(start), a2 = _mm512_set1_ps(start), a3 = _mm512_set1_ps(start);
     for (int64_t e = e0; e < e1; e++) {
         const float *r = rows + (int64_t)index[e] * row_len;
         const __m512 w = _mm512_set1_ps(weights[e]);
@@ -67,15 +88,23 @@ static void bag_4(const float *rows, int64_t row_len, const int32_t *index, cons
         a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 32), a2);
         a3 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(last, r + 48), a3);
     }
-    _mm512_storeu_ps(out + 0, a0);
-    _mm512_storeu_ps(out + 16, a1);
-    _mm512_storeu_ps(out + 32, a2);
-    _mm512_mask_storeu_ps(out + 48, last, a3);
+    if (out_step == 1) {
+        _mm512_storeu_ps(out + 0, a0);
+        _mm512_storeu_ps(out + 16, a1);
+        _mm512_storeu_ps(out + 32, a2);
+        _mm512_mask_storeu_ps(out + 48, last, a3);
+    } else {  /* token-major output: the bag's values go down a column */
+        const __m512i step = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)out_step));
+        _mm512_i32scatter_ps(out + 0 * out_step, step, a0, 4);
+        _mm512_i32scatter_ps(out + 16 * out_step, step, a1, 4);
+        _mm512_i32scatter_ps(out + 32 * out_step, step, a2, 4);
+        _mm512_mask_i32scatter_ps(out + 48 * out_step, last, step, a3, 4);
+    }
 }
 static void bag_5(const float *rows, int64_t row_len, const int32_t *index, const float *weights,
-                  int64_t e0, int64_t e1, float *out, int64_t n) {
+                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n) {
     const __mmask16 last = tail_mask(n - 64);
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps(), a4 = _mm512_setzero_ps();
+    __m512 a0 = _mm512_set1_ps(start), a1 = _mm512_set1_ps(start), a2 = _mm512_set1_ps(start), a3 = _mm512_set1_ps(start), a4 = _mm512_set1_ps(start);
     for (int64_t e = e0; e < e1; e++) {
         const float *r = rows + (int64_t)index[e] * row_len;
         const __m512 w = _mm512_set1_ps(weights[e]);
@@ -85,16 +114,25 @@ static void bag_5(const float *rows, int64_t row_len, const int32_t *index, cons
         a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 48), a3);
         a4 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(last, r + 64), a4);
     }
-    _mm512_storeu_ps(out + 0, a0);
-    _mm512_storeu_ps(out + 16, a1);
-    _mm512_storeu_ps(out + 32, a2);
-    _mm512_storeu_ps(out + 48, a3);
-    _mm512_mask_storeu_ps(out + 64, last, a4);
+    if (out_step == 1) {
+        _mm512_storeu_ps(out + 0, a0);
+        _mm512_storeu_ps(out + 16, a1);
+        _mm512_storeu_ps(out + 32, a2);
+        _mm512_storeu_ps(out + 48, a3);
+        _mm512_mask_storeu_ps(out + 64, last, a4);
+    } else {  /* token-major output: the bag's values go down a column */
+        const __m512i step = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)out_step));
+        _mm512_i32scatter_ps(out + 0 * out_step, step, a0, 4);
+        _mm512_i32scatter_ps(out + 16 * out_step, step, a1, 4);
+        _mm512_i32scatter_ps(out + 32 * out_step, step, a2, 4);
+        _mm512_i32scatter_ps(out + 48 * out_step, step, a3, 4);
+        _mm512_mask_i32scatter_ps(out + 64 * out_step, last, step, a4, 4);
+    }
 }
 static void bag_6(const float *rows, int64_t row_len, const int32_t *index, const float *weights,
-                  int64_t e0, int64_t e1, float *out, int64_t n) {
+                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n) {
     const __mmask16 last = tail_mask(n - 80);
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps(), a4 = _mm512_setzero_ps(), a5 = _mm512_setzero_ps();
+    __m512 a0 = _mm512_set1_ps(start), a1 = _mm512_set1_ps(start), a2 = _mm512_set1_ps(start), a3 = _mm512_set1_ps(start), a4 = _mm512_set1_ps(start), a5 = _mm512_set1_ps(start);
     for (int64_t e = e0; e < e1; e++) {
         const float *r = rows + (int64_t)index[e] * row_len;
         const __m512 w = _mm512_set1_ps(weights[e]);
@@ -105,17 +143,27 @@ static void bag_6(const float *rows, int64_t row_len, const int32_t *index, cons
         a4 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 64), a4);
         a5 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(last, r + 80), a5);
     }
-    _mm512_storeu_ps(out + 0, a0);
-    _mm512_storeu_ps(out + 16, a1);
-    _mm512_storeu_ps(out + 32, a2);
-    _mm512_storeu_ps(out + 48, a3);
-    _mm512_storeu_ps(out + 64, a4);
-    _mm512_mask_storeu_ps(out + 80, last, a5);
+    if (out_step == 1) {
+        _mm512_storeu_ps(out + 0, a0);
+        _mm512_storeu_ps(out + 16, a1);
+        _mm512_storeu_ps(out + 32, a2);
+        _mm512_storeu_ps(out + 48, a3);
+        _mm512_storeu_ps(out + 64, a4);
+        _mm512_mask_storeu_ps(out + 80, last, a5);
+    } else {  /* token-major output: the bag's values go down a column */
+        const __m512i step = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)out_step));
+        _mm512_i32scatter_ps(out + 0 * out_step, step, a0, 4);
+        _mm512_i32scatter_ps(out + 16 * out_step, step, a1, 4);
+        _mm512_i32scatter_ps(out + 32 * out_step, step, a2, 4);
+        _mm512_i32scatter_ps(out + 48 * out_step, step, a3, 4);
+        _mm512_i32scatter_ps(out + 64 * out_step, step, a4, 4);
+        _mm512_mask_i32scatter_ps(out + 80 * out_step, last, step, a5, 4);
+    }
 }
 static void bag_7(const float *rows, int64_t row_len, const int32_t *index, const float *weights,
-                  int64_t e0, int64_t e1, float *out, int64_t n) {
+                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n) {
     const __mmask16 last = tail_mask(n - 96);
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps(), a4 = _mm512_setzero_ps(), a5 = _mm512_setzero_ps(), a6 = _mm512_setzero_ps();
+    __m512 a0 = _mm512_set1_ps(start), a1 = _mm512_set1_ps(start), a2 = _mm512_set1_ps(start), a3 = _mm512_set1_ps(start), a4 = _mm512_set1_ps(start), a5 = _mm512_set1_ps(start), a6 = _mm512_set1_ps(start);
     for (int64_t e = e0; e < e1; e++) {
         const float *r = rows + (int64_t)index[e] * row_len;
         const __m512 w = _mm512_set1_ps(weights[e]);
@@ -127,18 +175,29 @@ static void bag_7(const float *rows, int64_t row_len, const int32_t *index, cons
         a5 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 80), a5);
         a6 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(last, r + 96), a6);
     }
-    _mm512_storeu_ps(out + 0, a0);
-    _mm512_storeu_ps(out + 16, a1);
-    _mm512_storeu_ps(out + 32, a2);
-    _mm512_storeu_ps(out + 48, a3);
-    _mm512_storeu_ps(out + 64, a4);
-    _mm512_storeu_ps(out + 80, a5);
-    _mm512_mask_storeu_ps(out + 96, last, a6);
+    if (out_step == 1) {
+        _mm512_storeu_ps(out + 0, a0);
+        _mm512_storeu_ps(out + 16, a1);
+        _mm512_storeu_ps(out + 32, a2);
+        _mm512_storeu_ps(out + 48, a3);
+        _mm512_storeu_ps(out + 64, a4);
+        _mm512_storeu_ps(out + 80, a5);
+        _mm512_mask_storeu_ps(out + 96, last, a6);
+    } else {  /* token-major output: the bag's values go down a column */
+        const __m512i step = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)out_step));
+        _mm512_i32scatter_ps(out + 0 * out_step, step, a0, 4);
+        _mm512_i32scatter_ps(out + 16 * out_step, step, a1, 4);
+        _mm512_i32scatter_ps(out + 32 * out_step, step, a2, 4);
+        _mm512_i32scatter_ps(out + 48 * out_step, step, a3, 4);
+        _mm512_i32scatter_ps(out + 64 * out_step, step, a4, 4);
+        _mm512_i32scatter_ps(out + 80 * out_step, step, a5, 4);
+        _mm512_mask_i32scatter_ps(out + 96 * out_step, last, step, a6, 4);
+    }
 }
 static void bag_8(const float *rows, int64_t row_len, const int32_t *index, const float *weights,
-                  int64_t e0, int64_t e1, float *out, int64_t n) {
+                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n) {
     const __mmask16 last = tail_mask(n - 112);
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps(), a4 = _mm512_setzero_ps(), a5 = _mm512_setzero_ps(), a6 = _mm512_setzero_ps(), a7 = _mm512_setzero_ps();
+    __m512 a0 = _mm512_set1_ps(start), a1 = _mm512_set1_ps(start), a2 = _mm512_set1_ps(start), a3 = _mm512_set1_ps(start), a4 = _mm512_set1_ps(start), a5 = _mm512_set1_ps(start), a6 = _mm512_set1_ps(start), a7 = _mm512_set1_ps(start);
     for (int64_t e = e0; e < e1; e++) {
         const float *r = rows + (int64_t)index[e] * row_len;
         const __m512 w = _mm512_set1_ps(weights[e]);
@@ -151,42 +210,57 @@ static void bag_8(const float *rows, int64_t row_len, const int32_t *index, cons
         a6 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 96), a6);
         a7 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(last, r + 112), a7);
     }
-    _mm512_storeu_ps(out + 0, a0);
-    _mm512_storeu_ps(out + 16, a1);
-    _mm512_storeu_ps(out + 32, a2);
-    _mm512_storeu_ps(out + 48, a3);
-    _mm512_storeu_ps(out + 64, a4);
-    _mm512_storeu_ps(out + 80, a5);
-    _mm512_storeu_ps(out + 96, a6);
-    _mm512_mask_storeu_ps(out + 112, last, a7);
+    if (out_step == 1) {
+        _mm512_storeu_ps(out + 0, a0);
+        _mm512_storeu_ps(out + 16, a1);
+        _mm512_storeu_ps(out + 32, a2);
+        _mm512_storeu_ps(out + 48, a3);
+        _mm512_storeu_ps(out + 64, a4);
+        _mm512_storeu_ps(out + 80, a5);
+        _mm512_storeu_ps(out + 96, a6);
+        _mm512_mask_storeu_ps(out + 112, last, a7);
+    } else {  /* token-major output: the bag's values go down a column */
+        const __m512i step = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)out_step));
+        _mm512_i32scatter_ps(out + 0 * out_step, step, a0, 4);
+        _mm512_i32scatter_ps(out + 16 * out_step, step, a1, 4);
+        _mm512_i32scatter_ps(out + 32 * out_step, step, a2, 4);
+        _mm512_i32scatter_ps(out + 48 * out_step, step, a3, 4);
+        _mm512_i32scatter_ps(out + 64 * out_step, step, a4, 4);
+        _mm512_i32scatter_ps(out + 80 * out_step, step, a5, 4);
+        _mm512_i32scatter_ps(out + 96 * out_step, step, a6, 4);
+        _mm512_mask_i32scatter_ps(out + 112 * out_step, last, step, a7, 4);
+    }
 }
 
 int dsformer_weighted_bags(const float *rows, int64_t sequences, int64_t rows_per_sequence, int64_t row_len,
                            const int32_t *index, const int32_t *offsets, int64_t bag_size, const float *weights,
-                           int64_t bags, float *out, int threads) {
+                           const float *bias, int64_t bags, float *out, int token_major, int threads) {
     if (threads < 1) threads = 1;
     if (threads > bags) threads = (int)(bags > 0 ? bags : 1);
+    const int64_t step = token_major ? bags : 1;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int t = 0; t < threads; t++) {
         const int64_t first = bags * t / threads, stop = bags * (t + 1) / threads;
         for (int64_t s = 0; s < sequences; s++) {
             const float *seq = rows + s * rows_per_sequence * row_len;
+            float *seq_out = out + s * bags * row_len;
             for (int64_t b = first; b < stop; b++) {
                 const int64_t e0 = offsets ? offsets[b] : b * bag_size;
                 const int64_t e1 = offsets ? offsets[b + 1] : (b + 1) * bag_size;
+                const float start = bias ? bias[b] : 0.0f;
                 for (int64_t l0 = 0; l0 < row_len; l0 += 128) {
                     const int64_t n = row_len - l0 < 128 ? row_len - l0 : 128;
                     const float *r = seq + l0;
-                    float *o = out + (s * bags + b) * row_len + l0;
+                    float *o = token_major ? seq_out + l0 * bags + b : seq_out + b * row_len + l0;
                     switch ((n + 15) / 16) {
-                case 1: bag_1(r, row_len, index, weights, e0, e1, o, n); break;
-                case 2: bag_2(r, row_len, index, weights, e0, e1, o, n); break;
-                case 3: bag_3(r, row_len, index, weights, e0, e1, o, n); break;
-                case 4: bag_4(r, row_len, index, weights, e0, e1, o, n); break;
-                case 5: bag_5(r, row_len, index, weights, e0, e1, o, n); break;
-                case 6: bag_6(r, row_len, index, weights, e0, e1, o, n); break;
-                case 7: bag_7(r, row_len, index, weights, e0, e1, o, n); break;
-                default: bag_8(r, row_len, index, weights, e0, e1, o, n); break;
+                        case 1: bag_1(r, row_len, index, weights, e0, e1, start, o, step, n); break;
+                        case 2: bag_2(r, row_len, index, weights, e0, e1, start, o, step, n); break;
+                        case 3: bag_3(r, row_len, index, weights, e0, e1, start, o, step, n); break;
+                        case 4: bag_4(r, row_len, index, weights, e0, e1, start, o, step, n); break;
+                        case 5: bag_5(r, row_len, index, weights, e0, e1, start, o, step, n); break;
+                        case 6: bag_6(r, row_len, index, weights, e0, e1, start, o, step, n); break;
+                        case 7: bag_7(r, row_len, index, weights, e0, e1, start, o, step, n); break;
+                        default: bag_8(r, row_len, index, weights, e0, e1, start, o, step, n); break;
                     }
                 }
             }

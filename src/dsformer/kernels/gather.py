@@ -14,8 +14,8 @@ else on ``F.embedding_bag`` (CUDA, other CPUs). Both work one sequence at a time
 (``x (..., L, f)``): the gathered rows are that sequence's ``L`` tokens, which stay in cache.
 A widening row layer (an FFN's up-projection) returns a transposed view of its ``(N, L)``
 storage rather than copying it back: the activation keeps that layout, and the column-vector
-layer after it reads it without a copy. Other row layers copy back to token-major rows, which
-attention and residual sums need.
+layer after it reads it without a copy. Other layers write token-major rows, which attention
+and residual sums need, straight from the kernel (with the bias added there).
 
 Example:
     >>> import torch
@@ -56,25 +56,36 @@ def column_plan(indices: torch.Tensor, values: torch.Tensor, k: int) -> ColumnPl
     return ColumnPlan(vectors.int(), offsets.int(), values.reshape(-1)[order])
 
 
-def _bags(rows: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
-    """``rows (S, R, L) -> (S, B, L)``: weighted sums of rows, one bag per output row, every sequence.
+def _bags(
+    rows: torch.Tensor,
+    index: torch.Tensor,
+    weights: torch.Tensor,
+    offsets: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+    token_major: bool = False,
+) -> torch.Tensor:
+    """``rows (S, R, L) -> (S, B, L)``: weighted sums of rows plus ``bias``, one bag per output row.
 
     ELL bags (``offsets`` None: ``index`` and ``weights`` are ``(B, s)``) or CSR bags (``offsets``
-    ``(B + 1,)`` over flat ``index`` and ``weights``). The compiled kernel where it runs
-    (:mod:`dsformer.kernels.native`), else an embedding-bag per sequence; both give the same sums.
+    ``(B + 1,)`` over flat ``index`` and ``weights``); ``token_major`` gives ``(S, L, B)``. The
+    compiled kernel where it runs (:mod:`dsformer.kernels.native`), else an embedding-bag per
+    sequence; both give the same sums.
     """
     index = index if index.dtype == torch.int32 else index.int()
     if rows.dtype == torch.float32 and rows.device.type == "cpu" and native.available():
-        if offsets is None:
-            return native.weighted_bags(rows, index.reshape(-1), weights.reshape(-1), bag_size=index.shape[1])
-        return native.weighted_bags(rows, index, weights, offsets=offsets)
+        ell = {"bag_size": index.shape[1]} if offsets is None else {"offsets": offsets}
+        return native.weighted_bags(
+            rows, index.reshape(-1), weights.reshape(-1), bias=bias, token_major=token_major, **ell
+        )
     bags = index.shape[0] if offsets is None else offsets.shape[0] - 1
     out = rows.new_empty(rows.shape[0], bags, rows.shape[2])
     for i in range(rows.shape[0]):
         out[i] = F.embedding_bag(
             index, rows[i], offsets, per_sample_weights=weights, mode="sum", include_last_offset=offsets is not None
         )
-    return out
+    if bias is not None:
+        out += bias[:, None]
+    return out.mT.contiguous() if token_major else out
 
 
 def _sequences(x: torch.Tensor) -> torch.Tensor:
@@ -100,14 +111,11 @@ def ds_rows(
         zt = torch.matmul(basis, seqs.mT)  # (S, k, L)
     else:
         zt = dense_stage(seqs).mT.contiguous()
-    yt = _bags(zt, indices, values, None)  # (S, N, L)
-    if bias is not None:
-        yt += bias[:, None]
-    y = yt.mT
-    if indices.shape[0] <= seqs.shape[-1]:
-        # a layer that does not widen feeds attention or a residual sum, which want token-major
-        # rows (CPU flash attention needs the head dimension contiguous): transpose back
-        y = y.contiguous()
+    # a layer that does not widen feeds attention or a residual sum, which want token-major rows
+    # (CPU flash attention needs the head dimension contiguous); a widening one keeps (N, L) storage
+    widening = indices.shape[0] > seqs.shape[-1]
+    y = _bags(zt, indices, values, None, bias, token_major=not widening)
+    y = y.mT if widening else y  # (S, L, N)
     return y.reshape(*x.shape[:-1], indices.shape[0])
 
 
@@ -121,8 +129,8 @@ def ds_columns(
     """``x (..., L, N) -> (..., L, d)`` for column vectors: ``y = Bᵀ (Cᵀ x)``; ``dense_stage`` computes
     ``U B`` another way (as in :func:`ds_rows`)."""
     xt = _sequences(x).mT.contiguous()  # (S, N, L): no copy when x came from a row layer's gather
-    ut = _bags(xt, plan.vectors, plan.values, plan.offsets)  # (S, k, L)
-    y = torch.matmul(ut.mT, basis) if dense_stage is None else dense_stage(ut.mT.contiguous())
+    u = _bags(xt, plan.vectors, plan.values, plan.offsets, token_major=True)  # (S, L, k)
+    y = torch.matmul(u, basis) if dense_stage is None else dense_stage(u)
     if bias is not None:
         y += bias
     return y.reshape(*x.shape[:-1], basis.shape[1])

@@ -57,12 +57,16 @@ def weighted_bags(
     *,
     offsets: torch.Tensor | None = None,
     bag_size: int | None = None,
+    bias: torch.Tensor | None = None,
+    token_major: bool = False,
 ) -> torch.Tensor:
     """``rows (S, R, L)`` float32 on CPU, ``index (E,)`` int32, ``weights (E,)`` -> ``(S, B, L)``.
 
     Bags are given either by ``offsets (B + 1,)`` int32 (bag ``b`` is ``offsets[b]:offsets[b + 1]``,
-    empty bags give zeros) or by a fixed ``bag_size`` (``E = B * bag_size``). Indices are not checked:
-    callers pass indices below ``R`` (a DS layer's are, by construction).
+    empty bags give zeros) or by a fixed ``bag_size`` (``E = B * bag_size``). ``bias (B,)`` is added
+    to every bag's row; ``token_major`` returns ``(S, L, B)`` instead, written in place of a
+    transposing copy. Indices are not checked: callers pass indices below ``R`` (a DS layer's are,
+    by construction).
     """
     if _library() is None:
         raise RuntimeError("the native kernel is not available here (dsformer.kernels.native.available())")
@@ -73,24 +77,39 @@ def weighted_bags(
     if index.dtype != torch.int32 or (offsets is not None and offsets.dtype != torch.int32):
         raise ValueError("index and offsets must be int32")
     if torch.compiler.is_compiling():  # an opaque op to the compiler, with its output shape known
-        return torch.ops.dsformer.weighted_bags(rows, index, weights, offsets, bag_size or 0)
-    return _weighted_bags(rows, index, weights, offsets, bag_size or 0)
+        return torch.ops.dsformer.weighted_bags(rows, index, weights, offsets, bag_size or 0, bias, token_major)
+    return _weighted_bags(rows, index, weights, offsets, bag_size or 0, bias, token_major)
 
 
 def _weighted_bags(
-    rows: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor | None, bag_size: int
+    rows: torch.Tensor,
+    index: torch.Tensor,
+    weights: torch.Tensor,
+    offsets: torch.Tensor | None,
+    bag_size: int,
+    bias: torch.Tensor | None,
+    token_major: bool,
 ) -> torch.Tensor:
     rows, index = rows.contiguous(), index.contiguous()
     weights = weights.to(torch.float32).contiguous()
     offsets = offsets.contiguous() if offsets is not None else None
-    bags = _bag_count(index, offsets, bag_size)
-    out = rows.new_empty(rows.shape[0], bags, rows.shape[2])
+    bias = bias.to(torch.float32).contiguous() if bias is not None else None
+    out = _output(rows, index, offsets, bag_size, token_major)
     _library().dsformer_weighted_bags(
         rows.data_ptr(), rows.shape[0], rows.shape[1], rows.shape[2], index.data_ptr(),
-        None if offsets is None else offsets.data_ptr(), bag_size, weights.data_ptr(), bags, out.data_ptr(),
-        torch.get_num_threads(),
+        None if offsets is None else offsets.data_ptr(), bag_size, weights.data_ptr(),
+        None if bias is None else bias.data_ptr(), _bag_count(index, offsets, bag_size), out.data_ptr(),
+        int(token_major), torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+def _output(
+    rows: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor | None, bag_size: int, token_major: bool
+) -> torch.Tensor:
+    bags = _bag_count(index, offsets, bag_size)
+    shape = (rows.shape[0], rows.shape[2], bags) if token_major else (rows.shape[0], bags, rows.shape[2])
+    return rows.new_empty(shape)
 
 
 def _bag_count(index: torch.Tensor, offsets: torch.Tensor | None, bag_size: int) -> int:
@@ -101,8 +120,8 @@ _op = torch.library.custom_op("dsformer::weighted_bags", mutates_args=())(_weigh
 
 
 @_op.register_fake
-def _(rows, index, weights, offsets, bag_size):
-    return rows.new_empty(rows.shape[0], _bag_count(index, offsets, bag_size), rows.shape[2])
+def _(rows, index, weights, offsets, bag_size, bias, token_major):
+    return _output(rows, index, offsets, bag_size, token_major)
 
 
 @functools.cache
@@ -123,7 +142,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     fn = lib.dsformer_weighted_bags
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr, ctypes.c_int]
+    fn.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
     return lib
 
