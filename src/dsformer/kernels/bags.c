@@ -232,6 +232,19 @@ static void bag_8(const float *rows, int64_t row_len, const int32_t *index, cons
     }
 }
 
+/* The first bag of thread t's share: equal numbers of bags, or of entries when bag sizes vary
+   (a column layer's atoms are used very unevenly). */
+static int64_t split(const int32_t *offsets, int64_t bags, int t, int threads) {
+    if (!offsets) return bags * t / threads;
+    const int64_t target = (int64_t)offsets[bags] * t / threads;
+    int64_t lo = 0, hi = bags;
+    while (lo < hi) {  /* the first bag starting at or after target */
+        const int64_t mid = (lo + hi) / 2;
+        if (offsets[mid] < target) lo = mid + 1; else hi = mid;
+    }
+    return t == threads ? bags : lo;
+}
+
 int dsformer_weighted_bags(const float *rows, int64_t sequences, int64_t rows_per_sequence, int64_t row_len,
                            const int32_t *index, const int32_t *offsets, int64_t bag_size, const float *weights,
                            const float *bias, int64_t bags, float *out, int token_major, int threads) {
@@ -240,7 +253,7 @@ int dsformer_weighted_bags(const float *rows, int64_t sequences, int64_t rows_pe
     const int64_t step = token_major ? bags : 1;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int t = 0; t < threads; t++) {
-        const int64_t first = bags * t / threads, stop = bags * (t + 1) / threads;
+        const int64_t first = split(offsets, bags, t, threads), stop = split(offsets, bags, t + 1, threads);
         for (int64_t s = 0; s < sequences; s++) {
             const float *seq = rows + s * rows_per_sequence * row_len;
             float *seq_out = out + s * bags * row_len;

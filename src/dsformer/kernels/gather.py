@@ -129,8 +129,9 @@ def ds_columns(
     """``x (..., L, N) -> (..., L, d)`` for column vectors: ``y = Bᵀ (Cᵀ x)``; ``dense_stage`` computes
     ``U B`` another way (as in :func:`ds_rows`)."""
     xt = _sequences(x).mT.contiguous()  # (S, N, L): no copy when x came from a row layer's gather
-    u = _bags(xt, plan.vectors, plan.values, plan.offsets, token_major=True)  # (S, L, k)
-    y = torch.matmul(u, basis) if dense_stage is None else dense_stage(u)
+    # atom-major: the scatter of token-major output costs more than the GEMM saves on a transposed input
+    ut = _bags(xt, plan.vectors, plan.values, plan.offsets)  # (S, k, L)
+    y = torch.matmul(ut.mT, basis) if dense_stage is None else dense_stage(ut.mT.contiguous())
     if bias is not None:
         y += bias
     return y.reshape(*x.shape[:-1], basis.shape[1])
