@@ -261,3 +261,38 @@ def test_gather_falls_back_to_the_embedding_bag(monkeypatch):
     want = layer(x)
     monkeypatch.setattr(native, "available", lambda: False)
     assert torch.allclose(layer(x), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["auto", "gather", "dense"])
+def test_fused_gelu_computes_the_same_model(backend):
+    model = TINY_MODELS["bert"]()
+    dsformer.compress(model, dsformer.CompressConfig(fast_structure("ds")), progress=False)
+    want = model_output(model)
+    kernels.use_backend(model, backend)
+    ups = [m.intermediate for m in model.modules() if hasattr(m, "intermediate")]
+    assert ups and all(
+        u.dense.activation == "gelu" and isinstance(u.intermediate_act_fn, torch.nn.Identity) for u in ups
+    )
+    assert relative_error(model_output(model), want) < 1e-5
+    # merging puts the activation back where it came from; so does the reference backend
+    merged = dsformer.merge(__import__("copy").deepcopy(model))
+    assert all(
+        type(m.intermediate.intermediate_act_fn).__name__ == "GELUActivation"
+        for m in merged.modules()
+        if hasattr(m, "intermediate")
+    )
+    assert relative_error(model_output(merged), want) < 1e-4
+    kernels.use_backend(model, "reference")
+    assert all(u.dense.activation is None for u in ups)
+    assert relative_error(model_output(model), want) < 1e-5
+
+
+@native_only
+def test_native_gelu_matches_torch():
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(2, 9, 50, generator=gen) * 3
+    index = torch.randint(0, 9, (6, 3), generator=gen, dtype=torch.int32)
+    weights, bias = torch.randn(6, 3, generator=gen), torch.randn(6, generator=gen)
+    plain = native.weighted_bags(rows, index.reshape(-1), weights.reshape(-1), bag_size=3, bias=bias)
+    fused = native.weighted_bags(rows, index.reshape(-1), weights.reshape(-1), bag_size=3, bias=bias, gelu=True)
+    assert (fused - F.gelu(plain)).abs().max() < 2e-6

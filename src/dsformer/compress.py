@@ -226,6 +226,9 @@ def compact_layers(model: nn.Module) -> dict[str, CompactLinear]:
 
 def merge(model: nn.Module) -> nn.Module:
     """Replace every compact layer by the plain linear it computes (``Conv1D`` where it came from one)."""
+    from dsformer.kernels import unfuse_activations
+
+    unfuse_activations(model)  # a fused activation goes back to the module it came from
     for name, layer in compact_layers(model).items():
         dense = layer.merge()
         if layer.source_kind == "conv1d":

@@ -58,14 +58,57 @@ REVISION = 5
 def use_backend(model: nn.Module, name: str) -> int:
     """Set every compact layer of ``model`` to backend ``name``; returns how many layers were set.
 
-    A layer without the named path (``gather`` on low rank) keeps ``reference``.
+    A layer without the named path (``gather`` on low rank) keeps ``reference``. Any backend but
+    ``reference`` also fuses activations into the layers before them (:func:`fuse_activations`).
     """
     if name not in BACKENDS:
         raise DsformerError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     layers = [m for m in model.modules() if isinstance(m, CompactLinear)]
     for layer in layers:
         layer.backend = name if name == "auto" or name in layer.backends() else "reference"
+    if name == "reference":
+        unfuse_activations(model)
+    else:
+        fuse_activations(model)
     return len(layers)
+
+
+def fuse_activations(model: nn.Module) -> int:
+    """Move the exact GELU after each compact up-projection into the layer; returns how many moved.
+
+    A module with a compact ``dense`` layer followed by ``intermediate_act_fn`` (BERT, MPNet and
+    their kin) gets ``dense.activation = "gelu"`` and an identity in place of the activation, so
+    DS's gather kernel applies GELU before it stores each output instead of a separate pass.
+    Every path still computes ``gelu(layer(x))``; the module keeps its parameters and its saved
+    form. :func:`unfuse_activations` (and ``dsformer.compress.merge``) put the activation back.
+    """
+    moved = 0
+    for module in model.modules():
+        layer, act = getattr(module, "dense", None), getattr(module, "intermediate_act_fn", None)
+        if isinstance(layer, CompactLinear) and layer.activation is None and _is_exact_gelu(act):
+            layer.activation = "gelu"
+            layer.__dict__["_fused_from"] = act  # a plain attribute, not a submodule: restored by unfuse
+            module.intermediate_act_fn = nn.Identity()
+            moved += 1
+    return moved
+
+
+def unfuse_activations(model: nn.Module) -> int:
+    """Undo :func:`fuse_activations`; returns how many activations were put back."""
+    restored = 0
+    for module in model.modules():
+        layer = getattr(module, "dense", None)
+        if isinstance(layer, CompactLinear) and "_fused_from" in layer.__dict__:
+            module.intermediate_act_fn = layer.__dict__.pop("_fused_from")
+            layer.activation = None
+            restored += 1
+    return restored
+
+
+def _is_exact_gelu(act: Any) -> bool:
+    if isinstance(act, nn.GELU):
+        return act.approximate == "none"
+    return type(act).__name__ == "GELUActivation"  # transformers' exact GELU (erf form)
 
 
 def token_bucket(tokens: int) -> int:

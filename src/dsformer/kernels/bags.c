@@ -3,7 +3,7 @@
  *   out[s, b, :] = bias[b] + sum over e in bag b of weights[e] * rows[s, index[e], :]
  *
  * Bag b is [offsets[b], offsets[b + 1]), or [b * bag_size, (b + 1) * bag_size) when offsets is NULL;
- * bias may be NULL. With token_major set, out is laid out (s, :, b) instead: each bag's values go
+ * bias may be NULL; with gelu set, GELU is applied to each output before it is stored. With token_major set, out is laid out (s, :, b) instead: each bag's values go
  * down a column, which spares the caller a transposing copy (the stores are 1/bag-size of the work).
  * Each output row is accumulated in AVX-512 registers over its whole bag, up to 128 floats at a
  * time, and stored once: the inner loop is one load and one multiply-add per 16 floats, where an
@@ -17,16 +17,63 @@ static inline __mmask16 tail_mask(int64_t n) {
     return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
 }
 
+/* GELU with the exact erf form, 0.5 x (1 + erf(x / sqrt 2)), on 16 floats: erf by Abramowitz and
+   Stegun 7.1.26 (absolute error below 1.5e-7), its exp by a degree-6 polynomial scaled with vscalefps. */
+static inline __m512 exp_neg16(__m512 z) {  /* exp(-z) for z >= 0 */
+    const __m512 x = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_min_ps(z, _mm512_set1_ps(100.0f)));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 gelu16(__m512 x) {
+    const __m512 u = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
+    const __m512 a = _mm512_abs_ps(u);
+    const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
+    __m512 q = _mm512_set1_ps(1.061405429f);
+    q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(-1.453152027f));
+    q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(1.421413741f));
+    q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(-0.284496736f));
+    q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(0.254829592f));
+    q = _mm512_mul_ps(q, t);
+    const __m512 erf_abs = _mm512_fnmadd_ps(q, exp_neg16(_mm512_mul_ps(a, a)), _mm512_set1_ps(1.0f));
+    /* erf(u) = sign(u) erf(|u|); 1 + erf(u) for u < 0 is 1 - erf_abs */
+    const __mmask16 negative = _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_LT_OQ);
+    const __m512 one_plus = _mm512_mask_sub_ps(_mm512_add_ps(_mm512_set1_ps(1.0f), erf_abs), negative,
+                                               _mm512_set1_ps(1.0f), erf_abs);
+    return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), one_plus);
+}
+
+/* test hook: out[i] = gelu(in[i]) */
+void dsformer_gelu(const float *in, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = tail_mask(n - i);
+        _mm512_mask_storeu_ps(out + i, m, gelu16(_mm512_maskz_loadu_ps(m, in + i)));
+    }
+}
+
 /* bag_NV: one bag over one slice of NV vectors (n floats, 16 * (NV - 1) < n <= 16 * NV), written at
    out[0], out[out_step], ... */
 static void bag_1(const float *rows, int64_t row_len, const int32_t *index, const float *weights,
-                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n) {
+                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n, int gelu) {
     const __mmask16 last = tail_mask(n - 0);
     __m512 a0 = _mm512_set1_ps(start);
     for (int64_t e = e0; e < e1; e++) {
         const float *r = rows + (int64_t)index[e] * row_len;
         const __m512 w = _mm512_set1_ps(weights[e]);
         a0 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(last, r + 0), a0);
+    }
+    if (gelu) {
+        a0 = gelu16(a0);
     }
     if (out_step == 1) {
         _mm512_mask_storeu_ps(out + 0, last, a0);
@@ -36,7 +83,7 @@ static void bag_1(const float *rows, int64_t row_len, const int32_t *index, cons
     }
 }
 static void bag_2(const float *rows, int64_t row_len, const int32_t *index, const float *weights,
-                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n) {
+                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n, int gelu) {
     const __mmask16 last = tail_mask(n - 16);
     __m512 a0 = _mm512_set1_ps(start), a1 = _mm512_set1_ps(start);
     for (int64_t e = e0; e < e1; e++) {
@@ -44,6 +91,10 @@ static void bag_2(const float *rows, int64_t row_len, const int32_t *index, cons
         const __m512 w = _mm512_set1_ps(weights[e]);
         a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 0), a0);
         a1 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(last, r + 16), a1);
+    }
+    if (gelu) {
+        a0 = gelu16(a0);
+        a1 = gelu16(a1);
     }
     if (out_step == 1) {
         _mm512_storeu_ps(out + 0, a0);
@@ -55,7 +106,7 @@ static void bag_2(const float *rows, int64_t row_len, const int32_t *index, cons
     }
 }
 static void bag_3(const float *rows, int64_t row_len, const int32_t *index, const float *weights,
-                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n) {
+                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n, int gelu) {
     const __mmask16 last = tail_mask(n - 32);
     __m512 a0 = _mm512_set1_ps(start), a1 = _mm512_set1_ps(start), a2 = _mm512_set1_ps(start);
     for (int64_t e = e0; e < e1; e++) {
@@ -64,6 +115,11 @@ static void bag_3(const float *rows, int64_t row_len, const int32_t *index, cons
         a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 0), a0);
         a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 16), a1);
         a2 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(last, r + 32), a2);
+    }
+    if (gelu) {
+        a0 = gelu16(a0);
+        a1 = gelu16(a1);
+        a2 = gelu16(a2);
     }
     if (out_step == 1) {
         _mm512_storeu_ps(out + 0, a0);
@@ -77,7 +133,7 @@ static void bag_3(const float *rows, int64_t row_len, const int32_t *index, cons
     }
 }
 static void bag_4(const float *rows, int64_t row_len, const int32_t *index, const float *weights,
-                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n) {
+                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n, int gelu) {
     const __mmask16 last = tail_mask(n - 48);
     __m512 a0 = _mm512_set1_ps(start), a1 = _mm512_set1_ps(start), a2 = _mm512_set1_ps(start), a3 = _mm512_set1_ps(start);
     for (int64_t e = e0; e < e1; e++) {
@@ -87,6 +143,12 @@ static void bag_4(const float *rows, int64_t row_len, const int32_t *index, cons
         a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 16), a1);
         a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 32), a2);
         a3 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(last, r + 48), a3);
+    }
+    if (gelu) {
+        a0 = gelu16(a0);
+        a1 = gelu16(a1);
+        a2 = gelu16(a2);
+        a3 = gelu16(a3);
     }
     if (out_step == 1) {
         _mm512_storeu_ps(out + 0, a0);
@@ -102,7 +164,7 @@ static void bag_4(const float *rows, int64_t row_len, const int32_t *index, cons
     }
 }
 static void bag_5(const float *rows, int64_t row_len, const int32_t *index, const float *weights,
-                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n) {
+                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n, int gelu) {
     const __mmask16 last = tail_mask(n - 64);
     __m512 a0 = _mm512_set1_ps(start), a1 = _mm512_set1_ps(start), a2 = _mm512_set1_ps(start), a3 = _mm512_set1_ps(start), a4 = _mm512_set1_ps(start);
     for (int64_t e = e0; e < e1; e++) {
@@ -113,6 +175,13 @@ static void bag_5(const float *rows, int64_t row_len, const int32_t *index, cons
         a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 32), a2);
         a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 48), a3);
         a4 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(last, r + 64), a4);
+    }
+    if (gelu) {
+        a0 = gelu16(a0);
+        a1 = gelu16(a1);
+        a2 = gelu16(a2);
+        a3 = gelu16(a3);
+        a4 = gelu16(a4);
     }
     if (out_step == 1) {
         _mm512_storeu_ps(out + 0, a0);
@@ -130,7 +199,7 @@ static void bag_5(const float *rows, int64_t row_len, const int32_t *index, cons
     }
 }
 static void bag_6(const float *rows, int64_t row_len, const int32_t *index, const float *weights,
-                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n) {
+                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n, int gelu) {
     const __mmask16 last = tail_mask(n - 80);
     __m512 a0 = _mm512_set1_ps(start), a1 = _mm512_set1_ps(start), a2 = _mm512_set1_ps(start), a3 = _mm512_set1_ps(start), a4 = _mm512_set1_ps(start), a5 = _mm512_set1_ps(start);
     for (int64_t e = e0; e < e1; e++) {
@@ -142,6 +211,14 @@ static void bag_6(const float *rows, int64_t row_len, const int32_t *index, cons
         a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 48), a3);
         a4 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 64), a4);
         a5 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(last, r + 80), a5);
+    }
+    if (gelu) {
+        a0 = gelu16(a0);
+        a1 = gelu16(a1);
+        a2 = gelu16(a2);
+        a3 = gelu16(a3);
+        a4 = gelu16(a4);
+        a5 = gelu16(a5);
     }
     if (out_step == 1) {
         _mm512_storeu_ps(out + 0, a0);
@@ -161,7 +238,7 @@ static void bag_6(const float *rows, int64_t row_len, const int32_t *index, cons
     }
 }
 static void bag_7(const float *rows, int64_t row_len, const int32_t *index, const float *weights,
-                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n) {
+                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n, int gelu) {
     const __mmask16 last = tail_mask(n - 96);
     __m512 a0 = _mm512_set1_ps(start), a1 = _mm512_set1_ps(start), a2 = _mm512_set1_ps(start), a3 = _mm512_set1_ps(start), a4 = _mm512_set1_ps(start), a5 = _mm512_set1_ps(start), a6 = _mm512_set1_ps(start);
     for (int64_t e = e0; e < e1; e++) {
@@ -174,6 +251,15 @@ static void bag_7(const float *rows, int64_t row_len, const int32_t *index, cons
         a4 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 64), a4);
         a5 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 80), a5);
         a6 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(last, r + 96), a6);
+    }
+    if (gelu) {
+        a0 = gelu16(a0);
+        a1 = gelu16(a1);
+        a2 = gelu16(a2);
+        a3 = gelu16(a3);
+        a4 = gelu16(a4);
+        a5 = gelu16(a5);
+        a6 = gelu16(a6);
     }
     if (out_step == 1) {
         _mm512_storeu_ps(out + 0, a0);
@@ -195,7 +281,7 @@ static void bag_7(const float *rows, int64_t row_len, const int32_t *index, cons
     }
 }
 static void bag_8(const float *rows, int64_t row_len, const int32_t *index, const float *weights,
-                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n) {
+                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n, int gelu) {
     const __mmask16 last = tail_mask(n - 112);
     __m512 a0 = _mm512_set1_ps(start), a1 = _mm512_set1_ps(start), a2 = _mm512_set1_ps(start), a3 = _mm512_set1_ps(start), a4 = _mm512_set1_ps(start), a5 = _mm512_set1_ps(start), a6 = _mm512_set1_ps(start), a7 = _mm512_set1_ps(start);
     for (int64_t e = e0; e < e1; e++) {
@@ -209,6 +295,16 @@ static void bag_8(const float *rows, int64_t row_len, const int32_t *index, cons
         a5 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 80), a5);
         a6 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 96), a6);
         a7 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(last, r + 112), a7);
+    }
+    if (gelu) {
+        a0 = gelu16(a0);
+        a1 = gelu16(a1);
+        a2 = gelu16(a2);
+        a3 = gelu16(a3);
+        a4 = gelu16(a4);
+        a5 = gelu16(a5);
+        a6 = gelu16(a6);
+        a7 = gelu16(a7);
     }
     if (out_step == 1) {
         _mm512_storeu_ps(out + 0, a0);
@@ -247,7 +343,7 @@ static int64_t split(const int32_t *offsets, int64_t bags, int t, int threads) {
 
 int dsformer_weighted_bags(const float *rows, int64_t sequences, int64_t rows_per_sequence, int64_t row_len,
                            const int32_t *index, const int32_t *offsets, int64_t bag_size, const float *weights,
-                           const float *bias, int64_t bags, float *out, int token_major, int threads) {
+                           const float *bias, int64_t bags, float *out, int token_major, int gelu, int threads) {
     if (threads < 1) threads = 1;
     if (threads > bags) threads = (int)(bags > 0 ? bags : 1);
     const int64_t step = token_major ? bags : 1;
@@ -266,14 +362,14 @@ int dsformer_weighted_bags(const float *rows, int64_t sequences, int64_t rows_pe
                     const float *r = seq + l0;
                     float *o = token_major ? seq_out + l0 * bags + b : seq_out + b * row_len + l0;
                     switch ((n + 15) / 16) {
-                        case 1: bag_1(r, row_len, index, weights, e0, e1, start, o, step, n); break;
-                        case 2: bag_2(r, row_len, index, weights, e0, e1, start, o, step, n); break;
-                        case 3: bag_3(r, row_len, index, weights, e0, e1, start, o, step, n); break;
-                        case 4: bag_4(r, row_len, index, weights, e0, e1, start, o, step, n); break;
-                        case 5: bag_5(r, row_len, index, weights, e0, e1, start, o, step, n); break;
-                        case 6: bag_6(r, row_len, index, weights, e0, e1, start, o, step, n); break;
-                        case 7: bag_7(r, row_len, index, weights, e0, e1, start, o, step, n); break;
-                        default: bag_8(r, row_len, index, weights, e0, e1, start, o, step, n); break;
+                        case 1: bag_1(r, row_len, index, weights, e0, e1, start, o, step, n, gelu); break;
+                        case 2: bag_2(r, row_len, index, weights, e0, e1, start, o, step, n, gelu); break;
+                        case 3: bag_3(r, row_len, index, weights, e0, e1, start, o, step, n, gelu); break;
+                        case 4: bag_4(r, row_len, index, weights, e0, e1, start, o, step, n, gelu); break;
+                        case 5: bag_5(r, row_len, index, weights, e0, e1, start, o, step, n, gelu); break;
+                        case 6: bag_6(r, row_len, index, weights, e0, e1, start, o, step, n, gelu); break;
+                        case 7: bag_7(r, row_len, index, weights, e0, e1, start, o, step, n, gelu); break;
+                        default: bag_8(r, row_len, index, weights, e0, e1, start, o, step, n, gelu); break;
                     }
                 }
             }

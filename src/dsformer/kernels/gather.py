@@ -63,11 +63,13 @@ def _bags(
     offsets: torch.Tensor | None,
     bias: torch.Tensor | None = None,
     token_major: bool = False,
+    gelu: bool = False,
 ) -> torch.Tensor:
     """``rows (S, R, L) -> (S, B, L)``: weighted sums of rows plus ``bias``, one bag per output row.
 
     ELL bags (``offsets`` None: ``index`` and ``weights`` are ``(B, s)``) or CSR bags (``offsets``
-    ``(B + 1,)`` over flat ``index`` and ``weights``); ``token_major`` gives ``(S, L, B)``. The
+    ``(B + 1,)`` over flat ``index`` and ``weights``); ``token_major`` gives ``(S, L, B)``; ``gelu``
+    applies GELU to the result. The
     compiled kernel where it runs (:mod:`dsformer.kernels.native`), else an embedding-bag per
     sequence; both give the same sums.
     """
@@ -75,7 +77,7 @@ def _bags(
     if rows.dtype == torch.float32 and rows.device.type == "cpu" and native.available():
         ell = {"bag_size": index.shape[1]} if offsets is None else {"offsets": offsets}
         return native.weighted_bags(
-            rows, index.reshape(-1), weights.reshape(-1), bias=bias, token_major=token_major, **ell
+            rows, index.reshape(-1), weights.reshape(-1), bias=bias, token_major=token_major, gelu=gelu, **ell
         )
     bags = index.shape[0] if offsets is None else offsets.shape[0] - 1
     out = rows.new_empty(rows.shape[0], bags, rows.shape[2])
@@ -85,6 +87,8 @@ def _bags(
         )
     if bias is not None:
         out += bias[:, None]
+    if gelu:
+        out = F.gelu(out)
     return out.mT.contiguous() if token_major else out
 
 
@@ -100,11 +104,13 @@ def ds_rows(
     values: torch.Tensor,
     bias: torch.Tensor | None,
     dense_stage: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    gelu: bool = False,
 ) -> torch.Tensor:
     """``x (..., L, d) -> (..., L, N)`` for row vectors: ``y = C (B x)`` (a transposed view when ``N > d``).
 
     One sequence at a time, so the ``k x L`` rows being gathered stay in cache. ``dense_stage``
     computes ``X Bᵀ`` another way (int8: ``dsformer.kernels.int8``); default one float GEMM.
+    ``gelu`` returns ``gelu(y)``, applied in the kernel before each output is stored.
     """
     seqs = _sequences(x)
     if dense_stage is None:
@@ -114,7 +120,7 @@ def ds_rows(
     # a layer that does not widen feeds attention or a residual sum, which want token-major rows
     # (CPU flash attention needs the head dimension contiguous); a widening one keeps (N, L) storage
     widening = indices.shape[0] > seqs.shape[-1]
-    y = _bags(zt, indices, values, None, bias, token_major=not widening)
+    y = _bags(zt, indices, values, None, bias, token_major=not widening, gelu=gelu)
     y = y.mT if widening else y  # (S, L, N)
     return y.reshape(*x.shape[:-1], indices.shape[0])
 

@@ -59,12 +59,14 @@ def weighted_bags(
     bag_size: int | None = None,
     bias: torch.Tensor | None = None,
     token_major: bool = False,
+    gelu: bool = False,
 ) -> torch.Tensor:
     """``rows (S, R, L)`` float32 on CPU, ``index (E,)`` int32, ``weights (E,)`` -> ``(S, B, L)``.
 
     Bags are given either by ``offsets (B + 1,)`` int32 (bag ``b`` is ``offsets[b]:offsets[b + 1]``,
     empty bags give zeros) or by a fixed ``bag_size`` (``E = B * bag_size``). ``bias (B,)`` is added
-    to every bag's row; ``token_major`` returns ``(S, L, B)`` instead, written in place of a
+    to every bag's row and ``gelu`` applies GELU (erf form, absolute error below 5e-7) before each
+    output is stored; ``token_major`` returns ``(S, L, B)`` instead, written in place of a
     transposing copy. Indices are not checked: callers pass indices below ``R`` (a DS layer's are,
     by construction).
     """
@@ -77,8 +79,8 @@ def weighted_bags(
     if index.dtype != torch.int32 or (offsets is not None and offsets.dtype != torch.int32):
         raise ValueError("index and offsets must be int32")
     if torch.compiler.is_compiling():  # an opaque op to the compiler, with its output shape known
-        return torch.ops.dsformer.weighted_bags(rows, index, weights, offsets, bag_size or 0, bias, token_major)
-    return _weighted_bags(rows, index, weights, offsets, bag_size or 0, bias, token_major)
+        return torch.ops.dsformer.weighted_bags(rows, index, weights, offsets, bag_size or 0, bias, token_major, gelu)
+    return _weighted_bags(rows, index, weights, offsets, bag_size or 0, bias, token_major, gelu)
 
 
 def _weighted_bags(
@@ -89,6 +91,7 @@ def _weighted_bags(
     bag_size: int,
     bias: torch.Tensor | None,
     token_major: bool,
+    gelu: bool,
 ) -> torch.Tensor:
     rows, index = rows.contiguous(), index.contiguous()
     weights = weights.to(torch.float32).contiguous()
@@ -99,7 +102,7 @@ def _weighted_bags(
         rows.data_ptr(), rows.shape[0], rows.shape[1], rows.shape[2], index.data_ptr(),
         None if offsets is None else offsets.data_ptr(), bag_size, weights.data_ptr(),
         None if bias is None else bias.data_ptr(), _bag_count(index, offsets, bag_size), out.data_ptr(),
-        int(token_major), torch.get_num_threads(),
+        int(token_major), int(gelu), torch.get_num_threads(),
     )  # fmt: skip
     return out
 
@@ -120,7 +123,7 @@ _op = torch.library.custom_op("dsformer::weighted_bags", mutates_args=())(_weigh
 
 
 @_op.register_fake
-def _(rows, index, weights, offsets, bag_size, bias, token_major):
+def _(rows, index, weights, offsets, bag_size, bias, token_major, gelu):
     return _output(rows, index, offsets, bag_size, token_major)
 
 
@@ -142,7 +145,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     fn = lib.dsformer_weighted_bags
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ctypes.c_int, ctypes.c_int]
+    fn.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
     return lib
 

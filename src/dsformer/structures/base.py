@@ -28,6 +28,10 @@ def infeasible(structure: str, shape: tuple[int, int], ratio: float, lo: float, 
     )
 
 
+# activations a compact layer can take over from the module after it (exact GELU, erf form)
+ACTIVATIONS = {"gelu": nn.functional.gelu}
+
+
 def tensor_bytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -45,6 +49,9 @@ class CompactLinear(nn.Module):
     backend: str = "reference"
     # "linear", or "conv1d" for a layer that replaced a GPT-2 style Conv1D (merge restores the type)
     source_kind: str = "linear"
+    # an activation applied to the output ("gelu"), moved here from the module that follows the layer
+    # by dsformer.kernels.fuse_activations so a fast path can apply it in its kernel; None: none
+    activation: str | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -77,7 +84,13 @@ class CompactLinear(nn.Module):
             from dsformer.kernels import choose
 
             name = choose(self, x)
-        return self.run(name, x)
+        if self.activation is None:
+            return self.run(name, x)
+        return self.run_activated(name, x)
+
+    def run_activated(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``activation(run(name, x))``; a path that applies the activation in its own kernel overrides this."""
+        return ACTIVATIONS[self.activation](self.run(name, x))
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The forward in plain PyTorch ops on the factors (differentiable; what training uses)."""

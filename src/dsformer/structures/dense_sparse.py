@@ -509,6 +509,14 @@ class DenseSparseLinear(CompactLinear):
     def run(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if name not in ("gather", "int8"):
             return super().run(name, x)
+        return self._gather(name, x, gelu=False)
+
+    def run_activated(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if name in ("gather", "int8") and self.activation == "gelu" and self.rows:
+            return self._gather(name, x, gelu=True)  # the kernel applies it before storing each output
+        return super().run_activated(name, x)
+
+    def _gather(self, name: str, x: torch.Tensor, gelu: bool) -> torch.Tensor:
         from dsformer.kernels.gather import column_plan, ds_columns, ds_rows
 
         basis, values = self.basis.detach(), self.values.detach()  # inference only: the kernels skip autograd
@@ -522,7 +530,7 @@ class DenseSparseLinear(CompactLinear):
             dense_stage = functools.partial(int8_linear, weight=weight8)
         if self.rows:
             indices = self._cached("indices", self.indices.int, self.indices)
-            return ds_rows(x, basis, indices, values, bias, dense_stage)
+            return ds_rows(x, basis, indices, values, bias, dense_stage, gelu=gelu)
         plan = self._cached("plan", lambda: column_plan(self.indices, values, self.k), self.values, self.indices)
         return ds_columns(x, plan, basis, bias, dense_stage)
 
