@@ -12,7 +12,7 @@ import dsformer
 from dsformer.compress import compact_layers
 from dsformer.errors import CheckpointError
 from dsformer.io import read_meta
-from dsformer.quantize import int8_rows, quantize_int8
+from dsformer.quantize import int8_rows, pack_bits, packed_size, quantize_int8, unpack_bits
 
 
 @pytest.mark.parametrize("shape", [(8, 5), (3, 4, 2), (1, 7)])
@@ -52,6 +52,35 @@ def test_quantize_counts_int8_bytes_and_changes_outputs_little(make_model, name,
 # ---------------------------------------------------------------- int8 storage
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 7, 8, 9, 12, 16])
+@pytest.mark.parametrize("count", [0, 1, 5, 64])
+def test_bit_packing_round_trips(bits, count):
+    values = torch.randint(0, 2**bits, (count,), generator=torch.Generator().manual_seed(bits))
+    packed = pack_bits(values, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_size(count, bits)
+    assert torch.equal(unpack_bits(packed, bits, count), values)
+
+
+@pytest.mark.parametrize("structure, bits", [("ds", 9), ("nm", 2)])
+def test_int8_folder_packs_indices_to_the_bits_they_need(make_model, tmp_path, structure, bits):
+    model = make_model("bert")
+    if structure == "ds":  # more than 256 atoms: int16 indices in memory, 9 bits on disk
+        from transformers import BertConfig, BertModel
+
+        model = BertModel(BertConfig(hidden_size=320, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=640, vocab_size=50)).eval()  # fmt: skip
+        config = dsformer.DenseSparseConfig(ratio=1.2, k=300, iters=1, search_iters=1)
+        dsformer.compress(model, dsformer.CompressConfig(config, target_modules=["intermediate.dense"]), progress=False)
+    else:
+        dsformer.compress(model, dsformer.CompressConfig(fast_structure("nm")), progress=False)
+    folder = dsformer.save(model, tmp_path / "int8", int8=True)
+    packed = read_meta(folder)["packed"]
+    assert packed and all(spec["bits"] == bits for spec in packed.values())
+    loaded = dsformer.load(folder)
+    for name, layer in compact_layers(model).items():
+        assert torch.equal(compact_layers(loaded)[name].indices, layer.indices)
+
+
 @pytest.mark.parametrize("structure", [None, "ds", "svd", "nm", "ds-shared"])
 @pytest.mark.parametrize("name", list(TINY_MODELS))
 def test_int8_folder_is_smaller_and_loads_as_the_rounded_model(make_model, tmp_path, name, structure):
@@ -81,8 +110,21 @@ def test_int8_folder_is_smaller_and_loads_as_the_rounded_model(make_model, tmp_p
         lambda meta: meta.update(int8=[1, 2]),
         lambda meta: meta["int8"].append("encoder.layer.0.attention.self.query.nothing"),
         lambda meta: meta["int8"].append(next(iter(meta["layers"])) + ".indices"),
+        lambda meta: meta.update(packed=["indices"]),
+        lambda meta: next(iter(meta["packed"].values())).update(bits=1),
+        lambda meta: next(iter(meta["packed"].values())).update(dtype="float32"),
+        lambda meta: next(iter(meta["packed"].values()))["shape"].append(2),
     ],
-    ids=["not-a-list", "not-names", "missing-tensor", "not-int8"],
+    ids=[
+        "not-a-list",
+        "not-names",
+        "missing-tensor",
+        "not-int8",
+        "packed-not-a-dict",
+        "packed-bits",
+        "packed-dtype",
+        "packed-shape",
+    ],
 )
 def test_int8_folder_with_a_damaged_manifest_is_refused(make_model, tmp_path, damage):
     model = make_model("bert")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -45,6 +46,7 @@ from dsformer.structures.dense_sparse import share_bases
 
 FORMAT_VERSION = 2  # the newest format this version reads; folders with int8 weights are 2, others 1
 INT8_SCALE = ".int8_scale"  # suffix of the per-row scales stored beside an int8 tensor
+PACKED = ".packed"  # suffix of an index tensor stored bit-packed (format 2: its bits, shape and dtype in meta)
 META_FILE = "dsformer.json"
 EXPORT_FILE = "dsformer-export.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -151,8 +153,8 @@ def save(
 
     ``extra_files`` maps file names to JSON-able data written into the same folder (metrics).
     ``int8`` stores the weights that :func:`dsformer.quantize.quantize_int8` rounds as int8 with one
-    fp32 scale per row (format 2): a model already rounded by it is stored exactly, any other is
-    rounded on the way (the model in memory is left as it is).
+    fp32 scale per row, and the index tensors bit-packed (format 2): a model already rounded by it
+    is stored exactly, any other is rounded on the way (the model in memory is left as it is).
     """
     compact = compact_layers(model)
     layers = {
@@ -175,8 +177,9 @@ def save(
             tokenizer.save_pretrained(tmp)
         metadata = {"format": "pt", "dsformer": __version__}
         int8_keys: list[str] = []
+        packed: dict[str, Any] = {}
         if int8:
-            tensors, int8_keys = _int8_state(model)
+            tensors, int8_keys, packed = _int8_state(model)
             save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
         else:
             save_model(model, str(tmp / WEIGHTS_FILE), metadata=metadata)
@@ -195,6 +198,7 @@ def save(
         }
         if int8:
             meta["int8"] = int8_keys
+            meta["packed"] = packed
         _write_json(tmp / META_FILE, meta)
         for name, data in (extra_files or {}).items():
             _write_json(tmp / name, data)
@@ -227,6 +231,16 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
             and isinstance(weights["sha256"], str)
             and isinstance(meta.get("int8", []), list)
             and all(isinstance(key, str) for key in meta.get("int8", []))
+            and isinstance(meta.get("packed", {}), dict)
+            and all(
+                isinstance(spec, dict)
+                and isinstance(spec.get("bits"), int)
+                and 1 <= spec["bits"] <= 32
+                and isinstance(spec.get("shape"), list)
+                and all(isinstance(n, int) and n >= 0 for n in spec["shape"])
+                and spec.get("dtype") in ("uint8", "int16", "int32", "int64")
+                for spec in meta.get("packed", {}).values()
+            )
         )
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{meta_path} is corrupt ({type(err).__name__}: {err}); save the model again") from None
@@ -255,14 +269,16 @@ def _check_weights(folder: Path, meta: dict[str, Any]) -> Path:
     return weights
 
 
-def _int8_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The state dict with every tied tensor once, and the int8 targets as int8 plus their row scales."""
-    from dsformer.quantize import int8_targets, to_int8
+def _int8_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str], dict[str, Any]]:
+    """The state dict with every tied tensor once, the int8 targets as int8 plus their row scales, and
+    the index tensors bit-packed; returns the tensors, the int8 keys and the packed keys' specs."""
+    from dsformer.quantize import index_tensors, int8_targets, pack_bits, to_int8
 
     targets = {t.data_ptr() for t in int8_targets(model)}
+    indices = index_tensors(model)
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    keys = []
+    keys, packed = [], {}
     for key, tensor in model.state_dict().items():
         if tensor.data_ptr() in seen:  # an alias of a tensor already stored (tied weights, a shared basis)
             continue
@@ -270,9 +286,14 @@ def _int8_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
         if tensor.data_ptr() in targets:
             tensors[key], tensors[key + INT8_SCALE] = to_int8(tensor)
             keys.append(key)
+        elif tensor.data_ptr() in indices:
+            bits = indices[tensor.data_ptr()][1]
+            tensors[key + PACKED] = pack_bits(tensor, bits)
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            packed[key] = {"bits": bits, "shape": list(tensor.shape), "dtype": dtype}
         else:
             tensors[key] = tensor.detach().contiguous()
-    return tensors, keys
+    return tensors, keys, packed
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
@@ -309,12 +330,18 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Modu
                 share_bases([owner, model.get_submodule(name)])
             except AttributeError as err:
                 raise CheckpointError(f"{META_FILE} layer {name!r}: its shared basis cannot be found: {err}") from None
-    _load_tensors(model, weights, meta.get("int8", []), dtype)
+    _load_tensors(model, weights, meta.get("int8", []), dtype, meta.get("packed", {}))
     return model.to(device).eval()
 
 
-def _load_tensors(model: nn.Module, weights: Path, int8: list[str] = (), dtype: torch.dtype = torch.float32) -> None:
-    from dsformer.quantize import from_int8
+def _load_tensors(
+    model: nn.Module,
+    weights: Path,
+    int8: list[str] = (),
+    dtype: torch.dtype = torch.float32,
+    packed: dict[str, Any] | None = None,
+) -> None:
+    from dsformer.quantize import from_int8, packed_size, unpack_bits
 
     expected = model.state_dict()
     try:
@@ -329,6 +356,14 @@ def _load_tensors(model: nn.Module, weights: Path, int8: list[str] = (), dtype: 
                 f"{weights}: the int8 tensor {key!r} or its scales are missing or malformed; save the model again"
             )
         stored[key] = from_int8(q, scale, dtype)
+    for key, spec in (packed or {}).items():
+        bits, shape, count = spec["bits"], tuple(spec["shape"]), math.prod(spec["shape"])
+        data = stored.pop(key + PACKED, None)
+        if data is None or data.dtype != torch.uint8 or data.numel() != packed_size(count, bits):
+            raise CheckpointError(
+                f"{weights}: the packed tensor {key!r} is missing or has the wrong size; save the model again"
+            )
+        stored[key] = unpack_bits(data, bits, count).reshape(shape).to(getattr(torch, spec["dtype"]))
     for key, tensor in stored.items():
         if key not in expected:
             raise CheckpointError(

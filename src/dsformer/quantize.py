@@ -5,9 +5,11 @@ values; low rank: both factors; N:M: the kept values) and, in a model without co
 every linear that ``compress`` would target, to symmetric int8 with one fp32 scale per row
 (absmax). It keeps the dequantized values in the model's float tensors, so the model computes
 exactly what int8 storage dequantized at load computes, and it reports the bytes that storage
-takes (1 byte per value, 4 per row scale, indices as they are stored). ``dsformer.save(...,
-int8=True)`` (``dsformer quantize``) writes those tensors as int8 with their scales: the file
-really is that small, and :func:`dsformer.load` dequantizes them to the same floats.
+takes (1 byte per value, 4 per row scale, indices bit-packed). ``dsformer.save(..., int8=True)``
+(``dsformer quantize``) writes those tensors as int8 with their scales and packs every index
+tensor to the bits its values need (``ceil(log2 k)`` for a DS layer: 9 bits instead of int16 at
+``k = 300``; 2 bits for 2:4): the file really is that small, and :func:`dsformer.load` restores
+the same floats and indices.
 
 Example:
     >>> import torch
@@ -45,6 +47,40 @@ def from_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.f
     return (q.reshape(q.shape[0], -1).float() * scale.float()[:, None]).reshape(q.shape).to(dtype)
 
 
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Non-negative integers below ``2**bits`` as a flat uint8 tensor of ``ceil(n * bits / 8)`` bytes.
+
+    >>> packed = pack_bits(torch.tensor([5, 0, 300, 511]), 9)
+    >>> packed.numel(), unpack_bits(packed, 9, 4).tolist()
+    (5, [5, 0, 300, 511])
+    """
+    flat = values.reshape(-1).long()
+    bit_matrix = (flat[:, None] >> torch.arange(bits)) & 1  # little-endian bits of every value
+    stream = torch.cat([bit_matrix.reshape(-1), flat.new_zeros(-(flat.numel() * bits) % 8)])
+    return (stream.reshape(-1, 8) << torch.arange(8)).sum(1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """The ``count`` integers that :func:`pack_bits` packed (int64)."""
+    stream = (packed.long()[:, None] >> torch.arange(8)) & 1
+    return (stream.reshape(-1)[: count * bits].reshape(count, bits) << torch.arange(bits)).sum(1)
+
+
+def packed_size(count: int, bits: int) -> int:
+    """Bytes of ``count`` values packed at ``bits`` each."""
+    return -(-count * bits // 8)
+
+
+def index_tensors(model: nn.Module) -> dict[int, tuple[torch.Tensor, int]]:
+    """The index tensors of compact layers that packing makes smaller, by storage address: (tensor, bits)."""
+    found = {}
+    for layer in compact_layers(model).values():
+        bits, indices = layer.index_bits(), getattr(layer, "indices", None)
+        if bits is not None and indices is not None and bits < 8 * indices.element_size():
+            found[indices.data_ptr()] = (indices, bits)
+    return found
+
+
 def int8_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``t`` rounded to int8 with one absmax scale per row (first dimension); and its int8 bytes."""
     q, scale = to_int8(t)
@@ -69,7 +105,7 @@ def int8_targets(model: nn.Module) -> list[torch.Tensor]:
 class QuantReport:
     layers: int
     bytes_before: int  # the quantized layers' weights as they were (indices included)
-    bytes_after: int  # the same as int8 values + fp32 row scales (indices as stored)
+    bytes_after: int  # the same as int8 values + fp32 row scales + bit-packed indices
     model_bytes_before: int  # every parameter and buffer
     model_bytes_after: int
 
@@ -94,12 +130,18 @@ def quantize_int8(model: nn.Module) -> QuantReport:
         q, size = int8_rows(t)
         t.copy_(q)
         after += size
-    # the integer tensors of compact layers (indices) stay as they are stored
+    # the integer tensors of compact layers (indices) keep their values; storage packs their bits
     kept: dict[int, torch.Tensor] = {}
     for layer in compact.values():
         for t in layer.factor_tensors():
             if t.data_ptr() not in rounded:
                 kept.setdefault(t.data_ptr(), t)
+    packed = index_tensors(model)
     fixed = sum(tensor_bytes(t) for t in kept.values())
+    fixed_after = sum(
+        packed_size(t.numel(), packed[ptr][1]) if ptr in packed else tensor_bytes(t) for ptr, t in kept.items()
+    )
+    before += fixed
+    after += fixed_after
     count = len(compact) or len(targets)
-    return QuantReport(count, before + fixed, after + fixed, model_before, model_before - before + after)
+    return QuantReport(count, before, after, model_before, model_before - before + after)

@@ -131,6 +131,10 @@ class CompactLinear(nn.Module):
     ) -> CompactLinear:
         raise NotImplementedError
 
+    def index_bits(self) -> int | None:
+        """Bits each stored index needs (compact int8 storage packs them); None: no index tensor."""
+        return None
+
     def factor_tensors(self) -> list[torch.Tensor]:
         """The tensors that store the weight (bias excluded)."""
         return [t for name, t in self.state_dict().items() if name != "bias"]

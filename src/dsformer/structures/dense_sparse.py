@@ -490,6 +490,9 @@ class DenseSparseLinear(CompactLinear):
     def weight_bytes(self) -> int:
         return super().weight_bytes() - (0 if self.basis_owner else self.basis.numel() * self.basis.element_size())
 
+    def index_bits(self) -> int:
+        return max(1, (self.k - 1).bit_length())  # an atom number below k
+
     def cache_slots(self, path: str) -> tuple[str, ...]:
         slots = {
             "reference": ("coefficients",),
