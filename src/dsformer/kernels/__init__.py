@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import statistics
 import time
@@ -51,8 +52,9 @@ BACKENDS = ("auto", "reference", "dense", "gather", "int8")
 # paths that change the numerics: only taken when asked for by name, never by ``auto``
 _APPROXIMATE = ("int8",)
 _REPEATS = 7
+_SAMPLE_SECONDS, _MAX_CALLS = 0.002, 50  # each timing sample repeats a fast path up to this long
 # part of every cache key: bump it when a path's implementation changes, so old timings are not reused
-REVISION = 5
+REVISION = 6
 
 
 def use_backend(model: nn.Module, name: str) -> int:
@@ -201,11 +203,21 @@ def _time_paths(layer: CompactLinear, tokens: int, seq: int, dtype: torch.dtype,
     paths = [p for p in layer.backends() if p not in _APPROXIMATE and _runs(layer, p, x)]
     times: dict[str, list[float]] = {p: [] for p in paths}
     with torch.inference_mode():
+        # a sample runs a path enough times to take about 2 ms: single calls of a 0.1 ms layer are
+        # noise-dominated, and a wrong choice there is paid on every forward
+        once = min(seconds(functools.partial(layer.run, p, x), x.device) for p in paths)
+        calls = max(1, min(_MAX_CALLS, math.ceil(_SAMPLE_SECONDS / max(once, 1e-7))))
         for _ in range(_REPEATS):
             for p in paths:
-                times[p].append(seconds(functools.partial(layer.run, p, x), x.device))
+                run = functools.partial(_run_times, layer, p, x, calls)
+                times[p].append(seconds(run, x.device) / calls)
     median = {p: statistics.median(t) for p, t in times.items()}
     return {"choice": min(median, key=median.get), "seconds": median}
+
+
+def _run_times(layer: CompactLinear, path: str, x: torch.Tensor, calls: int) -> None:
+    for _ in range(calls):
+        layer.run(path, x)
 
 
 def _runs(layer: CompactLinear, path: str, x: torch.Tensor) -> bool:
