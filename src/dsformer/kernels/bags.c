@@ -3,8 +3,9 @@
  *   out[s, b, :] = bias[b] + sum over e in bag b of weights[e] * rows[s, index[e], :]
  *
  * Bag b is [offsets[b], offsets[b + 1]), or [b * bag_size, (b + 1) * bag_size) when offsets is NULL;
- * bias may be NULL; with gelu set, GELU is applied to each output before it is stored. With token_major set, out is laid out (s, :, b) instead: each bag's values go
- * down a column, which spares the caller a transposing copy (the stores are 1/bag-size of the work).
+ * bias may be NULL; with gelu set, GELU is applied to each output before it is stored. With
+ * token_major set, out is laid out (s, :, b) instead: each bag's values go down a column, which
+ * spares the caller a transposing copy (the stores are 1/bag-size of the work).
  * Each output row is accumulated in AVX-512 registers over its whole bag, up to 128 floats at a
  * time, and stored once: the inner loop is one load and one multiply-add per 16 floats, where an
  * embedding-bag that adds into its output in memory also loads and stores the output every time.
@@ -62,271 +63,44 @@ void dsformer_gelu(const float *in, float *out, int64_t n) {
 }
 
 /* bag_NV: one bag over one slice of NV vectors (n floats, 16 * (NV - 1) < n <= 16 * NV), written at
-   out[0], out[out_step], ... */
-static void bag_1(const float *rows, int64_t row_len, const int32_t *index, const float *weights,
-                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n, int gelu) {
-    const __mmask16 last = tail_mask(n - 0);
-    __m512 a0 = _mm512_set1_ps(start);
-    for (int64_t e = e0; e < e1; e++) {
-        const float *r = rows + (int64_t)index[e] * row_len;
-        const __m512 w = _mm512_set1_ps(weights[e]);
-        a0 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(last, r + 0), a0);
+   out[0], out[out_step], ... Eight named accumulators rather than an array, so they stay in
+   registers; those at or past NV are dead code the compiler drops. */
+#define ALL8(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+#define MASK_OF(v) ((v) < nv - 1 ? full : last)
+#define ACC_INIT(v) __m512 a##v = _mm512_set1_ps(start);
+#define ACC_STEP(v) if ((v) < nv) a##v = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(MASK_OF(v), r + 16 * (v)), a##v);
+#define ACC_GELU(v) if ((v) < nv) a##v = gelu16(a##v);
+#define ACC_STORE(v) if ((v) < nv) _mm512_mask_storeu_ps(out + 16 * (v), MASK_OF(v), a##v);
+#define ACC_SCATTER(v) if ((v) < nv) _mm512_mask_i32scatter_ps(out + 16 * (v) * out_step, MASK_OF(v), down, a##v, 4);
+
+#define DEFINE_BAG(NV)                                                                              \
+    static void bag_##NV(const float *rows, int64_t row_len, const int32_t *index, const float *weights, \
+                         int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n,  \
+                         int gelu) {                                                                \
+        enum { nv = NV }; /* a constant: the tests on it fold away */                               \
+        const __mmask16 full = 0xFFFF, last = tail_mask(n - 16 * (nv - 1));                         \
+        ALL8(ACC_INIT)                                                                              \
+        for (int64_t e = e0; e < e1; e++) {                                                         \
+            const float *r = rows + (int64_t)index[e] * row_len;                                    \
+            const __m512 w = _mm512_set1_ps(weights[e]);                                            \
+            ALL8(ACC_STEP)                                                                          \
+        }                                                                                           \
+        if (gelu) { ALL8(ACC_GELU) }                                                                \
+        if (out_step == 1) {                                                                        \
+            ALL8(ACC_STORE)                                                                         \
+        } else { /* token-major output: the bag's values go down a column */                       \
+            const __m512i down = _mm512_mullo_epi32(                                                \
+                _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),             \
+                _mm512_set1_epi32((int)out_step));                                                  \
+            ALL8(ACC_SCATTER)                                                                       \
+        }                                                                                           \
     }
-    if (gelu) {
-        a0 = gelu16(a0);
-    }
-    if (out_step == 1) {
-        _mm512_mask_storeu_ps(out + 0, last, a0);
-    } else {  /* token-major output: the bag's values go down a column */
-        const __m512i step = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)out_step));
-        _mm512_mask_i32scatter_ps(out + 0 * out_step, last, step, a0, 4);
-    }
-}
-static void bag_2(const float *rows, int64_t row_len, const int32_t *index, const float *weights,
-                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n, int gelu) {
-    const __mmask16 last = tail_mask(n - 16);
-    __m512 a0 = _mm512_set1_ps(start), a1 = _mm512_set1_ps(start);
-    for (int64_t e = e0; e < e1; e++) {
-        const float *r = rows + (int64_t)index[e] * row_len;
-        const __m512 w = _mm512_set1_ps(weights[e]);
-        a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 0), a0);
-        a1 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(last, r + 16), a1);
-    }
-    if (gelu) {
-        a0 = gelu16(a0);
-        a1 = gelu16(a1);
-    }
-    if (out_step == 1) {
-        _mm512_storeu_ps(out + 0, a0);
-        _mm512_mask_storeu_ps(out + 16, last, a1);
-    } else {  /* token-major output: the bag's values go down a column */
-        const __m512i step = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)out_step));
-        _mm512_i32scatter_ps(out + 0 * out_step, step, a0, 4);
-        _mm512_mask_i32scatter_ps(out + 16 * out_step, last, step, a1, 4);
-    }
-}
-static void bag_3(const float *rows, int64_t row_len, const int32_t *index, const float *weights,
-                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n, int gelu) {
-    const __mmask16 last = tail_mask(n - 32);
-    __m512 a0 = _mm512_set1_ps(start), a1 = _mm512_set1_ps(start), a2 = _mm512_set1_ps(start);
-    for (int64_t e = e0; e < e1; e++) {
-        const float *r = rows + (int64_t)index[e] * row_len;
-        const __m512 w = _mm512_set1_ps(weights[e]);
-        a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 0), a0);
-        a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 16), a1);
-        a2 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(last, r + 32), a2);
-    }
-    if (gelu) {
-        a0 = gelu16(a0);
-        a1 = gelu16(a1);
-        a2 = gelu16(a2);
-    }
-    if (out_step == 1) {
-        _mm512_storeu_ps(out + 0, a0);
-        _mm512_storeu_ps(out + 16, a1);
-        _mm512_mask_storeu_ps(out + 32, last, a2);
-    } else {  /* token-major output: the bag's values go down a column */
-        const __m512i step = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)out_step));
-        _mm512_i32scatter_ps(out + 0 * out_step, step, a0, 4);
-        _mm512_i32scatter_ps(out + 16 * out_step, step, a1, 4);
-        _mm512_mask_i32scatter_ps(out + 32 * out_step, last, step, a2, 4);
-    }
-}
-static void bag_4(const float *rows, int64_t row_len, const int32_t *index, const float *weights,
-                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n, int gelu) {
-    const __mmask16 last = tail_mask(n - 48);
-    __m512 a0 = _mm512_set1_ps(start), a1 = _mm512_set1_ps(start), a2 = _mm512_set1_ps(start), a3 = _mm512_set1_ps(start);
-    for (int64_t e = e0; e < e1; e++) {
-        const float *r = rows + (int64_t)index[e] * row_len;
-        const __m512 w = _mm512_set1_ps(weights[e]);
-        a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 0), a0);
-        a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 16), a1);
-        a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 32), a2);
-        a3 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(last, r + 48), a3);
-    }
-    if (gelu) {
-        a0 = gelu16(a0);
-        a1 = gelu16(a1);
-        a2 = gelu16(a2);
-        a3 = gelu16(a3);
-    }
-    if (out_step == 1) {
-        _mm512_storeu_ps(out + 0, a0);
-        _mm512_storeu_ps(out + 16, a1);
-        _mm512_storeu_ps(out + 32, a2);
-        _mm512_mask_storeu_ps(out + 48, last, a3);
-    } else {  /* token-major output: the bag's values go down a column */
-        const __m512i step = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)out_step));
-        _mm512_i32scatter_ps(out + 0 * out_step, step, a0, 4);
-        _mm512_i32scatter_ps(out + 16 * out_step, step, a1, 4);
-        _mm512_i32scatter_ps(out + 32 * out_step, step, a2, 4);
-        _mm512_mask_i32scatter_ps(out + 48 * out_step, last, step, a3, 4);
-    }
-}
-static void bag_5(const float *rows, int64_t row_len, const int32_t *index, const float *weights,
-                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n, int gelu) {
-    const __mmask16 last = tail_mask(n - 64);
-    __m512 a0 = _mm512_set1_ps(start), a1 = _mm512_set1_ps(start), a2 = _mm512_set1_ps(start), a3 = _mm512_set1_ps(start), a4 = _mm512_set1_ps(start);
-    for (int64_t e = e0; e < e1; e++) {
-        const float *r = rows + (int64_t)index[e] * row_len;
-        const __m512 w = _mm512_set1_ps(weights[e]);
-        a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 0), a0);
-        a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 16), a1);
-        a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 32), a2);
-        a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 48), a3);
-        a4 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(last, r + 64), a4);
-    }
-    if (gelu) {
-        a0 = gelu16(a0);
-        a1 = gelu16(a1);
-        a2 = gelu16(a2);
-        a3 = gelu16(a3);
-        a4 = gelu16(a4);
-    }
-    if (out_step == 1) {
-        _mm512_storeu_ps(out + 0, a0);
-        _mm512_storeu_ps(out + 16, a1);
-        _mm512_storeu_ps(out + 32, a2);
-        _mm512_storeu_ps(out + 48, a3);
-        _mm512_mask_storeu_ps(out + 64, last, a4);
-    } else {  /* token-major output: the bag's values go down a column */
-        const __m512i step = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)out_step));
-        _mm512_i32scatter_ps(out + 0 * out_step, step, a0, 4);
-        _mm512_i32scatter_ps(out + 16 * out_step, step, a1, 4);
-        _mm512_i32scatter_ps(out + 32 * out_step, step, a2, 4);
-        _mm512_i32scatter_ps(out + 48 * out_step, step, a3, 4);
-        _mm512_mask_i32scatter_ps(out + 64 * out_step, last, step, a4, 4);
-    }
-}
-static void bag_6(const float *rows, int64_t row_len, const int32_t *index, const float *weights,
-                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n, int gelu) {
-    const __mmask16 last = tail_mask(n - 80);
-    __m512 a0 = _mm512_set1_ps(start), a1 = _mm512_set1_ps(start), a2 = _mm512_set1_ps(start), a3 = _mm512_set1_ps(start), a4 = _mm512_set1_ps(start), a5 = _mm512_set1_ps(start);
-    for (int64_t e = e0; e < e1; e++) {
-        const float *r = rows + (int64_t)index[e] * row_len;
-        const __m512 w = _mm512_set1_ps(weights[e]);
-        a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 0), a0);
-        a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 16), a1);
-        a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 32), a2);
-        a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 48), a3);
-        a4 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 64), a4);
-        a5 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(last, r + 80), a5);
-    }
-    if (gelu) {
-        a0 = gelu16(a0);
-        a1 = gelu16(a1);
-        a2 = gelu16(a2);
-        a3 = gelu16(a3);
-        a4 = gelu16(a4);
-        a5 = gelu16(a5);
-    }
-    if (out_step == 1) {
-        _mm512_storeu_ps(out + 0, a0);
-        _mm512_storeu_ps(out + 16, a1);
-        _mm512_storeu_ps(out + 32, a2);
-        _mm512_storeu_ps(out + 48, a3);
-        _mm512_storeu_ps(out + 64, a4);
-        _mm512_mask_storeu_ps(out + 80, last, a5);
-    } else {  /* token-major output: the bag's values go down a column */
-        const __m512i step = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)out_step));
-        _mm512_i32scatter_ps(out + 0 * out_step, step, a0, 4);
-        _mm512_i32scatter_ps(out + 16 * out_step, step, a1, 4);
-        _mm512_i32scatter_ps(out + 32 * out_step, step, a2, 4);
-        _mm512_i32scatter_ps(out + 48 * out_step, step, a3, 4);
-        _mm512_i32scatter_ps(out + 64 * out_step, step, a4, 4);
-        _mm512_mask_i32scatter_ps(out + 80 * out_step, last, step, a5, 4);
-    }
-}
-static void bag_7(const float *rows, int64_t row_len, const int32_t *index, const float *weights,
-                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n, int gelu) {
-    const __mmask16 last = tail_mask(n - 96);
-    __m512 a0 = _mm512_set1_ps(start), a1 = _mm512_set1_ps(start), a2 = _mm512_set1_ps(start), a3 = _mm512_set1_ps(start), a4 = _mm512_set1_ps(start), a5 = _mm512_set1_ps(start), a6 = _mm512_set1_ps(start);
-    for (int64_t e = e0; e < e1; e++) {
-        const float *r = rows + (int64_t)index[e] * row_len;
-        const __m512 w = _mm512_set1_ps(weights[e]);
-        a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 0), a0);
-        a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 16), a1);
-        a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 32), a2);
-        a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 48), a3);
-        a4 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 64), a4);
-        a5 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 80), a5);
-        a6 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(last, r + 96), a6);
-    }
-    if (gelu) {
-        a0 = gelu16(a0);
-        a1 = gelu16(a1);
-        a2 = gelu16(a2);
-        a3 = gelu16(a3);
-        a4 = gelu16(a4);
-        a5 = gelu16(a5);
-        a6 = gelu16(a6);
-    }
-    if (out_step == 1) {
-        _mm512_storeu_ps(out + 0, a0);
-        _mm512_storeu_ps(out + 16, a1);
-        _mm512_storeu_ps(out + 32, a2);
-        _mm512_storeu_ps(out + 48, a3);
-        _mm512_storeu_ps(out + 64, a4);
-        _mm512_storeu_ps(out + 80, a5);
-        _mm512_mask_storeu_ps(out + 96, last, a6);
-    } else {  /* token-major output: the bag's values go down a column */
-        const __m512i step = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)out_step));
-        _mm512_i32scatter_ps(out + 0 * out_step, step, a0, 4);
-        _mm512_i32scatter_ps(out + 16 * out_step, step, a1, 4);
-        _mm512_i32scatter_ps(out + 32 * out_step, step, a2, 4);
-        _mm512_i32scatter_ps(out + 48 * out_step, step, a3, 4);
-        _mm512_i32scatter_ps(out + 64 * out_step, step, a4, 4);
-        _mm512_i32scatter_ps(out + 80 * out_step, step, a5, 4);
-        _mm512_mask_i32scatter_ps(out + 96 * out_step, last, step, a6, 4);
-    }
-}
-static void bag_8(const float *rows, int64_t row_len, const int32_t *index, const float *weights,
-                  int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n, int gelu) {
-    const __mmask16 last = tail_mask(n - 112);
-    __m512 a0 = _mm512_set1_ps(start), a1 = _mm512_set1_ps(start), a2 = _mm512_set1_ps(start), a3 = _mm512_set1_ps(start), a4 = _mm512_set1_ps(start), a5 = _mm512_set1_ps(start), a6 = _mm512_set1_ps(start), a7 = _mm512_set1_ps(start);
-    for (int64_t e = e0; e < e1; e++) {
-        const float *r = rows + (int64_t)index[e] * row_len;
-        const __m512 w = _mm512_set1_ps(weights[e]);
-        a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 0), a0);
-        a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 16), a1);
-        a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 32), a2);
-        a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 48), a3);
-        a4 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 64), a4);
-        a5 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 80), a5);
-        a6 = _mm512_fmadd_ps(w, _mm512_loadu_ps(r + 96), a6);
-        a7 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(last, r + 112), a7);
-    }
-    if (gelu) {
-        a0 = gelu16(a0);
-        a1 = gelu16(a1);
-        a2 = gelu16(a2);
-        a3 = gelu16(a3);
-        a4 = gelu16(a4);
-        a5 = gelu16(a5);
-        a6 = gelu16(a6);
-        a7 = gelu16(a7);
-    }
-    if (out_step == 1) {
-        _mm512_storeu_ps(out + 0, a0);
-        _mm512_storeu_ps(out + 16, a1);
-        _mm512_storeu_ps(out + 32, a2);
-        _mm512_storeu_ps(out + 48, a3);
-        _mm512_storeu_ps(out + 64, a4);
-        _mm512_storeu_ps(out + 80, a5);
-        _mm512_storeu_ps(out + 96, a6);
-        _mm512_mask_storeu_ps(out + 112, last, a7);
-    } else {  /* token-major output: the bag's values go down a column */
-        const __m512i step = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)out_step));
-        _mm512_i32scatter_ps(out + 0 * out_step, step, a0, 4);
-        _mm512_i32scatter_ps(out + 16 * out_step, step, a1, 4);
-        _mm512_i32scatter_ps(out + 32 * out_step, step, a2, 4);
-        _mm512_i32scatter_ps(out + 48 * out_step, step, a3, 4);
-        _mm512_i32scatter_ps(out + 64 * out_step, step, a4, 4);
-        _mm512_i32scatter_ps(out + 80 * out_step, step, a5, 4);
-        _mm512_i32scatter_ps(out + 96 * out_step, step, a6, 4);
-        _mm512_mask_i32scatter_ps(out + 112 * out_step, last, step, a7, 4);
-    }
-}
+
+DEFINE_BAG(1) DEFINE_BAG(2) DEFINE_BAG(3) DEFINE_BAG(4) DEFINE_BAG(5) DEFINE_BAG(6) DEFINE_BAG(7) DEFINE_BAG(8)
+
+typedef void (*BagFn)(const float *, int64_t, const int32_t *, const float *, int64_t, int64_t, float, float *,
+                      int64_t, int64_t, int);
+static const BagFn BAGS[9] = {0, bag_1, bag_2, bag_3, bag_4, bag_5, bag_6, bag_7, bag_8};
 
 /* The first bag of thread t's share: equal numbers of bags, or of entries when bag sizes vary
    (a column layer's atoms are used very unevenly). */
@@ -361,16 +135,7 @@ int dsformer_weighted_bags(const float *rows, int64_t sequences, int64_t rows_pe
                     const int64_t n = row_len - l0 < 128 ? row_len - l0 : 128;
                     const float *r = seq + l0;
                     float *o = token_major ? seq_out + l0 * bags + b : seq_out + b * row_len + l0;
-                    switch ((n + 15) / 16) {
-                        case 1: bag_1(r, row_len, index, weights, e0, e1, start, o, step, n, gelu); break;
-                        case 2: bag_2(r, row_len, index, weights, e0, e1, start, o, step, n, gelu); break;
-                        case 3: bag_3(r, row_len, index, weights, e0, e1, start, o, step, n, gelu); break;
-                        case 4: bag_4(r, row_len, index, weights, e0, e1, start, o, step, n, gelu); break;
-                        case 5: bag_5(r, row_len, index, weights, e0, e1, start, o, step, n, gelu); break;
-                        case 6: bag_6(r, row_len, index, weights, e0, e1, start, o, step, n, gelu); break;
-                        case 7: bag_7(r, row_len, index, weights, e0, e1, start, o, step, n, gelu); break;
-                        default: bag_8(r, row_len, index, weights, e0, e1, start, o, step, n, gelu); break;
-                    }
+                    BAGS[(n + 15) / 16](r, row_len, index, weights, e0, e1, start, o, step, n, gelu);
                 }
             }
         }
