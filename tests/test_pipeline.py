@@ -261,6 +261,22 @@ def test_trainer_crossing_rejected(capsys, tmp_path, model_dir, sst2_dir, method
     assert not output.exists() and not work_folder(output).exists()
 
 
+@pytest.mark.parametrize("method", ["dsformer", "ds-conventional"])
+def test_fisher_weights_ds_fits(capsys, tmp_path, model_dir, sst2_dir, method):
+    output = tmp_path / "out"
+    code, out, err = run_cli(capsys, _compress_args(model_dir, sst2_dir, output, "--method", method, "--fisher"))
+    assert code == 0, err
+    assert metrics_of(output)["config"]["fisher"] is True
+    assert {layer.structure for layer in compact_layers(dsformer.load(output)).values()} == {"ds"}
+
+
+def test_fisher_without_a_fit_to_weight_is_rejected(capsys, tmp_path, model_dir, sst2_dir):
+    output = tmp_path / "out"
+    argv = _compress_args(model_dir, sst2_dir, output, "--method", "nm", "--fisher")
+    assert "--fisher" in assert_one_error_line(*run_cli(capsys, argv))
+    assert not output.exists()
+
+
 def test_unknown_trainer_is_an_argparse_error(capsys, tmp_path, model_dir, sst2_dir):
     with pytest.raises(SystemExit) as exc:
         main(_compress_args(model_dir, sst2_dir, tmp_path / "out", "--trainer", "magic"))
@@ -663,6 +679,7 @@ def test_sweep_runs_the_grid_skips_what_is_done_and_reports(capsys, tmp_path, mo
         ({"methods": ["dense"]}, "not a compression method"),
         ({"methods": [{"method": "svd", "colour": 1}]}, "unknown key"),
         ({"methods": [{"method": "dsformer", "schedule": {"bogus": 1}}]}, "schedule"),
+        ({"methods": [{"method": "dsformer", "fisher": "yes"}]}, "fisher must be true or false"),
         ({"ratios": [0.5]}, "ratio"),
         ({"methods": [{"method": "svd", "ratios": [1]}]}, "ratio"),
         ({"seeds": []}, "'seeds' is missing"),

@@ -428,6 +428,35 @@ def test_nm_input_size_without_group_raises():
         NMConfig(ratio=2.0).fit([weight((8, 37))])
 
 
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_importance_weighted_ds_fit_favours_the_important_rows(shape):
+    w = weight(shape)
+    importance = torch.exp(2 * torch.randn(shape[0], generator=torch.Generator().manual_seed(5)))
+    config = DenseSparseConfig(ratio=2.0, iters=4, search_iters=1)
+    (weighted,) = config.fit([w], importance=[importance])
+    (plain,) = config.fit([w])
+
+    def weighted_error(factors) -> float:
+        return float((importance.sqrt()[:, None] * (factors.reconstruct() - w)).norm())
+
+    assert weighted_error(weighted) < weighted_error(plain)
+    # uniform importance is the plain fit; a warm start keeps the layout
+    (uniform,) = config.fit([w], importance=[torch.full((shape[0],), 3.0)])
+    assert torch.allclose(uniform.reconstruct(), plain.reconstruct(), atol=1e-5)
+    (again,) = config.fit([w], warm=[weighted], importance=[importance])
+    assert again.layout == weighted.layout and weighted_error(again) <= weighted_error(weighted) * 1.001
+
+
+def test_importance_weighted_ds_fit_refuses_bad_weights():
+    w = weight((12, 8))
+    with pytest.raises(ValueError, match="positive, one per output row"):
+        DenseSparseConfig(ratio=2.0).fit([w], importance=[torch.ones(8)])
+    with pytest.raises(ValueError, match="positive"):
+        DenseSparseConfig(ratio=2.0).fit([w], importance=[torch.zeros(12)])
+    with pytest.raises(ValueError, match="share_basis"):
+        DenseSparseConfig(ratio=2.0, share_basis=True).fit([w, w], importance=[torch.ones(12), None])
+
+
 # --- low rank -------------------------------------------------------------------------------------
 
 

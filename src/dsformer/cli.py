@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     com.add_argument("--ratio", type=_number, default=2.0, help="compression ratio of the target layers (default: 2)")
     com.add_argument("--trainer", choices=["stf", "conventional"], default=None, help="default: the method's own")
+    com.add_argument(
+        "--fisher",
+        action="store_true",
+        help="weight the fit (and every STF projection) by the rows' Fisher information from task gradients"
+        " (svd, ds-conventional, dsformer; svd --fisher is fwsvd)",
+    )
     com.add_argument("--epochs", type=_number, default=3.0)
     com.add_argument("--lr", type=_number, default=1e-4)
     com.add_argument("--batch-size", type=int, default=32)
@@ -249,6 +255,7 @@ def compress_verb(args: argparse.Namespace) -> None:
         reference=args.reference,
         teacher=args.teacher,
         device=args.device,
+        fisher=args.fisher,
         train=train,
         schedule=Schedule(
             refresh_every=args.refresh_every,

@@ -163,7 +163,8 @@ def compress(
     """Replace the target linears of ``model`` by compact layers, in place, and report per layer.
 
     Every layer is checked before any is replaced, so a bad config leaves the model untouched.
-    ``importance`` maps layer names to per-output-row weights for structures that use them (FWSVD).
+    ``importance`` maps layer names to per-output-row weights for structures that use them (FWSVD,
+    Fisher-weighted DS).
     """
     config = config or CompressConfig()
     start = time.perf_counter()
@@ -182,7 +183,7 @@ def compress(
         modules = [model.get_submodule(name) for name in names]
         weights = [linear_weight(mod) for mod in modules]
         options: dict[str, Any] = {}
-        if importance is not None and structure.name == "svd":
+        if importance is not None and structure.name in ("svd", "ds"):
             options["importance"] = [importance.get(name) for name in names]
         with torch.no_grad():
             fitted = structure.fit(weights, **options)

@@ -18,6 +18,8 @@ start is the dense model fine-tuned on the task (``dsformer compress --method de
 
 ``trainer="conventional"`` fits once and trains the factors; ``"stf"`` keeps latent dense weights
 and trains through the projection, which separates the structure from the training algorithm.
+``fisher=True`` weights every fit of ``svd`` (that is ``fwsvd``), ``ds-conventional`` or ``dsformer``
+(each STF projection too) by the rows' Fisher information from task gradients.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from dsformer.tasks import TaskData
 from dsformer.train import TrainConfig, _batch, encode
 
 METHODS = ("dense", "svd", "fwsvd", "nm", "ds-conventional", "dsformer", "ds-shared", "distil")
+FISHER_METHODS = ("svd", "fwsvd", "ds-conventional", "dsformer")  # whose fits take row weights
 DEFAULT_TRAINER = {
     "svd": "conventional",
     "fwsvd": "conventional",
@@ -78,9 +81,12 @@ def prepare(
     schedule: Schedule | None = None,
     targets=None,
     progress: bool = True,
+    fisher: bool = False,
 ) -> Prepared:
     """Apply ``method``'s structure to ``model`` in place, ready for :func:`dsformer.train.train`."""
     structure = structure_for(method, ratio)
+    if fisher and method not in FISHER_METHODS:
+        raise DsformerError(f"--fisher weights the fit of {', '.join(FISHER_METHODS)}; {method} has no such fit")
     if structure is None:
         return Prepared(None, None)
     trainer = trainer or DEFAULT_TRAINER[method]
@@ -92,15 +98,15 @@ def prepare(
         raise DsformerError(
             "dsformer is DS trained with STF; for DS trained conventionally use --method ds-conventional"
         )
-    if trainer == "stf":
-        if method == "fwsvd":
-            raise DsformerError("fwsvd weights the SVD fit; with --trainer stf use --method svd")
-        return Prepared(STF.wrap(model, structure, targets=targets, schedule=schedule), None)
+    if trainer == "stf" and method == "fwsvd":
+        raise DsformerError("fwsvd weights the SVD fit; with --trainer stf use --method svd --fisher")
     importance = None
-    if method == "fwsvd":
+    if fisher or method == "fwsvd":
         if data is None or tokenizer is None:
-            raise DsformerError("fwsvd needs task data to estimate Fisher information")
+            raise DsformerError(f"{method} with Fisher weights needs task data to estimate Fisher information")
         importance = fisher_importance(model, tokenizer, data, train_config or TrainConfig(), targets)
+    if trainer == "stf":
+        return Prepared(STF.wrap(model, structure, targets=targets, schedule=schedule, importance=importance), None)
     report = compress(
         model, CompressConfig(structure, target_modules=targets), importance=importance, progress=progress
     )

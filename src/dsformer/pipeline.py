@@ -18,7 +18,7 @@ from dsformer.compress import find_targets
 from dsformer.errors import DsformerError
 from dsformer.hardware import describe
 from dsformer.io import save
-from dsformer.methods import DEFAULT_TRAINER, make_student, prepare, structure_for
+from dsformer.methods import DEFAULT_TRAINER, FISHER_METHODS, make_student, prepare, structure_for
 from dsformer.models import load_pretrained
 from dsformer.report import model_bytes
 from dsformer.stf import Schedule
@@ -40,6 +40,7 @@ class RunConfig:
     reference: str | None = None  # metrics.json of a dense run, for the difference to dense
     teacher: str | None = None
     device: str = "cpu"
+    fisher: bool = False  # weight the structure's fit by Fisher information (dsformer.methods.prepare)
     train: TrainConfig = field(default_factory=TrainConfig)
     schedule: Schedule = field(default_factory=Schedule)
 
@@ -55,6 +56,8 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
     # everything that can be checked before loading is checked first
     structure_for(config.method, config.ratio)
     trainer = _trainer(config.method, config.trainer)
+    if config.fisher and config.method not in FISHER_METHODS:
+        raise DsformerError(f"--fisher weights the fit of {', '.join(FISHER_METHODS)}; {config.method} has no such fit")
     if config.schedule.polish and trainer != "stf":
         raise DsformerError(f"--polish ends STF training early; {config.method} does not train with STF")
     out = check_output(output, source=config.model)
@@ -92,6 +95,7 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
         train_config=config.train,
         schedule=config.schedule,
         progress=config.train.progress,
+        fisher=config.fisher,
     )
     result = train(model, tokenizer, data, config.train, work, stf=prepared.stf, teacher=teacher, resume=resume)
     report = prepared.stf.finalize(iters=0) if prepared.stf is not None else prepared.report

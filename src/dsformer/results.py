@@ -100,7 +100,7 @@ def ratio_at_drop(curve: list[tuple[float, float]], dense: float, drop: float = 
 
 
 # labels that are DSFormer itself or a variant of it, not baselines to beat
-OURS = ("dsformer", "dsformer+kd", "ds-shared", "dsformer-polish")
+OURS = ("dsformer", "dsformer+kd", "ds-shared", "dsformer-polish", "dsformer-fisher")
 LOW_RANK = ("svd", "fwsvd")
 
 

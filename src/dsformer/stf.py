@@ -125,10 +125,17 @@ def _support(factors) -> torch.Tensor | None:
 class STF:
     """The STF layers of one model and their shared projection schedule."""
 
-    def __init__(self, model: nn.Module, layers: dict[str, tuple[STFLinear, StructureConfig]], schedule: Schedule):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: dict[str, tuple[STFLinear, StructureConfig]],
+        schedule: Schedule,
+        importance: dict[str, torch.Tensor] | None = None,
+    ):
         self.model = model
         self.layers = layers
         self.schedule = schedule
+        self.importance = importance or {}  # per-output-row fit weights by layer (Fisher), for every projection
         self.support_change = 0.0  # fraction of support entries that moved at the last refresh
         self.report: Report | None = None  # set by finalize, after which the STF layers are gone
 
@@ -140,8 +147,13 @@ class STF:
         targets=None,
         exclude=None,
         schedule: Schedule | None = None,
+        importance: dict[str, torch.Tensor] | None = None,
     ) -> STF:
-        """Replace the target linears by :class:`STFLinear` (in place) and project them once."""
+        """Replace the target linears by :class:`STFLinear` (in place) and project them once.
+
+        ``importance`` maps layer names to per-output-row weights (``dsformer.methods.fisher_importance``)
+        that every projection's fit uses (DS and low rank).
+        """
         structure = structure or DenseSparseConfig()
         names = find_targets(model, targets, exclude)
         layers = {}
@@ -154,7 +166,7 @@ class STF:
             layer = STFLinear(linear_weight(module), module.bias, kind)
             _set_module(model, name, layer)
             layers[name] = (layer, structure)
-        stf = cls(model, layers, schedule or Schedule())
+        stf = cls(model, layers, schedule or Schedule(), importance)
         stf.refresh(first=True)
         stf.set_step(0)
         return stf
@@ -191,7 +203,8 @@ class STF:
             if isinstance(structure, DenseSparseConfig) and not first:
                 fit_config = replace(structure, iters=self.schedule.iters if iters is None else iters)
             warm = None if first else [layer.factors for layer in layers]
-            fitted = fit_config.fit([layer.weight.detach() for layer in layers], warm=warm)
+            options = {"importance": [self.importance.get(n) for n in names]} if self.importance else {}
+            fitted = fit_config.fit([layer.weight.detach() for layer in layers], warm=warm, **options)
             for layer, factors in zip(layers, fitted, strict=True):
                 old, new = _support(layer.factors), _support(factors)
                 if old is not None and new is not None and old.shape == new.shape:

@@ -69,6 +69,7 @@ class MethodSpec:
     schedule: dict[str, Any] = field(default_factory=dict)
     ratios: tuple[float, ...] | None = None  # this method's own ratio axis (None: the sweep's)
     seeds: tuple[int, ...] | None = None
+    fisher: bool = False  # weight the fits by Fisher information (dsformer.methods.prepare)
 
     @classmethod
     def parse(cls, entry: str | dict[str, Any]) -> MethodSpec:
@@ -76,7 +77,7 @@ class MethodSpec:
             entry = {"method": entry}
         if not isinstance(entry, dict) or "method" not in entry:
             raise SweepError(f"methods: {entry!r} is neither a method name nor a mapping with 'method'")
-        unknown = set(entry) - {"label", "method", "trainer", "teacher", "schedule", "ratios", "seeds"}
+        unknown = set(entry) - {"label", "method", "trainer", "teacher", "schedule", "ratios", "seeds", "fisher"}
         if unknown:
             raise SweepError(f"methods: unknown key(s) {sorted(unknown)} in {entry!r}")
         if entry["method"] not in METHODS or entry["method"] == "dense":
@@ -90,7 +91,10 @@ class MethodSpec:
             check_ratio(ratio)
         seeds = tuple(int(s) for s in entry["seeds"]) if entry.get("seeds") else None
         label = entry.get("label", entry["method"])
-        return cls(label, entry["method"], entry.get("trainer"), teacher, schedule, ratios, seeds)
+        fisher = entry.get("fisher", False)
+        if not isinstance(fisher, bool):
+            raise SweepError(f"methods: fisher must be true or false (got {fisher!r})")
+        return cls(label, entry["method"], entry.get("trainer"), teacher, schedule, ratios, seeds, fisher)
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,7 @@ class Sweep:
                             teacher=str(dense_out) if spec.teacher else None,
                             train=TrainConfig(**{**self.train, "seed": seed, "progress": True}),
                             schedule=Schedule(**spec.schedule),
+                            fisher=spec.fisher,
                         )
                         runs.append(
                             PlannedRun(

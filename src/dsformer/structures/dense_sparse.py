@@ -175,12 +175,20 @@ class DenseSparseConfig:
         return _spread(aligned or layouts, self.search_points)
 
     def fit(
-        self, weights: list[torch.Tensor], warm: list[DenseSparseFactors | None] | None = None
+        self,
+        weights: list[torch.Tensor],
+        warm: list[DenseSparseFactors | None] | None = None,
+        importance: list[torch.Tensor | None] | None = None,
     ) -> list[DenseSparseFactors]:
         """Factorize each ``(out, in)`` weight; layers of one shape are fitted together.
 
         ``warm`` gives previous factors to start from (their layouts are kept, no search).
+        ``importance[i]`` (shape ``(out,)``, positive; Fisher information from task gradients)
+        weights the fit's error on each output row, as FWSVD does for low rank: the fit runs on
+        ``diag(√I) W`` and the factors are scaled back (a row layer's values, a column layer's basis).
         """
+        if importance is not None and any(imp is not None for imp in importance):
+            return self._fit_weighted(weights, warm, importance)
         if self.share_basis and len(weights) > 1:
             return self._fit_shared(weights, warm)
         warm = warm or [None] * len(weights)
@@ -203,6 +211,31 @@ class DenseSparseConfig:
                     lay, state[j][0].to(weights[i].dtype), state[j][2].to(weights[i].dtype), state[j][1]
                 )
         return results  # type: ignore[return-value]
+
+    def _fit_weighted(
+        self,
+        weights: list[torch.Tensor],
+        warm: list[DenseSparseFactors | None] | None,
+        importance: list[torch.Tensor | None],
+    ) -> list[DenseSparseFactors]:
+        if self.share_basis and len(weights) > 1:
+            raise ValueError("share_basis: one basis cannot be weighted per layer; fit shared bases without importance")
+        scales = []
+        for w, imp in zip(weights, importance, strict=True):
+            if imp is None:
+                scales.append(torch.ones(w.shape[0], dtype=w.dtype, device=w.device))
+                continue
+            if imp.shape != (w.shape[0],) or not bool((imp > 0).all()):
+                raise ValueError(
+                    f"importance must be positive, one per output row ({w.shape[0]}); got {tuple(imp.shape)}"
+                )
+            root = imp.detach().to(w.device, torch.float64).sqrt()
+            scales.append((root / root.mean()).to(w.dtype))  # mean 1: the fit's scale is unchanged
+        scaled = [w * scale[:, None] for w, scale in zip(weights, scales, strict=True)]
+        starts = warm or [None] * len(weights)
+        warm = [None if f is None else _row_scaled(f, scale) for f, scale in zip(starts, scales, strict=True)]
+        fitted = self.fit(scaled, warm)
+        return [_row_scaled(f, 1 / scale) for f, scale in zip(fitted, scales, strict=True)]
 
     def _fit_shared(
         self, weights: list[torch.Tensor], warm: list[DenseSparseFactors | None] | None
@@ -285,6 +318,14 @@ def _spread(layouts: list[DenseSparseLayout], points: int) -> list[DenseSparseLa
         return [layouts[len(layouts) // 2]]
     picks = {round(i * (len(layouts) - 1) / (points - 1)) for i in range(points)}
     return [layouts[i] for i in sorted(picks)]
+
+
+def _row_scaled(factors: DenseSparseFactors, scale: torch.Tensor) -> DenseSparseFactors:
+    """The factors of ``diag(scale) W``: a row layer's vectors are the rows (scale the values), a
+    column layer's vectors have the rows as coordinates (scale the basis)."""
+    if factors.layout.rows:
+        return replace(factors, values=factors.values * scale[:, None].to(factors.values))
+    return replace(factors, basis=factors.basis * scale[None, :].to(factors.basis))
 
 
 def _vectors(w: torch.Tensor) -> torch.Tensor:
