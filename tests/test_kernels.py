@@ -252,6 +252,24 @@ def test_native_bags_refuse_what_they_cannot_run():
         native.weighted_bags(rows, index.long(), weights, bag_size=2)
     with pytest.raises(ValueError, match="float32 CPU"):
         native.weighted_bags(rows.double(), index, weights, bag_size=2)
+    with pytest.raises(ValueError, match="one length"):
+        native.weighted_bags(rows, index, weights[:3], bag_size=2)
+    with pytest.raises(ValueError, match="divide"):
+        native.weighted_bags(rows, index, weights, bag_size=3)
+    with pytest.raises(ValueError, match="entry count"):
+        native.weighted_bags(rows, index, weights, offsets=torch.tensor([0, 9], dtype=torch.int32))
+    with pytest.raises(ValueError, match="one value per bag"):
+        native.weighted_bags(rows, index, weights, bag_size=2, bias=torch.ones(3))
+
+
+@pytest.mark.parametrize("backend", ["gather", "auto", "int8"])
+def test_an_input_that_needs_gradients_gets_them_on_any_backend(backend):
+    layer = layer_of("ds", SHAPES["rows"]).requires_grad_(False)  # frozen layer, trainable input
+    kernels.use_backend(layer, backend)
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    layer(x).sum().backward()
+    want = layer.materialize().sum(0).expand(2, 5, 64)
+    assert x.grad is not None and torch.allclose(x.grad, want, atol=1e-4)
 
 
 def test_gather_falls_back_to_the_embedding_bag(monkeypatch):

@@ -61,6 +61,20 @@ def test_bit_packing_round_trips(bits, count):
     assert torch.equal(unpack_bits(packed, bits, count), values)
 
 
+@pytest.mark.parametrize("structure", ["ds", "nm"])
+def test_a_saved_index_out_of_range_is_refused(make_model, tmp_path, structure):
+    model = make_model("bert")
+    dsformer.compress(model, dsformer.CompressConfig(fast_structure(structure)), progress=False)
+    layer = next(iter(compact_layers(model).values()))
+    layer.indices[0, 0] = layer.index_limit()  # one past the last atom (or group position)
+    folder = dsformer.save(model, tmp_path / "bad")
+    with pytest.raises(CheckpointError, match="outside 0"):
+        dsformer.load(folder)
+    with pytest.raises(ValueError, match="do not fit"):  # packed storage has no room for it
+        dsformer.save(model, tmp_path / "bad-int8", int8=True)
+    assert not (tmp_path / "bad-int8").exists()
+
+
 @pytest.mark.parametrize("structure, bits", [("ds", 9), ("nm", 2)])
 def test_int8_folder_packs_indices_to_the_bits_they_need(make_model, tmp_path, structure, bits):
     model = make_model("bert")

@@ -125,7 +125,9 @@ def bench_model(
         # dsformer.kernels.gather); the dense one gets it as a dense model would (token-major)
         xc = x.mT.contiguous().mT if layer.in_features > layer.out_features else x
         path = layer.backend if layer.backend != "auto" else choose(layer, xc)
-        t = alternate({"dense": functools.partial(linear, x), "compact": functools.partial(layer, xc)}, device, repeats)
+        # the path alone: an activation fused into the layer (kernels.fuse_activations) is not part of the linear
+        compact_call = functools.partial(layer.run, path, xc)
+        t = alternate({"dense": functools.partial(linear, x), "compact": compact_call}, device, repeats)
         dense_bytes = layer.out_features * layer.in_features * linear.weight.element_size()
         row = {
             "shape": [layer.out_features, layer.in_features],

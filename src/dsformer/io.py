@@ -46,6 +46,7 @@ from dsformer.structures.dense_sparse import share_bases
 
 FORMAT_VERSION = 2  # the newest format this version reads; folders with int8 weights are 2, others 1
 INT8_SCALE = ".int8_scale"  # suffix of the per-row scales stored beside an int8 tensor
+_INDEX_BYTES = {"uint8": 1, "int16": 2, "int32": 4, "int64": 8}  # dtypes a packed index tensor may have
 PACKED = ".packed"  # suffix of an index tensor stored bit-packed (format 2: its bits, shape and dtype in meta)
 META_FILE = "dsformer.json"
 EXPORT_FILE = "dsformer-export.json"
@@ -238,7 +239,8 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
                 and 1 <= spec["bits"] <= 32
                 and isinstance(spec.get("shape"), list)
                 and all(isinstance(n, int) and n >= 0 for n in spec["shape"])
-                and spec.get("dtype") in ("uint8", "int16", "int32", "int64")
+                and spec.get("dtype") in _INDEX_BYTES
+                and spec["bits"] <= 8 * _INDEX_BYTES[spec["dtype"]]
                 for spec in meta.get("packed", {}).values()
             )
         )
@@ -331,6 +333,15 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Modu
             except AttributeError as err:
                 raise CheckpointError(f"{META_FILE} layer {name!r}: its shared basis cannot be found: {err}") from None
     _load_tensors(model, weights, meta.get("int8", []), dtype, meta.get("packed", {}))
+    for name, layer in compact_layers(model).items():  # the kernels index with them unchecked
+        limit, indices = layer.index_limit(), getattr(layer, "indices", None)
+        if limit is not None and indices is not None and indices.numel():
+            low, high = int(indices.min()), int(indices.max())
+            if low < 0 or high >= limit:
+                raise CheckpointError(
+                    f"{weights}: {name}.indices holds {low if low < 0 else high}, outside 0..{limit - 1}: "
+                    "the file is corrupt or does not belong to this layout"
+                )
     return model.to(device).eval()
 
 

@@ -48,22 +48,42 @@ def from_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.f
 
 
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Non-negative integers below ``2**bits`` as a flat uint8 tensor of ``ceil(n * bits / 8)`` bytes.
+    """Non-negative integers below ``2**bits`` as a flat uint8 CPU tensor of ``ceil(n * bits / 8)`` bytes.
 
     >>> packed = pack_bits(torch.tensor([5, 0, 300, 511]), 9)
     >>> packed.numel(), unpack_bits(packed, 9, 4).tolist()
     (5, [5, 0, 300, 511])
     """
-    flat = values.reshape(-1).long()
-    bit_matrix = (flat[:, None] >> torch.arange(bits)) & 1  # little-endian bits of every value
-    stream = torch.cat([bit_matrix.reshape(-1), flat.new_zeros(-(flat.numel() * bits) % 8)])
-    return (stream.reshape(-1, 8) << torch.arange(8)).sum(1).to(torch.uint8)
+    flat = values.detach().reshape(-1).cpu().long()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
+        raise ValueError(f"values from {int(flat.min())} to {int(flat.max())} do not fit in {bits} bits")
+    # 8 values at a time fill `bits` whole bytes; chunks keep the bit matrices small on large layers
+    padded = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
+    out = [_pack_chunk(padded[i : i + _CHUNK], bits) for i in range(0, padded.numel(), _CHUNK)]
+    packed = torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
+    return packed[: packed_size(flat.numel(), bits)]
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """The ``count`` integers that :func:`pack_bits` packed (int64)."""
-    stream = (packed.long()[:, None] >> torch.arange(8)) & 1
-    return (stream.reshape(-1)[: count * bits].reshape(count, bits) << torch.arange(bits)).sum(1)
+    """The ``count`` integers that :func:`pack_bits` packed (int64, CPU)."""
+    data = packed.detach().reshape(-1).cpu()
+    data = torch.cat([data, data.new_zeros(packed_size(-(-count // 8) * 8, bits) - data.numel())])
+    step = _CHUNK // 8 * bits  # bytes that hold _CHUNK values
+    out = [_unpack_chunk(data[i : i + step], bits) for i in range(0, data.numel(), step)]
+    return (torch.cat(out) if out else torch.zeros(0, dtype=torch.long))[:count]
+
+
+_CHUNK = 1 << 16  # values per chunk, a multiple of 8
+
+
+def _pack_chunk(values: torch.Tensor, bits: int) -> torch.Tensor:
+    bit_matrix = ((values[:, None] >> torch.arange(bits)) & 1).to(torch.uint8)  # little-endian bits
+    return (bit_matrix.reshape(-1, 8).long() << torch.arange(8)).sum(1).to(torch.uint8)
+
+
+def _unpack_chunk(data: torch.Tensor, bits: int) -> torch.Tensor:
+    stream = ((data.long()[:, None] >> torch.arange(8)) & 1).to(torch.uint8).reshape(-1, bits)
+    return (stream.long() << torch.arange(bits)).sum(1)
 
 
 def packed_size(count: int, bits: int) -> int:

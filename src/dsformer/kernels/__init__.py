@@ -205,12 +205,12 @@ def _time_paths(layer: CompactLinear, tokens: int, seq: int, dtype: torch.dtype,
     with torch.inference_mode():
         # a sample runs a path enough times to take about 2 ms: single calls of a 0.1 ms layer are
         # noise-dominated, and a wrong choice there is paid on every forward
-        once = min(seconds(functools.partial(layer.run, p, x), x.device) for p in paths)
-        calls = max(1, min(_MAX_CALLS, math.ceil(_SAMPLE_SECONDS / max(once, 1e-7))))
+        once = {p: seconds(functools.partial(layer.run, p, x), x.device) for p in paths}
+        calls = {p: max(1, min(_MAX_CALLS, math.ceil(_SAMPLE_SECONDS / max(t, 1e-7)))) for p, t in once.items()}
         for _ in range(_REPEATS):
             for p in paths:
-                run = functools.partial(_run_times, layer, p, x, calls)
-                times[p].append(seconds(run, x.device) / calls)
+                run = functools.partial(_run_times, layer, p, x, calls[p])
+                times[p].append(seconds(run, x.device) / calls[p])
     median = {p: statistics.median(t) for p, t in times.items()}
     return {"choice": min(median, key=median.get), "seconds": median}
 

@@ -78,6 +78,17 @@ def weighted_bags(
         raise ValueError(f"rows must be a 3-D float32 CPU tensor, got {tuple(rows.shape)} {rows.dtype} {rows.device}")
     if index.dtype != torch.int32 or (offsets is not None and offsets.dtype != torch.int32):
         raise ValueError("index and offsets must be int32")
+    if index.dim() != 1 or weights.shape != index.shape:
+        raise ValueError(
+            f"index and weights must be 1-D of one length, got {tuple(index.shape)}, {tuple(weights.shape)}"
+        )
+    if offsets is None and (bag_size < 1 or index.numel() % bag_size):
+        raise ValueError(f"bag_size {bag_size} must be positive and divide the {index.numel()} entries")
+    if offsets is not None and (offsets.dim() != 1 or offsets.numel() < 1 or int(offsets[-1]) > index.numel()):
+        raise ValueError("offsets must be 1-D, start each bag and end with the entry count")
+    bags = _bag_count(index, offsets, bag_size or 0)
+    if bias is not None and bias.shape != (bags,):
+        raise ValueError(f"bias must have one value per bag ({bags}), got {tuple(bias.shape)}")
     if torch.compiler.is_compiling():  # an opaque op to the compiler, with its output shape known
         return torch.ops.dsformer.weighted_bags(rows, index, weights, offsets, bag_size or 0, bias, token_major, gelu)
     return _weighted_bags(rows, index, weights, offsets, bag_size or 0, bias, token_major, gelu)

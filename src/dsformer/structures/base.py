@@ -78,8 +78,12 @@ class CompactLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.backend
-        if name != "reference" and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
-            name = "reference"  # training differentiates through the reference ops
+        if (
+            name != "reference"
+            and torch.is_grad_enabled()
+            and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        ):
+            name = "reference"  # training (or a gradient to the input) differentiates through the reference ops
         elif name == "auto":
             from dsformer.kernels import choose
 
@@ -133,6 +137,11 @@ class CompactLinear(nn.Module):
 
     def index_bits(self) -> int | None:
         """Bits each stored index needs (compact int8 storage packs them); None: no index tensor."""
+        limit = self.index_limit()
+        return None if limit is None else max(1, (limit - 1).bit_length())
+
+    def index_limit(self) -> int | None:
+        """Every stored index is below this (checked at load: kernels trust them); None: no index tensor."""
         return None
 
     def factor_tensors(self) -> list[torch.Tensor]:

@@ -531,8 +531,8 @@ class DenseSparseLinear(CompactLinear):
     def weight_bytes(self) -> int:
         return super().weight_bytes() - (0 if self.basis_owner else self.basis.numel() * self.basis.element_size())
 
-    def index_bits(self) -> int:
-        return max(1, (self.k - 1).bit_length())  # an atom number below k
+    def index_limit(self) -> int:
+        return self.k  # an atom number
 
     def cache_slots(self, path: str) -> tuple[str, ...]:
         slots = {

@@ -126,8 +126,8 @@ class NMLinear(CompactLinear):
     def cache_slots(self, path: str) -> tuple[str, ...]:
         return ("dense",)  # both paths multiply by the materialized weight
 
-    def index_bits(self) -> int:
-        return max(1, (self.m - 1).bit_length())  # a position in a group of m
+    def index_limit(self) -> int:
+        return self.m  # a position in a group of m
 
     def layout(self) -> dict[str, Any]:
         return {"n": int(self.values.shape[-1]), "m": self.m}
