@@ -223,15 +223,16 @@ def versus(cells: list[Cell], ours: str = "dsformer") -> list[dict]:
     return rows
 
 
-def versus_markdown(cells: list[Cell]) -> str:
-    """Where DSFormer wins and where it loses: one line per task and ratio, and the count."""
-    rows = versus(cells)
+def versus_markdown(cells: list[Cell], ours: str = "dsformer") -> str:
+    """Where ``ours`` wins and where it loses: one line per task and ratio, and the count."""
+    rows = versus(cells, ours)
     if not rows:
         return ""
+    name = "DSFormer" if ours == "dsformer" else f"`{ours}`"
     lines = [
-        "### DSFormer against the best baseline",
+        f"### {name} against the best baseline",
         "",
-        "| task | ratio | dsformer | best baseline | difference | |",
+        f"| task | ratio | {ours} | best baseline | difference | |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -241,7 +242,7 @@ def versus_markdown(cells: list[Cell]) -> str:
             f"| {r['best']} {r['best_mean']:.2f} [n={r['best_n']}] | {r['difference']:+.2f} | {verdict} |"
         )
     wins = sum(r["difference"] > 0 for r in rows)
-    lines += ["", f"DSFormer is ahead of every baseline in {wins} of {len(rows)} task-ratio cells.", ""]
+    lines += ["", f"{name} is ahead of every baseline in {wins} of {len(rows)} task-ratio cells.", ""]
     return "\n".join(lines)
 
 
