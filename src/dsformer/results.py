@@ -177,19 +177,19 @@ def _at_text(found: dict | None, with_label: bool = True) -> str:
     return f"{label}{'≥ ' if found['open'] else ''}{found['ratio']:.2f}x"
 
 
-def compression_markdown(cells: list[Cell]) -> str:
-    """The "better compression" table: ratios within 1 point of dense, DSFormer's over the baselines'."""
-    rows = compression_at_drop(cells)
+def compression_markdown(cells: list[Cell], ours: str = "dsformer") -> str:
+    """The "better compression" table: ratios within 1 point of dense, ``ours`` over the baselines'."""
+    rows = compression_at_drop(cells, ours)
     if not rows:
         return ""
     lines = [
-        "### Compression within 1 point of dense",
+        "### Compression within 1 point of dense" + ("" if ours == "dsformer" else f": `{ours}`"),
         "",
         "The largest compression ratio (value parameters) whose test metric is within 1 point of the dense "
         'start, interpolated on each method\'s measured curve; "≥" where the curve never dropped that far '
         '(the largest ratio measured), "never" where even its smallest ratio dropped more.',
         "",
-        "| task | dsformer | best baseline | dsformer / baseline | best low rank | dsformer / low rank |",
+        f"| task | {ours} | best baseline | {ours} / baseline | best low rank | {ours} / low rank |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
