@@ -262,9 +262,14 @@ class _DiskCache:
 _CACHE: _DiskCache | None = None
 
 
+def cache_dir() -> Path:
+    """Where dsformer keeps per-machine state: kernel timings and the compiled native kernel."""
+    return Path(os.environ.get("DSFORMER_CACHE", Path.home() / ".cache" / "dsformer"))
+
+
 def _disk_cache() -> _DiskCache:
     global _CACHE
-    path = Path(os.environ.get("DSFORMER_CACHE", Path.home() / ".cache" / "dsformer")) / "kernels.json"
+    path = cache_dir() / "kernels.json"
     if _CACHE is None or _CACHE.path != path:
         _CACHE = _DiskCache(path)
     return _CACHE

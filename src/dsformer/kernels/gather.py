@@ -69,9 +69,8 @@ def _bags(
 
     ELL bags (``offsets`` None: ``index`` and ``weights`` are ``(B, s)``) or CSR bags (``offsets``
     ``(B + 1,)`` over flat ``index`` and ``weights``); ``token_major`` gives ``(S, L, B)``; ``gelu``
-    applies GELU to the result. The
-    compiled kernel where it runs (:mod:`dsformer.kernels.native`), else an embedding-bag per
-    sequence; both give the same sums.
+    applies GELU to the result. The compiled kernel where it runs (:mod:`dsformer.kernels.native`),
+    else an embedding-bag per sequence; both give the same sums.
     """
     index = index if index.dtype == torch.int32 else index.int()
     if rows.dtype == torch.float32 and rows.device.type == "cpu" and native.available():

@@ -165,7 +165,9 @@ def _compiled(compiler: str) -> Path:
     """The shared library for this source and these flags, built once per machine and cached."""
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
-    folder = Path(os.environ.get("DSFORMER_CACHE", Path.home() / ".cache" / "dsformer")) / "native"
+    from dsformer.kernels import cache_dir
+
+    folder = cache_dir() / "native"
     target = folder / f"bags-{key}.so"
     if target.exists():
         return target
