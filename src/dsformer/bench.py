@@ -102,6 +102,7 @@ def bench_model(
         "batch": batch,
         "seq": seq,
         "backend": backend,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "repeats": repeats,
         "end_to_end": {
             "dense_ms": 1000 * total["dense"],
@@ -140,6 +141,7 @@ def bench_model(
             "byte_limit": dense_bytes / layer.weight_bytes(),
         }
         row["of_flop_limit"] = row["speedup"] / row["flop_limit"]
+        row["of_byte_limit"] = row["speedup"] / row["byte_limit"]
         rows[name] = row
         part = parts.setdefault(_part(name), {"dense_ms": 0.0, "compact_ms": 0.0, "layers": 0})
         part["dense_ms"] += row["dense_ms"]
@@ -156,6 +158,7 @@ def bench_table(result: dict[str, Any]) -> str:
     e = result["end_to_end"]
     lines = [
         f"batch {result['batch']} x {result['seq']} tokens, backend {result['backend']}, "
+        f"{result.get('dtype', 'float32')}, "
         f"median of {result['repeats']} alternating runs",
         f"  end to end: dense {e['dense_ms']:.1f} ms, compact {e['compact_ms']:.1f} ms -> {e['speedup']:.2f}x "
         f"({e['compact_tokens_per_s']:.0f} tokens/s against {e['dense_tokens_per_s']:.0f})",

@@ -127,7 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--batch", type=int, nargs="+", default=[32, 1], help="batch sizes (default: 32 1)")
     ben.add_argument("--seq", type=int, nargs="+", default=[128, 64], help="sequence lengths, paired with --batch")
     ben.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    ben.add_argument("--backend", default="auto", help="auto (default), reference, dense, gather or int8")
+    ben.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default="float32",
+        help="the weights' and activations' type for both models (default: float32; float16 is the GPU's usual)",
+    )
+    ben.add_argument(
+        "--backend", default="auto", help="auto (default), reference, dense, gather, triton (CUDA) or int8"
+    )
     ben.add_argument("--structure", choices=["ds", "svd", "nm"], default="ds", help="when factorizing (default: ds)")
     ben.add_argument("--ratio", type=_number, default=2.8, help="when factorizing (default: 2.8)")
     ben.add_argument("--k-multiple", type=int, default=None, help="when factorizing with ds: k a multiple of this")
@@ -152,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     eva.add_argument(
         "--backend",
         default="reference",
-        help="execution path of the compact layers: reference (default), auto, dense, gather, int8 (int8 products)",
+        help="execution path of the compact layers: reference (default), auto, dense, gather, "
+        "triton (CUDA), int8 (int8 products)",
     )
 
     qua = verbs.add_parser(
@@ -307,12 +316,13 @@ def bench_verb(args: argparse.Namespace) -> None:
         from dsformer.models import load_pretrained, resolve
 
         model, _ = load_pretrained(args.path)
-        model = model.to(args.device).eval()
+        model = model.to(args.device).float().eval()  # a half-precision checkpoint is fitted in float32
         print(f"factorizing {resolve(args.path)} with {args.structure} at {args.ratio:g}x (fit only, no training)")
         compress(
             model, CompressConfig(_structure(args.structure, args.ratio, k_multiple=args.k_multiple)), progress=True
         )
         source = f"{resolve(args.path)} factorized with {args.structure} at {args.ratio:g}x"
+    model = model.to(getattr(torch, args.dtype))  # factorized in float32 first: the fit wants the precision
     results = []
     for batch, seq in shapes:
         result = bench_model(model, batch, seq, backend=args.backend, repeats=args.repeats, layers=not args.no_layers)

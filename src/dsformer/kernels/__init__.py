@@ -5,8 +5,9 @@ Every compact layer can run on:
 - ``reference``: plain PyTorch ops on the factors (differentiable; training always uses it);
 - ``dense``: the materialized weight in one GEMM (the dense cost; the fallback that makes
   ``auto`` never slower than dense, at the memory of a dense weight);
-- its structure's fast path: ``gather`` for dense-sparse (``dsformer.kernels.gather``). Low rank's
-  reference is already its fast path (two GEMMs); N:M has no CPU kernel that beats dense;
+- its structure's fast paths: for dense-sparse, ``gather`` (``dsformer.kernels.gather``: a compiled
+  CPU kernel, else embedding-bags) and on CUDA ``triton`` (``dsformer.kernels.triton_ds``). Low
+  rank's reference is already its fast path (two GEMMs); N:M has no kernel that beats dense;
 - ``int8``: every GEMM in int8 (weights per row, activations per token; ``dsformer.kernels.int8``),
   DS's sparse stage a float gather. It changes the numerics, so only ``use_backend(model, "int8")``
   takes it, never ``auto``.
@@ -48,7 +49,7 @@ from torch import nn
 from dsformer.errors import DsformerError
 from dsformer.structures.base import CompactLinear
 
-BACKENDS = ("auto", "reference", "dense", "gather", "int8")
+BACKENDS = ("auto", "reference", "dense", "gather", "triton", "int8")
 # paths that change the numerics: only taken when asked for by name, never by ``auto``
 _APPROXIMATE = ("int8",)
 _REPEATS = 7

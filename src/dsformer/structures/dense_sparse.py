@@ -523,7 +523,10 @@ class DenseSparseLinear(CompactLinear):
         return y + self.bias if self.bias is not None else y
 
     def backends(self) -> tuple[str, ...]:
-        return ("reference", "dense", "gather", "int8")
+        from dsformer.kernels import triton_ds
+
+        on_gpu = self.basis.device.type == "cuda" and triton_ds.installed()
+        return ("reference", "dense", "gather", "int8") + (("triton",) if on_gpu else ())
 
     def value_params(self) -> int:
         return super().value_params() - (0 if self.basis_owner else self.basis.numel())
@@ -538,27 +541,44 @@ class DenseSparseLinear(CompactLinear):
         slots = {
             "reference": ("coefficients",),
             "gather": ("indices", "plan"),
+            "triton": ("plan",),
             "int8": ("indices", "plan", "int8_basis"),
         }
         return slots.get(path, super().cache_slots(path))
 
     def work(self, path: str) -> int:
         lay = self.layout_shapes
-        if path in ("gather", "int8"):  # the dense stage, then s multiply-adds per output vector
+        if path in ("gather", "int8", "triton"):  # the dense stage, then s multiply-adds per output vector
             return lay.k * lay.d + lay.s * lay.n
         if path == "reference":  # two GEMMs with C densified
             return lay.k * (lay.d + lay.n)
         return super().work(path)
 
     def run(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if name == "triton":
+            return self._triton(x, gelu=False)
         if name not in ("gather", "int8"):
             return super().run(name, x)
         return self._gather(name, x, gelu=False)
 
     def run_activated(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        if name in ("gather", "int8") and self.activation == "gelu" and self.rows:
-            return self._gather(name, x, gelu=True)  # the kernel applies it before storing each output
+        if name in ("gather", "int8", "triton") and self.activation == "gelu" and self.rows:
+            # the kernel applies it before storing each output
+            return self._triton(x, gelu=True) if name == "triton" else self._gather(name, x, gelu=True)
         return super().run_activated(name, x)
+
+    def _triton(self, x: torch.Tensor, gelu: bool) -> torch.Tensor:
+        from dsformer.kernels import triton_ds
+        from dsformer.kernels.gather import column_plan
+
+        if not triton_ds.runs_on(x):
+            raise NotImplementedError(f"the triton path needs CUDA and Triton (input on {x.device})")
+        basis, values = self.basis.detach(), self.values.detach()
+        bias = self.bias.detach() if self.bias is not None else None
+        if self.rows:
+            return triton_ds.ds_rows(x, basis, self.indices, values, bias, gelu=gelu)
+        plan = self._cached("plan", lambda: column_plan(self.indices, values, self.k), self.values, self.indices)
+        return triton_ds.ds_columns(x, plan, basis, bias)
 
     def _gather(self, name: str, x: torch.Tensor, gelu: bool) -> torch.Tensor:
         from dsformer.kernels.gather import column_plan, ds_columns, ds_rows

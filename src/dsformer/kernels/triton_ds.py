@@ -1,0 +1,230 @@
+"""The dense-sparse product on the GPU: the dense stage on cuBLAS, the sparse stage as Triton kernels.
+
+``W = C B`` with ``C`` in ELL form (``N`` rows of ``s`` atom indices and values):
+
+- row vectors (``out >= in``): ``Z = X Bᵀ`` (``T x k``, one GEMM), then
+  ``Y[t, i] = Σⱼ values[i, j] · Z[t, indices[i, j]]`` (+ bias, then GELU where fused). A program
+  computes a ``BLOCK_T x BLOCK_N`` tile of ``Y`` and reads each tile of indices and values once
+  for its ``BLOCK_T`` tokens; at decode (``T = 1``) the kernel streams ``C`` once, the byte floor
+  of the product, while the ``k``-long row of ``Z`` it gathers from stays in cache.
+- column vectors (``out < in``): ``U = X Cᵀ`` gathers, for each atom, the inputs in its bag
+  (the ELL transposed to a CSR, :class:`dsformer.kernels.gather.ColumnPlan`), then ``Y = U B``
+  on cuBLAS with the bias.
+
+Fusing the two stages into one kernel does not pay: every output needs ``Z`` entries from all of
+``B``, so a fused program would have to recompute or wait for the whole dense stage. Bias and
+GELU are fused into the sparse stage, which is where the outputs are stored.
+
+The kernels accumulate in float32 and store in the input's dtype (float16, bfloat16 or float32).
+They run on CUDA; with ``TRITON_INTERPRET=1`` set before this module is imported, Triton's
+interpreter runs them on CPU tensors (slowly), which is how the tests check them without a GPU.
+Each is a ``torch.library`` custom op, so ``torch.compile`` treats it as one opaque call.
+
+Example (on a GPU, or on CPU under ``TRITON_INTERPRET=1``):
+    >>> import torch
+    >>> from dsformer.kernels import triton_ds
+    >>> dev = "cuda" if torch.cuda.is_available() else "cpu"
+    >>> basis, x = torch.randn(4, 3, device=dev), torch.randn(5, 3, device=dev)
+    >>> indices = torch.tensor([[0, 2], [1, 3], [0, 1], [2, 3]], device=dev)
+    >>> values = torch.randn(4, 2, device=dev)
+    >>> c = torch.zeros(4, 4, device=dev).scatter_(1, indices, values)
+    >>> y = triton_ds.ds_rows(x, basis, indices, values, None) if triton_ds.runs_on(x) else x @ (c @ basis).T
+    >>> torch.allclose(y, x @ (c @ basis).T, atol=1e-4)
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from dsformer.kernels.gather import ColumnPlan
+
+
+def installed() -> bool:
+    """Whether Triton can be imported (it comes with CUDA builds of PyTorch)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def runs_on(x: torch.Tensor) -> bool:
+    """Whether the kernels can run on ``x``'s device here: CUDA with Triton, or CPU under the interpreter."""
+    if not installed():
+        return False
+    return x.device.type == "cuda" or (x.device.type == "cpu" and interpreting())
+
+
+def ds_rows(
+    x: torch.Tensor,
+    basis: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None,
+    gelu: bool = False,
+) -> torch.Tensor:
+    """``x (..., d) -> (..., N)`` for row vectors: ``y = C (B x)`` (+ bias, GELU); token-major output."""
+    tokens = x.reshape(-1, x.shape[-1])
+    z = torch.matmul(tokens, basis.mT)  # (T, k)
+    y = _op_rows(z, indices, values, bias, gelu)
+    return y.reshape(*x.shape[:-1], indices.shape[0])
+
+
+def ds_columns(x: torch.Tensor, plan: ColumnPlan, basis: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x (..., N) -> (..., d)`` for column vectors: ``y = Bᵀ (Cᵀ x)`` (+ bias)."""
+    tokens = x.reshape(-1, x.shape[-1])
+    u = _op_columns(tokens, plan.vectors, plan.offsets, plan.values, basis.shape[0])  # (T, k)
+    y = torch.matmul(u, basis) if bias is None else torch.addmm(bias, u, basis)
+    return y.reshape(*x.shape[:-1], basis.shape[1])
+
+
+def _token_block(tokens: int) -> int:
+    """Tokens per program: every token at decode, up to 16 (more would spill registers)."""
+    return min(16, 1 << max(0, tokens - 1).bit_length())
+
+
+def _rows(
+    z: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, gelu: bool
+) -> torch.Tensor:
+    kernel = _kernels().rows
+    z, indices, values = z.contiguous(), indices.contiguous(), values.contiguous()
+    tokens, (n, s) = z.shape[0], indices.shape
+    y = z.new_empty(tokens, n)
+    if tokens == 0 or n == 0:
+        return y
+    block_t = _token_block(tokens)
+    grid = lambda meta: (triton_cdiv(n, meta["BLOCK_N"]), triton_cdiv(tokens, meta["BLOCK_T"]))  # noqa: E731
+    kernel[grid](
+        z, indices, values, bias if bias is not None else values, y,
+        tokens, n, s, z.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, GELU=gelu, BLOCK_T=block_t,
+    )  # fmt: skip
+    return y
+
+
+def _columns(
+    x: torch.Tensor, vectors: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, atoms: int
+) -> torch.Tensor:
+    kernel = _kernels().columns
+    x, vectors, offsets, values = x.contiguous(), vectors.contiguous(), offsets.contiguous(), values.contiguous()
+    tokens = x.shape[0]
+    u = x.new_empty(tokens, atoms)
+    if tokens == 0 or atoms == 0:
+        return u
+    block_t = _token_block(tokens)
+    grid = lambda meta: (triton_cdiv(atoms, meta["BLOCK_A"]), triton_cdiv(tokens, meta["BLOCK_T"]))  # noqa: E731
+    kernel[grid](x, vectors, offsets, values, u, tokens, atoms, x.stride(0), u.stride(0), BLOCK_T=block_t)
+    return u
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+_op_rows = torch.library.custom_op("dsformer::ds_rows_sparse_stage", mutates_args=())(_rows)
+_op_columns = torch.library.custom_op("dsformer::ds_columns_sparse_stage", mutates_args=())(_columns)
+
+
+@_op_rows.register_fake
+def _(z, indices, values, bias, gelu):
+    return z.new_empty(z.shape[0], indices.shape[0])
+
+
+@_op_columns.register_fake
+def _(x, vectors, offsets, values, atoms):
+    return x.new_empty(x.shape[0], atoms)
+
+
+class _Kernels:
+    def __init__(self, rows, columns) -> None:
+        self.rows, self.columns = rows, columns
+
+
+@functools.cache
+def _kernels() -> _Kernels:
+    """Compile-on-first-use: Triton is imported only when a kernel is launched."""
+    import triton
+    import triton.language as tl
+
+    if interpreting():  # the interpreter runs every config it is given: one is enough to check results
+        row_configs = [triton.Config({"BLOCK_N": 16, "BLOCK_S": 8}, num_warps=1)]
+        column_configs = [triton.Config({"BLOCK_A": 16, "BLOCK_B": 8}, num_warps=1)]
+    else:
+        row_configs = [
+            triton.Config({"BLOCK_N": bn, "BLOCK_S": bs}, num_warps=w)
+            for bn, bs, w in ((32, 64, 4), (64, 32, 4), (64, 64, 4), (128, 32, 4), (32, 128, 4), (128, 64, 8))
+        ]
+        column_configs = [
+            triton.Config({"BLOCK_A": ba, "BLOCK_B": bb}, num_warps=w)
+            for ba, bb, w in ((16, 32, 4), (32, 32, 4), (32, 64, 4), (64, 16, 4), (8, 128, 4))
+        ]
+
+    # one tuning per shape and token block (what a layer meets at decode, short and long prompts)
+    @triton.autotune(configs=row_configs, key=["N", "S", "BLOCK_T"])
+    @triton.jit
+    def rows(
+        z_ptr, idx_ptr, val_ptr, bias_ptr, y_ptr, T, N, S, stride_z, stride_y,
+        HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):  # fmt: skip
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        n_ok, t_ok = n < N, t < T
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        for s0 in range(0, S, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            entry_ok = n_ok[:, None] & (s[None, :] < S)
+            entry = n[:, None].to(tl.int64) * S + s[None, :]
+            atom = tl.load(idx_ptr + entry, mask=entry_ok, other=0).to(tl.int64)
+            value = tl.load(val_ptr + entry, mask=entry_ok, other=0.0).to(tl.float32)
+            gathered = tl.load(
+                z_ptr + t[:, None, None].to(tl.int64) * stride_z + atom[None, :, :],
+                mask=t_ok[:, None, None] & entry_ok[None, :, :],
+                other=0.0,
+            ).to(tl.float32)
+            acc += tl.sum(gathered * value[None, :, :], axis=2)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if GELU:
+            acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+        out = y_ptr + t[:, None].to(tl.int64) * stride_y + n[None, :]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
+
+    @triton.autotune(configs=column_configs, key=["K", "BLOCK_T"])
+    @triton.jit
+    def columns(
+        x_ptr, vec_ptr, off_ptr, val_ptr, u_ptr, T, K, stride_x, stride_u,
+        BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    ):  # fmt: skip
+        a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
+        t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        a_ok, t_ok = a < K, t < T
+        start = tl.load(off_ptr + a, mask=a_ok, other=0)
+        length = tl.load(off_ptr + a + 1, mask=a_ok, other=0) - start
+        acc = tl.zeros((BLOCK_T, BLOCK_A), dtype=tl.float32)
+        # bags differ in length (atoms are used unevenly): run to this block's longest
+        for j0 in range(0, tl.max(length, axis=0), BLOCK_B):
+            j = j0 + tl.arange(0, BLOCK_B)
+            entry_ok = j[None, :] < length[:, None]
+            entry = start[:, None].to(tl.int64) + j[None, :]
+            vector = tl.load(vec_ptr + entry, mask=entry_ok, other=0).to(tl.int64)
+            value = tl.load(val_ptr + entry, mask=entry_ok, other=0.0).to(tl.float32)
+            gathered = tl.load(
+                x_ptr + t[:, None, None].to(tl.int64) * stride_x + vector[None, :, :],
+                mask=t_ok[:, None, None] & entry_ok[None, :, :],
+                other=0.0,
+            ).to(tl.float32)
+            acc += tl.sum(gathered * value[None, :, :], axis=2)
+        out = u_ptr + t[:, None].to(tl.int64) * stride_u + a[None, :]
+        tl.store(out, acc.to(u_ptr.dtype.element_ty), mask=t_ok[:, None] & a_ok[None, :])
+
+    return _Kernels(rows, columns)
+
+
+__all__ = ["ds_columns", "ds_rows", "installed", "interpreting", "runs_on"]
