@@ -158,11 +158,12 @@ def _kernels() -> _Kernels:
     else:
         row_configs = [
             triton.Config({"BLOCK_N": bn, "BLOCK_S": bs}, num_warps=w)
-            for bn, bs, w in ((32, 64, 4), (64, 32, 4), (64, 64, 4), (128, 32, 4), (32, 128, 4), (128, 64, 8))
+            # small BLOCK_N too: at decode a 11008-row layer has only N / BLOCK_N programs to fill the SMs
+            for bn, bs, w in ((8, 128, 2), (16, 64, 2), (16, 128, 4), (32, 64, 4), (64, 32, 4), (128, 32, 8))
         ]
         column_configs = [
             triton.Config({"BLOCK_A": ba, "BLOCK_B": bb}, num_warps=w)
-            for ba, bb, w in ((16, 32, 4), (32, 32, 4), (32, 64, 4), (64, 16, 4), (8, 128, 4))
+            for ba, bb, w in ((4, 128, 2), (8, 128, 4), (16, 32, 4), (16, 64, 4), (32, 32, 4), (64, 16, 4))
         ]
 
     # one tuning per shape and token block (what a layer meets at decode, short and long prompts)
