@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from typing import Any, NamedTuple
 
 import torch
 
@@ -99,7 +100,7 @@ def _rows(
     if tokens == 0 or n == 0:
         return y
     block_t = _token_block(tokens)
-    grid = lambda meta: (triton_cdiv(n, meta["BLOCK_N"]), triton_cdiv(tokens, meta["BLOCK_T"]))  # noqa: E731
+    grid = lambda meta: (_cdiv(n, meta["BLOCK_N"]), _cdiv(tokens, meta["BLOCK_T"]))  # noqa: E731
     kernel[grid](
         z, indices, values, bias if bias is not None else values, y,
         tokens, n, s, z.stride(0), y.stride(0),
@@ -118,12 +119,12 @@ def _columns(
     if tokens == 0 or atoms == 0:
         return u
     block_t = _token_block(tokens)
-    grid = lambda meta: (triton_cdiv(atoms, meta["BLOCK_A"]), triton_cdiv(tokens, meta["BLOCK_T"]))  # noqa: E731
+    grid = lambda meta: (_cdiv(atoms, meta["BLOCK_A"]), _cdiv(tokens, meta["BLOCK_T"]))  # noqa: E731
     kernel[grid](x, vectors, offsets, values, u, tokens, atoms, x.stride(0), u.stride(0), BLOCK_T=block_t)
     return u
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -141,9 +142,9 @@ def _(x, vectors, offsets, values, atoms):
     return x.new_empty(x.shape[0], atoms)
 
 
-class _Kernels:
-    def __init__(self, rows, columns) -> None:
-        self.rows, self.columns = rows, columns
+class _Kernels(NamedTuple):
+    rows: Any  # the autotuned Triton kernels
+    columns: Any
 
 
 @functools.cache
