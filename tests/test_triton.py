@@ -122,3 +122,20 @@ def test_auto_on_cuda_times_the_triton_path():
     want = layer.reference(x)
     kernels.use_backend(layer, "auto")
     assert relative_error(layer(x).float(), want.float()) < 5e-3
+
+
+def test_gpu_layer_benchmark_runs(tmp_path):
+    """The decode benchmark for a lent GPU runs end to end (here in the interpreter, on a tiny layer)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "gpu_layer.py"
+    spec = importlib.util.spec_from_file_location("gpu_layer", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "layer.json"
+    argv = ["--out", "48", "--in", "32", "--layouts", "2", "--tokens", "1", "--dtype", "float32", "--device", DEVICE]
+    script.main([*argv, "--calls", "2", "--repeats", "2", "--output", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and all(r["relative_error"] < 1e-5 and r["byte_limit"] > 1 for r in rows)
