@@ -35,10 +35,8 @@ Example (on a GPU, or on CPU under ``TRITON_INTERPRET=1``):
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
-from typing import Any, NamedTuple
 
 import torch
 
@@ -142,91 +140,11 @@ def _(x, vectors, offsets, values, atoms):
     return x.new_empty(x.shape[0], atoms)
 
 
-class _Kernels(NamedTuple):
-    rows: Any  # the autotuned Triton kernels
-    columns: Any
+def _kernels():
+    """The Triton kernels (compiled on first launch); Triton is imported only when one is launched."""
+    from dsformer.kernels import _triton_kernels
 
-
-@functools.cache
-def _kernels() -> _Kernels:
-    """Compile-on-first-use: Triton is imported only when a kernel is launched."""
-    import triton
-    import triton.language as tl
-
-    if interpreting():  # the interpreter runs every config it is given: one is enough to check results
-        row_configs = [triton.Config({"BLOCK_N": 16, "BLOCK_S": 8}, num_warps=1)]
-        column_configs = [triton.Config({"BLOCK_A": 16, "BLOCK_B": 8}, num_warps=1)]
-    else:
-        row_configs = [
-            triton.Config({"BLOCK_N": bn, "BLOCK_S": bs}, num_warps=w)
-            # small BLOCK_N too: at decode a 11008-row layer has only N / BLOCK_N programs to fill the SMs
-            for bn, bs, w in ((8, 128, 2), (16, 64, 2), (16, 128, 4), (32, 64, 4), (64, 32, 4), (128, 32, 8))
-        ]
-        column_configs = [
-            triton.Config({"BLOCK_A": ba, "BLOCK_B": bb}, num_warps=w)
-            for ba, bb, w in ((4, 128, 2), (8, 128, 4), (16, 32, 4), (16, 64, 4), (32, 32, 4), (64, 16, 4))
-        ]
-
-    # one tuning per shape and token block (what a layer meets at decode, short and long prompts)
-    @triton.autotune(configs=row_configs, key=["N", "S", "BLOCK_T"])
-    @triton.jit
-    def rows(
-        z_ptr, idx_ptr, val_ptr, bias_ptr, y_ptr, T, N, S, stride_z, stride_y,
-        HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-    ):  # fmt: skip
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-        n_ok, t_ok = n < N, t < T
-        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        for s0 in range(0, S, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            entry_ok = n_ok[:, None] & (s[None, :] < S)
-            entry = n[:, None].to(tl.int64) * S + s[None, :]
-            atom = tl.load(idx_ptr + entry, mask=entry_ok, other=0).to(tl.int64)
-            value = tl.load(val_ptr + entry, mask=entry_ok, other=0.0).to(tl.float32)
-            gathered = tl.load(
-                z_ptr + t[:, None, None].to(tl.int64) * stride_z + atom[None, :, :],
-                mask=t_ok[:, None, None] & entry_ok[None, :, :],
-                other=0.0,
-            ).to(tl.float32)
-            acc += tl.sum(gathered * value[None, :, :], axis=2)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if GELU:
-            acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-        out = y_ptr + t[:, None].to(tl.int64) * stride_y + n[None, :]
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
-
-    @triton.autotune(configs=column_configs, key=["K", "BLOCK_T"])
-    @triton.jit
-    def columns(
-        x_ptr, vec_ptr, off_ptr, val_ptr, u_ptr, T, K, stride_x, stride_u,
-        BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-    ):  # fmt: skip
-        a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
-        t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-        a_ok, t_ok = a < K, t < T
-        start = tl.load(off_ptr + a, mask=a_ok, other=0)
-        length = tl.load(off_ptr + a + 1, mask=a_ok, other=0) - start
-        acc = tl.zeros((BLOCK_T, BLOCK_A), dtype=tl.float32)
-        # bags differ in length (atoms are used unevenly): run to this block's longest
-        for j0 in range(0, tl.max(length, axis=0), BLOCK_B):
-            j = j0 + tl.arange(0, BLOCK_B)
-            entry_ok = j[None, :] < length[:, None]
-            entry = start[:, None].to(tl.int64) + j[None, :]
-            vector = tl.load(vec_ptr + entry, mask=entry_ok, other=0).to(tl.int64)
-            value = tl.load(val_ptr + entry, mask=entry_ok, other=0.0).to(tl.float32)
-            gathered = tl.load(
-                x_ptr + t[:, None, None].to(tl.int64) * stride_x + vector[None, :, :],
-                mask=t_ok[:, None, None] & entry_ok[None, :, :],
-                other=0.0,
-            ).to(tl.float32)
-            acc += tl.sum(gathered * value[None, :, :], axis=2)
-        out = u_ptr + t[:, None].to(tl.int64) * stride_u + a[None, :]
-        tl.store(out, acc.to(u_ptr.dtype.element_ty), mask=t_ok[:, None] & a_ok[None, :])
-
-    return _Kernels(rows, columns)
+    return _triton_kernels
 
 
 __all__ = ["ds_columns", "ds_rows", "installed", "interpreting", "runs_on"]
