@@ -28,22 +28,22 @@ from torch.nn import functional as F
 
 from dsformer.hardware import describe
 from dsformer.io import atomic_write_text
+from dsformer.kernels import seconds
 from dsformer.structures.dense_sparse import DenseSparseFactors, DenseSparseLinear, _spread, budget_layouts
 
 
 def random_layer(layout, dtype: torch.dtype, device: str, seed: int = 0) -> DenseSparseLinear:
     gen = torch.Generator().manual_seed(seed)
     atoms = torch.rand(layout.n, layout.k, generator=gen).argsort(dim=1)[:, : layout.s]
-    factors = DenseSparseFactors(
-        layout, torch.randn(layout.k, layout.d, generator=gen) / layout.d**0.5, torch.randn(layout.n, layout.s), atoms
-    )
+    basis = torch.randn(layout.k, layout.d, generator=gen) / layout.d**0.5
+    factors = DenseSparseFactors(layout, basis, torch.randn(layout.n, layout.s, generator=gen), atoms)
     return DenseSparseLinear(factors, torch.zeros(layout.out_features)).requires_grad_(False).to(device, dtype)
 
 
 def graph_seconds(fn, calls: int, repeats: int, device: str) -> list[float]:
     """Seconds per call of ``fn``, captured ``calls`` times in one CUDA graph and replayed ``repeats`` times."""
     if device != "cuda":  # the interpreter: one timed call is enough to show the script runs
-        return [_wall(fn)]
+        return [seconds(fn, torch.device(device))]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -63,14 +63,6 @@ def graph_seconds(fn, calls: int, repeats: int, device: str) -> list[float]:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1000 / calls)
     return times
-
-
-def _wall(fn) -> float:
-    import time
-
-    begin = time.perf_counter()
-    fn()
-    return time.perf_counter() - begin
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -94,9 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
         dense_bytes = weight.numel() * weight.element_size()
         for tokens in args.tokens:
             x = torch.randn(tokens, args.inp, device=args.device, dtype=dtype)
-            error = (layer.run("triton", x).float() - F.linear(x, weight).float()).norm() / F.linear(
-                x, weight
-            ).float().norm()
+            want = F.linear(x, weight).float()
+            error = (layer.run("triton", x).float() - want).norm() / want.norm()
             dense, compact = [], []
             dense_call = functools.partial(F.linear, x, weight)
             compact_call = functools.partial(layer.run, "triton", x)

@@ -482,6 +482,10 @@ def _refit(sq_norms, corr, gram, mask, start, iters):
     return x, r, errors
 
 
+# paths that run the dense stage as a GEMM and the sparse stage as weighted sums of gathered entries
+_SPARSE_PATHS = ("gather", "int8", "triton")
+
+
 class DenseSparseLinear(CompactLinear):
     """``nn.Linear`` with a dense-sparse weight: ``y = C (B x)`` for row vectors, ``y = Bᵀ (Cᵀ x)`` for columns."""
 
@@ -548,43 +552,39 @@ class DenseSparseLinear(CompactLinear):
 
     def work(self, path: str) -> int:
         lay = self.layout_shapes
-        if path in ("gather", "int8", "triton"):  # the dense stage, then s multiply-adds per output vector
+        if path in _SPARSE_PATHS:  # the dense stage, then s multiply-adds per output vector
             return lay.k * lay.d + lay.s * lay.n
         if path == "reference":  # two GEMMs with C densified
             return lay.k * (lay.d + lay.n)
         return super().work(path)
 
     def run(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        if name == "triton":
-            return self._triton(x, gelu=False)
-        if name not in ("gather", "int8"):
+        if name not in _SPARSE_PATHS:
             return super().run(name, x)
-        return self._gather(name, x, gelu=False)
+        return self._sparse(name, x, gelu=False)
 
     def run_activated(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        if name in ("gather", "int8", "triton") and self.activation == "gelu" and self.rows:
-            # the kernel applies it before storing each output
-            return self._triton(x, gelu=True) if name == "triton" else self._gather(name, x, gelu=True)
+        if name in _SPARSE_PATHS and self.activation == "gelu" and self.rows:
+            return self._sparse(name, x, gelu=True)  # the kernel applies it before storing each output
         return super().run_activated(name, x)
 
-    def _triton(self, x: torch.Tensor, gelu: bool) -> torch.Tensor:
-        from dsformer.kernels import triton_ds
-        from dsformer.kernels.gather import column_plan
+    def _sparse(self, name: str, x: torch.Tensor, gelu: bool) -> torch.Tensor:
+        """The dense stage, then the sparse stage on its own kernel: ``gather`` and ``int8`` on
+        ``dsformer.kernels.gather``, ``triton`` on ``dsformer.kernels.triton_ds``."""
+        from dsformer.kernels import gather, triton_ds
 
-        if not triton_ds.runs_on(x):
+        if name == "triton" and not triton_ds.runs_on(x):
             raise NotImplementedError(f"the triton path needs CUDA and Triton (input on {x.device})")
-        basis, values = self.basis.detach(), self.values.detach()
-        bias = self.bias.detach() if self.bias is not None else None
-        if self.rows:
-            return triton_ds.ds_rows(x, basis, self.indices, values, bias, gelu=gelu)
-        plan = self._cached("plan", lambda: column_plan(self.indices, values, self.k), self.values, self.indices)
-        return triton_ds.ds_columns(x, plan, basis, bias)
-
-    def _gather(self, name: str, x: torch.Tensor, gelu: bool) -> torch.Tensor:
-        from dsformer.kernels.gather import column_plan, ds_columns, ds_rows
-
         basis, values = self.basis.detach(), self.values.detach()  # inference only: the kernels skip autograd
         bias = self.bias.detach() if self.bias is not None else None
+        plan = None
+        if not self.rows:
+            build = functools.partial(gather.column_plan, self.indices, values, self.k)
+            plan = self._cached("plan", build, self.values, self.indices)
+        if name == "triton":
+            if self.rows:
+                return triton_ds.ds_rows(x, basis, self.indices, values, bias, gelu=gelu)
+            return triton_ds.ds_columns(x, plan, basis, bias)
         dense_stage = None
         if name == "int8":  # the basis GEMM in int8; the sparse stage stays a float gather
             from dsformer.kernels.int8 import int8_linear, int8_weight
@@ -594,9 +594,8 @@ class DenseSparseLinear(CompactLinear):
             dense_stage = functools.partial(int8_linear, weight=weight8)
         if self.rows:
             indices = self._cached("indices", self.indices.int, self.indices)
-            return ds_rows(x, basis, indices, values, bias, dense_stage, gelu=gelu)
-        plan = self._cached("plan", lambda: column_plan(self.indices, values, self.k), self.values, self.indices)
-        return ds_columns(x, plan, basis, bias, dense_stage)
+            return gather.ds_rows(x, basis, indices, values, bias, dense_stage, gelu=gelu)
+        return gather.ds_columns(x, plan, basis, bias, dense_stage)
 
     def layout(self) -> dict[str, Any]:
         return {"k": self.k, "s": int(self.values.shape[-1])}
