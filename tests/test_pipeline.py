@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -880,3 +881,22 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, model_dir, sst
     done = subprocess.run([*argv, "--resume"], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr
     assert metrics_of(output)["steps"] == 320 and not work_folder(output).exists()
+
+
+def test_sweep_fine_tunes_a_missing_dense_start_again_and_keeps_its_record(capsys, tmp_path, model_dir, sst2_dir):
+    # A new checkout has the committed results but not the (uncommitted) model folders.
+    config = _sweep_config(tmp_path, model_dir, sst2_dir, methods=["svd"], seeds=[0])
+    assert run_cli(capsys, ["sweep", "--config", config, "--quiet"])[0] == 0
+    results, outputs = tmp_path / "results", tmp_path / "outputs"
+    record = (results / "sst2-dense-s0.json").read_text()
+    shutil.rmtree(outputs)
+    code, out, _ = run_cli(capsys, ["sweep", "--config", config, "--quiet"])
+    assert code == 0 and "2 runs done, 0 to do" in out and "fine-tuned again" not in out  # nothing needs it
+    (results / "sst2-svd-2x-s0.json").unlink()
+    code, out, _ = run_cli(capsys, ["sweep", "--config", config, "--dry-run"])
+    assert code == 0 and "is missing; it is fine-tuned again first" in out and "  sst2-dense-s0\n" in out
+    code, out, err = run_cli(capsys, ["sweep", "--config", config, "--quiet"])
+    assert code == 0, err
+    assert "as recorded" in out, out  # same config and seed on the same machine: the same model
+    assert (outputs / "sst2-dense-s0" / "metrics.json").exists() and (results / "sst2-svd-2x-s0.json").exists()
+    assert (results / "sst2-dense-s0.json").read_text() == record

@@ -4,7 +4,9 @@ A sweep first fine-tunes the dense model once per task (the first seed): that ru
 of every compression run of the task, the reference of "vs dense" and the teacher of KD
 variants. Each finished run leaves ``<results>/<run>.json`` (its ``metrics.json`` plus the sweep's
 labels); a run whose JSON exists is skipped, and an interrupted one resumes from its checkpoint,
-so running the same sweep again finishes it.
+so running the same sweep again finishes it. Model folders are not results: in a new checkout,
+a dense start that some remaining run needs is fine-tuned again (same config and seed) and
+checked against its recorded score.
 
 Example config (paths are relative to the config file)::
 
@@ -262,20 +264,33 @@ def run_sweep(
     planned_runs = _select(sweep, tasks, labels, ratios)
     todo = [r for r in planned_runs if not r.result.exists()]
     echo(f"sweep {sweep.name}: {len(planned_runs) - len(todo)} runs done, {len(todo)} to do")
+    # A dense start whose result is recorded but whose model folder is gone (a new checkout: model
+    # folders are not committed) is fine-tuned again, with the same config and seed, before the
+    # runs that start from it; its recorded result stays the record.
+    refits = [
+        r
+        for r in planned_runs
+        if r.dense is None
+        and r.result.exists()
+        and not (r.output / "metrics.json").exists()
+        and any(t.dense == r.output for t in todo)
+    ]
+    for r in refits:
+        echo(f"  {r.name}: its model folder {r.output} is missing; it is fine-tuned again first")
+    todo = refits + todo
+    refitted = {r.name for r in refits}
     if dry_run:
         for r in todo:
             echo(f"  {r.name}")
         return todo
     for i, planned in enumerate(todo, 1):
-        if planned.dense is not None and not (planned.dense / "metrics.json").exists():
-            raise SweepError(
-                f"{planned.name} starts from {planned.dense}, which is missing; delete "
-                f"{sweep.results / (planned.dense.name + '.json')} so that the sweep fine-tunes it again"
-            )
         resume = (work_folder(planned.output) / "checkpoint" / STATE_FILE).exists()
         echo(f"[{i}/{len(todo)}] {planned.name}" + (" (resuming)" if resume else ""))
         config = replace(planned.config, train=replace(planned.config.train, progress=not quiet))
         metrics = run(config, planned.output, resume=resume)
+        if planned.name in refitted:
+            _compare_refit(planned, metrics, echo)
+            continue
         labels = {"sweep": sweep.name, "run": planned.name, "label": planned.label, "seed": planned.seed}
         planned.result.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(planned.result, json.dumps({**labels, **metrics}, indent=2) + "\n")
@@ -284,6 +299,22 @@ def run_sweep(
         ratio = "" if planned.dense is None else f" ({metrics.get('ratios', {}).get('ratio_params', 0):.2f}x)"
         echo(f"    {metrics['metric']} {metrics['test'][metrics['metric']]:.4f}{ratio}")
     return todo
+
+
+def _compare_refit(planned: PlannedRun, metrics: dict[str, Any], echo) -> None:
+    """Say whether a dense start fine-tuned again scores what its recorded result says."""
+    recorded = json.loads(planned.result.read_text())
+    name = metrics["metric"]
+    before, now = recorded.get("test", {}).get(name), metrics["test"][name]
+    same = before is not None and abs(before - now) <= 1e-4
+    echo(
+        f"    {name} {now:.4f}, "
+        + (
+            "as recorded"
+            if same
+            else f"recorded {before}: the runs that follow start from a different dense model than earlier runs"
+        )
+    )
 
 
 def _select(
