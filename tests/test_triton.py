@@ -139,3 +139,20 @@ def test_gpu_layer_benchmark_runs(tmp_path):
     script.main([*argv, "--calls", "2", "--repeats", "2", "--output", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 2 and all(r["relative_error"] < 1e-5 and r["byte_limit"] > 1 for r in rows)
+
+
+@pytest.mark.parametrize(
+    "kernel, block_t, kept",
+    [("rows", 1, 6), ("rows", 4, 6), ("rows", 8, 4), ("rows", 16, 5), ("columns", 1, 8), ("columns", 16, 3)],
+)
+def test_each_token_block_tunes_over_tiles_that_fit_in_registers(kernel, block_t, kept):
+    from dsformer.kernels import _triton_kernels as tk
+
+    a, b, tiles, select = {
+        "rows": ("BLOCK_N", "BLOCK_S", tk.ROW_TILES, tk.for_rows),
+        "columns": ("BLOCK_A", "BLOCK_B", tk.COLUMN_TILES, tk.for_columns),
+    }[kernel]
+    chosen = select(tk.configs(tiles, a, b), block_t)
+    assert len(chosen) == kept
+    assert all(block_t * c.kwargs[a] * c.kwargs[b] <= 64 * 32 * c.num_warps for c in chosen)
+    assert set(getattr(tk, kernel)) == set(tk.TOKEN_BLOCKS) >= {triton_ds._token_block(t) for t in range(1, 70)}

@@ -8,19 +8,41 @@ import triton.language as tl
 
 from dsformer.kernels.triton_ds import interpreting
 
+TOKEN_BLOCKS = (1, 2, 4, 8, 16)  # tokens per program (triton_ds._token_block)
+
+# (BLOCK_N, BLOCK_S, warps) of the row kernel and (BLOCK_A, BLOCK_B, warps) of the column kernel on a GPU
+ROW_TILES = (
+    # small BLOCK_N too: at decode a 11008-row layer has only N / BLOCK_N programs to fill the SMs
+    (8, 128, 2), (16, 64, 2), (16, 128, 4), (32, 64, 4), (64, 32, 4), (128, 32, 8),
+    (16, 16, 4), (32, 16, 4), (16, 32, 4), (32, 32, 8), (64, 16, 8),  # for 8-16 tokens
+)  # fmt: skip
+COLUMN_TILES = ((4, 128, 2), (8, 128, 4), (16, 32, 4), (16, 64, 4), (32, 32, 4), (64, 16, 4), (8, 64, 4), (32, 16, 4))
+
+
+def configs(tiles: tuple, a: str, b: str) -> list:
+    return [triton.Config({a: x, b: y}, num_warps=w) for x, y, w in tiles]
+
+
 if interpreting():  # the interpreter runs every config it is given: one is enough to check results
-    row_configs = [triton.Config({"BLOCK_N": 16, "BLOCK_S": 8}, num_warps=1)]
-    column_configs = [triton.Config({"BLOCK_A": 16, "BLOCK_B": 8}, num_warps=1)]
+    row_configs = configs(((16, 8, 1),), "BLOCK_N", "BLOCK_S")
+    column_configs = configs(((16, 8, 1),), "BLOCK_A", "BLOCK_B")
 else:
-    row_configs = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_S": bs}, num_warps=w)
-        # small BLOCK_N too: at decode a 11008-row layer has only N / BLOCK_N programs to fill the SMs
-        for bn, bs, w in ((8, 128, 2), (16, 64, 2), (16, 128, 4), (32, 64, 4), (64, 32, 4), (128, 32, 8))
-    ]
-    column_configs = [
-        triton.Config({"BLOCK_A": ba, "BLOCK_B": bb}, num_warps=w)
-        for ba, bb, w in ((4, 128, 2), (8, 128, 4), (16, 32, 4), (16, 64, 4), (32, 32, 4), (64, 16, 4))
-    ]
+    row_configs = configs(ROW_TILES, "BLOCK_N", "BLOCK_S")
+    column_configs = configs(COLUMN_TILES, "BLOCK_A", "BLOCK_B")
+
+
+def fitting(configs: list, block_t: int, a: str, b: str, low: int, high: int = 64) -> list:
+    """The configs whose gathered ``block_t x a x b`` tile holds ``low..high`` values per thread.
+
+    Above 64 the tile spills registers (ptxas for sm_90 at 16 tokens: up to 9 KB of spill stores
+    per thread, and half a minute to compile each config); below ``low`` a program does too little.
+    Falls back to the smallest tile, so a token block always has a config.
+    """
+
+    def per_thread(config) -> float:
+        return block_t * config.kwargs[a] * config.kwargs[b] / (32 * config.num_warps)
+
+    return [c for c in configs if low <= per_thread(c) <= high] or [min(configs, key=per_thread)]
 
 
 @triton.jit
@@ -36,10 +58,8 @@ def weighted_sums(src_ptr, stride, t, t_ok, pos_ptr, val_ptr, entry, entry_ok):
     return tl.sum(gathered * value[None, :, :], axis=2)
 
 
-# one tuning per shape and token block (what a layer meets at decode, short and long prompts)
-@triton.autotune(configs=row_configs, key=["N", "S", "BLOCK_T"])
 @triton.jit
-def rows(
+def rows_kernel(
     z_ptr, idx_ptr, val_ptr, bias_ptr, y_ptr, T, N, S, stride_z, stride_y,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -61,9 +81,8 @@ def rows(
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
 
 
-@triton.autotune(configs=column_configs, key=["K", "BLOCK_T"])
 @triton.jit
-def columns(
+def columns_kernel(
     x_ptr, vec_ptr, off_ptr, val_ptr, u_ptr, T, K, stride_x, stride_u,
     BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):  # fmt: skip
@@ -81,3 +100,19 @@ def columns(
         acc += weighted_sums(x_ptr, stride_x, t, t_ok, vec_ptr, val_ptr, entry, entry_ok)
     out = u_ptr + t[:, None].to(tl.int64) * stride_u + a[None, :]
     tl.store(out, acc.to(u_ptr.dtype.element_ty), mask=t_ok[:, None] & a_ok[None, :])
+
+
+def for_rows(configs: list, block_t: int) -> list:
+    return fitting(configs, block_t, "BLOCK_N", "BLOCK_S", low=16 if block_t == 1 else 32)
+
+
+def for_columns(configs: list, block_t: int) -> list:
+    return fitting(configs, block_t, "BLOCK_A", "BLOCK_B", low=4)
+
+
+# One autotuner per token block, each over the configs that fit it (what a layer meets at decode,
+# short and long prompts), tuned once per layer shape.
+rows = {bt: triton.autotune(configs=for_rows(row_configs, bt), key=["N", "S"])(rows_kernel) for bt in TOKEN_BLOCKS}
+columns = {
+    bt: triton.autotune(configs=for_columns(column_configs, bt), key=["K"])(columns_kernel) for bt in TOKEN_BLOCKS
+}

@@ -84,20 +84,22 @@ def ds_columns(x: torch.Tensor, plan: ColumnPlan, basis: torch.Tensor, bias: tor
 
 
 def _token_block(tokens: int) -> int:
-    """Tokens per program: every token at decode, up to 16 (more would spill registers)."""
+    """Tokens per program: every token at decode, up to 16 (the configs that fit 16 tokens already
+    hold 64 values per thread; see ``_triton_kernels.fitting``)."""
     return min(16, 1 << max(0, tokens - 1).bit_length())
 
 
 def _rows(
     z: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, gelu: bool
 ) -> torch.Tensor:
-    kernel = _kernels().rows
     z, indices, values = z.contiguous(), indices.contiguous(), values.contiguous()
+    bias = None if bias is None else bias.contiguous()
     tokens, (n, s) = z.shape[0], indices.shape
     y = z.new_empty(tokens, n)
     if tokens == 0 or n == 0:
         return y
     block_t = _token_block(tokens)
+    kernel = _kernels().rows[block_t]
     grid = lambda meta: (_cdiv(n, meta["BLOCK_N"]), _cdiv(tokens, meta["BLOCK_T"]))  # noqa: E731
     kernel[grid](
         z, indices, values, bias if bias is not None else values, y,
@@ -110,13 +112,13 @@ def _rows(
 def _columns(
     x: torch.Tensor, vectors: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, atoms: int
 ) -> torch.Tensor:
-    kernel = _kernels().columns
     x, vectors, offsets, values = x.contiguous(), vectors.contiguous(), offsets.contiguous(), values.contiguous()
     tokens = x.shape[0]
     u = x.new_empty(tokens, atoms)
     if tokens == 0 or atoms == 0:
         return u
     block_t = _token_block(tokens)
+    kernel = _kernels().columns[block_t]
     grid = lambda meta: (_cdiv(atoms, meta["BLOCK_A"]), _cdiv(tokens, meta["BLOCK_T"]))  # noqa: E731
     kernel[grid](x, vectors, offsets, values, u, tokens, atoms, x.stride(0), u.stride(0), BLOCK_T=block_t)
     return u
