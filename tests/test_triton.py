@@ -156,3 +156,8 @@ def test_each_token_block_tunes_over_tiles_that_fit_in_registers(kernel, block_t
     assert len(chosen) == kept
     assert all(block_t * c.kwargs[a] * c.kwargs[b] <= 64 * 32 * c.num_warps for c in chosen)
     assert set(getattr(tk, kernel)) == set(tk.TOKEN_BLOCKS) >= {triton_ds._token_block(t) for t in range(1, 70)}
+
+
+def test_kernels_are_compiled_where_there_is_a_gpu():
+    # the interpreter would pass every test on a GPU too, and measure nothing
+    assert DEVICE == "cpu" or not triton_ds.interpreting()

@@ -43,10 +43,24 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None =
     rows = x.reshape(-1, x.shape[-1])
     scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
     q = torch.round(rows / scale).clamp_(-127, 127).to(torch.int8)
-    y = torch._int_mm(q, weight.q_t).float().mul_(scale).mul_(weight.scale)
+    y = _int_mm(q, weight.q_t).float().mul_(scale).mul_(weight.scale)
     if bias is not None:
         y += bias
     return y.reshape(*x.shape[:-1], weight.q_t.shape[1])
+
+
+def _int_mm(a: torch.Tensor, b: torch.Tensor, pad: bool | None = None) -> torch.Tensor:
+    """``a @ b`` in int32. On CUDA (``pad`` defaults to it), where ``torch._int_mm`` needs more than
+    16 rows and both widths a multiple of 8, the operands are zero-padded and the result cut back."""
+    if not (a.device.type == "cuda" if pad is None else pad):
+        return torch._int_mm(a, b)
+    (m, k), n = a.shape, b.shape[1]
+    pad_m, pad_k, pad_n = max(0, 17 - m), -k % 8, -n % 8
+    if pad_m or pad_k:
+        a = nn.functional.pad(a, (0, pad_k, 0, pad_m))
+    if pad_k or pad_n:
+        b = nn.functional.pad(b, (0, pad_n, 0, pad_k))
+    return torch._int_mm(a, b)[:m, :n]
 
 
 class Int8DenseLinear(nn.Module):
