@@ -806,6 +806,21 @@ def test_versus_names_the_best_baseline_and_leaves_out_dsformer_variants():
     assert "**loses**" in text and "| wins |" in text and "ahead of every baseline in 1 of 2" in text
 
 
+def test_a_cell_off_its_asked_ratio_says_the_ratio_it_measured():
+    """N:M rounds N, so "nm at 2.8x" is 2.91x: both tables say so rather than file it silently under 2.8x."""
+    from dsformer.results import Cell, markdown, versus_markdown
+
+    cells = [
+        Cell("mr", "accuracy", "dense", "-", 1.0, 1.0, (86.0,), ("d.json",), "dense"),
+        Cell("mr", "accuracy", "nm", "stf", 2.8, 2.909, (82.78,), ("n.json",), "nm"),
+        Cell("mr", "accuracy", "dsformer", "stf", 2.8, 2.79, (84.0,), ("s.json",), "dsformer"),
+    ]
+    table = markdown(cells)
+    assert "82.78 (-3.22) [n=1] at 2.91x" in table
+    assert "84.00 (-2.00) [n=1] |" in table  # within 2% of what was asked: no note
+    assert "| nm at 2.91x 82.78 [n=1] |" in versus_markdown(cells)
+
+
 @pytest.mark.parametrize(
     "curves, expected",
     [

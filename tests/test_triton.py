@@ -156,6 +156,9 @@ def test_each_token_block_tunes_over_tiles_that_fit_in_registers(kernel, block_t
     assert len(chosen) == kept
     assert all(block_t * c.kwargs[a] * c.kwargs[b] <= 64 * 32 * c.num_warps for c in chosen)
     assert set(getattr(tk, kernel)) == set(tk.TOKEN_BLOCKS) >= {triton_ds._token_block(t) for t in range(1, 70)}
+    # 16 and 4,096 tokens share the token block of 16 but are tuned apart
+    assert "T_TUNE" in getattr(tk, kernel)[16].keys
+    assert [triton_ds._tuning_bucket(t) for t in (1, 2, 3, 16, 17, 4096)] == [1, 2, 4, 16, 32, 4096]
 
 
 def test_kernels_are_compiled_where_there_is_a_gpu():

@@ -43,6 +43,11 @@ class Cell:
     def std(self) -> float:
         return stdev(self.scores) if len(self.scores) > 1 else 0.0
 
+    @property
+    def off_nominal(self) -> str:
+        """`` at 2.91x`` where the measured ratio is more than 2% from the asked one (N:M rounds N), else ``""``."""
+        return f" at {self.measured_ratio:.2f}x" if abs(self.measured_ratio / self.ratio - 1) > 0.02 else ""
+
 
 def collect(folders: list[Path]) -> list[Cell]:
     """Group every run JSON under ``folders`` by task, label and ratio."""
@@ -214,7 +219,7 @@ def versus(cells: list[Cell], ours: str = "dsformer") -> list[dict]:
                     "ratio": cell.ratio,
                     "ours": cell.mean,
                     "n": len(cell.scores),
-                    "best": best.label,
+                    "best": best.label + best.off_nominal,
                     "best_mean": best.mean,
                     "best_n": len(best.scores),
                     "difference": cell.mean - best.mean,
@@ -270,7 +275,7 @@ def markdown(cells: list[Cell]) -> str:
                     continue
                 diff = f" ({cell.mean - dense.mean:+.2f})" if dense is not None else ""
                 spread = f" ± {cell.std:.2f}" if len(cell.scores) > 1 else ""
-                row.append(f"{cell.mean:.2f}{spread}{diff} [n={len(cell.scores)}]")
+                row.append(f"{cell.mean:.2f}{spread}{diff} [n={len(cell.scores)}]{cell.off_nominal}")
                 curve.append((cell.measured_ratio, cell.mean))
             if dense is not None:
                 at = ratio_at_drop(curve, dense.mean)

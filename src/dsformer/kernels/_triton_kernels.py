@@ -60,7 +60,7 @@ def weighted_sums(src_ptr, stride, t, t_ok, pos_ptr, val_ptr, entry, entry_ok):
 
 @triton.jit
 def rows_kernel(
-    z_ptr, idx_ptr, val_ptr, bias_ptr, y_ptr, T, N, S, stride_z, stride_y,
+    z_ptr, idx_ptr, val_ptr, bias_ptr, y_ptr, T, T_TUNE, N, S, stride_z, stride_y,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
@@ -83,7 +83,7 @@ def rows_kernel(
 
 @triton.jit
 def columns_kernel(
-    x_ptr, vec_ptr, off_ptr, val_ptr, u_ptr, T, K, stride_x, stride_u,
+    x_ptr, vec_ptr, off_ptr, val_ptr, u_ptr, T, T_TUNE, K, stride_x, stride_u,
     BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):  # fmt: skip
     a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
@@ -111,8 +111,13 @@ def for_columns(configs: list, block_t: int) -> list:
 
 
 # One autotuner per token block, each over the configs that fit it (what a layer meets at decode,
-# short and long prompts), tuned once per layer shape.
-rows = {bt: triton.autotune(configs=for_rows(row_configs, bt), key=["N", "S"])(rows_kernel) for bt in TOKEN_BLOCKS}
+# short and long prompts), tuned per layer shape and per power of two of tokens (``T_TUNE``, unused by
+# the kernels): 16 tokens and 4,096 share a token block but not a best tile (16 tokens leave few
+# programs to fill the SMs, 4,096 leave plenty).
+rows = {
+    bt: triton.autotune(configs=for_rows(row_configs, bt), key=["N", "S", "T_TUNE"])(rows_kernel) for bt in TOKEN_BLOCKS
+}
 columns = {
-    bt: triton.autotune(configs=for_columns(column_configs, bt), key=["K"])(columns_kernel) for bt in TOKEN_BLOCKS
+    bt: triton.autotune(configs=for_columns(column_configs, bt), key=["K", "T_TUNE"])(columns_kernel)
+    for bt in TOKEN_BLOCKS
 }

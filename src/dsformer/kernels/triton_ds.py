@@ -89,6 +89,11 @@ def _token_block(tokens: int) -> int:
     return min(16, 1 << max(0, tokens - 1).bit_length())
 
 
+def _tuning_bucket(tokens: int) -> int:
+    """Tokens rounded up to a power of two: the autotuners' key, so a tile is tuned once per bucket."""
+    return 1 << max(0, tokens - 1).bit_length()
+
+
 def _rows(
     z: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, gelu: bool
 ) -> torch.Tensor:
@@ -103,7 +108,7 @@ def _rows(
     grid = lambda meta: (_cdiv(n, meta["BLOCK_N"]), _cdiv(tokens, meta["BLOCK_T"]))  # noqa: E731
     kernel[grid](
         z, indices, values, bias if bias is not None else values, y,
-        tokens, n, s, z.stride(0), y.stride(0),
+        tokens, _tuning_bucket(tokens), n, s, z.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, GELU=gelu, BLOCK_T=block_t,
     )  # fmt: skip
     return y
@@ -120,7 +125,10 @@ def _columns(
     block_t = _token_block(tokens)
     kernel = _kernels().columns[block_t]
     grid = lambda meta: (_cdiv(atoms, meta["BLOCK_A"]), _cdiv(tokens, meta["BLOCK_T"]))  # noqa: E731
-    kernel[grid](x, vectors, offsets, values, u, tokens, atoms, x.stride(0), u.stride(0), BLOCK_T=block_t)
+    kernel[grid](
+        x, vectors, offsets, values, u, tokens, _tuning_bucket(tokens), atoms, x.stride(0), u.stride(0),
+        BLOCK_T=block_t,
+    )  # fmt: skip
     return u
 
 
