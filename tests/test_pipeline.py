@@ -681,6 +681,8 @@ def test_sweep_runs_the_grid_skips_what_is_done_and_reports(capsys, tmp_path, mo
         ({"methods": [{"method": "svd", "colour": 1}]}, "unknown key"),
         ({"methods": [{"method": "dsformer", "schedule": {"bogus": 1}}]}, "schedule"),
         ({"methods": [{"method": "dsformer", "fisher": "yes"}]}, "fisher must be true or false"),
+        ({"methods": [{"method": "svd", "tasks": "sst2"}]}, "non-empty list of task names"),
+        ({"methods": [{"method": "svd", "tasks": ["cola"]}]}, "names task(s) ['cola']"),
         ({"ratios": [0.5]}, "ratio"),
         ({"methods": [{"method": "svd", "ratios": [1]}]}, "ratio"),
         ({"seeds": []}, "'seeds' is missing"),
@@ -734,6 +736,16 @@ def test_sweep_data_dir_is_a_folder_next_to_the_config_or_a_hub_name(tmp_path, m
     assert sweep.tasks["sst2"]["data_dir"] == "nyu-mll/glue"
     assert sweep.tasks["cola"]["data_dir"] == str((tmp_path / "local").resolve())
     assert sweep.tasks["stsb"]["data_dir"] == str((tmp_path / "gone").resolve())
+
+
+def test_a_method_with_its_own_tasks_runs_only_on_those(capsys, tmp_path, model_dir, sst2_dir):
+    tasks = {"sst2": {"data_dir": str(sst2_dir)}, "mr": {}}
+    methods = ["svd", {"method": "dsformer", "seeds": [1], "tasks": ["sst2"]}]
+    config = _sweep_config(tmp_path, model_dir, sst2_dir, tasks=tasks, methods=methods, seeds=[0])
+    code, out, err = run_cli(capsys, ["sweep", "--config", config, "--dry-run"])
+    assert code == 0, err
+    planned = [line.strip() for line in out.splitlines()[1:]]
+    assert planned == ["sst2-dense-s0", "sst2-svd-2x-s0", "sst2-dsformer-2x-s1", "mr-dense-s0", "mr-svd-2x-s0"]
 
 
 def test_sweep_ratios_given_as_decimals(capsys, tmp_path, model_dir, sst2_dir):

@@ -26,6 +26,7 @@ Example config (paths are relative to the config file)::
       - {label: dsformer+kd, method: dsformer, teacher: true}
       - {label: svd-stf, method: svd, trainer: stf}
       - {method: nm, ratios: [2], seeds: [0]}   # a method's own axes replace the sweep's
+      - {method: dsformer, seeds: [1, 2], tasks: [sst2]}   # ... tasks too (a subset of the sweep's)
     ratios: [2, 2.8]
     seeds: [0, 1, 2]
 
@@ -72,6 +73,7 @@ class MethodSpec:
     ratios: tuple[float, ...] | None = None  # this method's own ratio axis (None: the sweep's)
     seeds: tuple[int, ...] | None = None
     fisher: bool = False  # weight the fits by Fisher information (dsformer.methods.prepare)
+    tasks: tuple[str, ...] | None = None  # this method's own tasks (None: every task of the sweep)
 
     @classmethod
     def parse(cls, entry: str | dict[str, Any]) -> MethodSpec:
@@ -79,7 +81,8 @@ class MethodSpec:
             entry = {"method": entry}
         if not isinstance(entry, dict) or "method" not in entry:
             raise SweepError(f"methods: {entry!r} is neither a method name nor a mapping with 'method'")
-        unknown = set(entry) - {"label", "method", "trainer", "teacher", "schedule", "ratios", "seeds", "fisher"}
+        known = {"label", "method", "trainer", "teacher", "schedule", "ratios", "seeds", "fisher", "tasks"}
+        unknown = set(entry) - known
         if unknown:
             raise SweepError(f"methods: unknown key(s) {sorted(unknown)} in {entry!r}")
         if entry["method"] not in METHODS or entry["method"] == "dense":
@@ -96,7 +99,11 @@ class MethodSpec:
         fisher = entry.get("fisher", False)
         if not isinstance(fisher, bool):
             raise SweepError(f"methods: fisher must be true or false (got {fisher!r})")
-        return cls(label, entry["method"], entry.get("trainer"), teacher, schedule, ratios, seeds, fisher)
+        tasks = entry.get("tasks")
+        if tasks is not None and (not isinstance(tasks, list) or not tasks):
+            raise SweepError(f"methods: tasks must be a non-empty list of task names (got {tasks!r})")
+        tasks = tuple(str(t) for t in tasks) if tasks else None
+        return cls(label, entry["method"], entry.get("trainer"), teacher, schedule, ratios, seeds, fisher, tasks)
 
 
 @dataclass(frozen=True)
@@ -145,7 +152,7 @@ class Sweep:
                 )
             )  # fmt: skip
             seen = set()
-            for spec in self.methods:
+            for spec in (s for s in self.methods if s.tasks is None or task in s.tasks):
                 for ratio in spec.ratios or self.ratios:
                     for seed in spec.seeds or self.seeds:
                         name = f"{task}-{spec.label}-{ratio:g}x-s{seed}"
@@ -220,6 +227,13 @@ def load_sweep(path: str | Path) -> Sweep:
     ratios = [float(r) for r in raw["ratios"]]
     for ratio in ratios:
         check_ratio(ratio)
+    methods = [MethodSpec.parse(entry) for entry in raw["methods"]]
+    for spec in methods:
+        stray = sorted(set(spec.tasks or ()) - set(tasks))
+        if stray:
+            raise SweepError(
+                f"{file}: method {spec.label!r} names task(s) {stray} that are not among tasks {sorted(tasks)}"
+            )
     model = raw.get("model")
     model = local(model) if model and (here / model).exists() else model
     return Sweep(
@@ -227,7 +241,7 @@ def load_sweep(path: str | Path) -> Sweep:
         results=Path(local(raw.get("results", f"../results/{name}"))),
         outputs=Path(local(raw.get("outputs", f"../outputs/sweeps/{name}"))),
         tasks=tasks,
-        methods=[MethodSpec.parse(entry) for entry in raw["methods"]],
+        methods=methods,
         ratios=ratios,
         seeds=[int(s) for s in raw["seeds"]],
         model=model,
