@@ -99,6 +99,17 @@ def test_saved_files_have_usual_permissions(make_model, tmp_path):
     assert ((folder / WEIGHTS_FILE).stat().st_mode & 0o777) == 0o666 & ~umask
 
 
+def test_atomic_text_files_have_usual_permissions_or_keep_their_own(tmp_path):
+    from dsformer.io import atomic_write_text
+
+    umask = os.umask(0)
+    os.umask(umask)
+    fresh = atomic_write_text(tmp_path / "result.json", "{}")  # not mkstemp's owner-only 0600
+    assert (fresh.stat().st_mode & 0o777) == 0o666 & ~umask
+    fresh.chmod(0o640)
+    assert (atomic_write_text(fresh, "[]").stat().st_mode & 0o777) == 0o640 and fresh.read_text() == "[]"
+
+
 @pytest.mark.parametrize("structure", STRUCTURE_NAMES)
 @pytest.mark.parametrize("name", MODELS)
 def test_export_dense_loads_with_plain_transformers(make_model, tmp_path, name, structure):

@@ -585,6 +585,14 @@ def test_interrupted_run_resumes_to_the_same_result(capsys, tmp_path, model_dir,
     assert code == 130 and "--resume" in err and len(err.strip().splitlines()) == 1
     assert (work_folder(cut) / "checkpoint").is_dir() and not cut.exists()
     monkeypatch.setattr(train_module, "_loss", real_loss)
+    state = (work_folder(cut) / "checkpoint" / "trainer_state.json").read_bytes()
+    # the checkpoint is not lost to a rerun that forgot --resume, nor resumed into another run
+    line = assert_one_error_line(*run_cli(capsys, _compress_args(model_dir, sst2_dir, cut, *extra)))
+    assert "interrupted run" in line and "--resume" in line
+    other = ["--method", "svd" if method == "dsformer" else "dsformer", "--epochs", "2", "--resume"]
+    line = assert_one_error_line(*run_cli(capsys, _compress_args(model_dir, sst2_dir, cut, *other)))
+    assert "of another run (method" in line
+    assert (work_folder(cut) / "checkpoint" / "trainer_state.json").read_bytes() == state
     assert run_cli(capsys, _compress_args(model_dir, sst2_dir, cut, *extra, "--resume"))[0] == 0
 
     a, b = metrics_of(whole), metrics_of(cut)

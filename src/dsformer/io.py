@@ -110,6 +110,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        # mkstemp makes the file owner-only: keep the mode of the file it replaces, else a normal file's
+        os.chmod(tmp, dest.stat().st_mode & 0o777 if dest.exists() else 0o666 & ~_umask())
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
@@ -119,11 +121,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def _usual_permissions(folder: Path) -> None:
     """mkdtemp and some writers create owner-only files; give them the permissions of a normal save."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     os.chmod(folder, 0o777 & ~umask)
     for file in folder.iterdir():
         os.chmod(file, 0o666 & ~umask)
+
+
+def _umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it
+    os.umask(umask)
+    return umask
 
 
 def _sha256(path: Path) -> str:

@@ -17,7 +17,7 @@ from dsformer import __version__
 from dsformer.compress import find_targets
 from dsformer.errors import DsformerError
 from dsformer.hardware import describe
-from dsformer.io import save
+from dsformer.io import atomic_write_text, save
 from dsformer.methods import DEFAULT_TRAINER, FISHER_METHODS, make_student, prepare, structure_for
 from dsformer.models import load_pretrained
 from dsformer.report import model_bytes
@@ -26,6 +26,7 @@ from dsformer.tasks import load_task
 from dsformer.train import STATE_FILE, TrainConfig, distributed, train
 
 METRICS_FILE = "metrics.json"
+RUN_FILE = "run.json"  # in the work folder: what the checkpoint is a run of, checked on --resume
 
 
 @dataclass
@@ -62,8 +63,16 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
         raise DsformerError(f"--polish ends STF training early; {config.method} does not train with STF")
     out = check_output(output, source=config.model)
     work = work_folder(out)
-    if resume and not (work / "checkpoint" / STATE_FILE).exists():
+    interrupted = (work / "checkpoint" / STATE_FILE).exists()
+    if resume and not interrupted:
         raise DsformerError(f"--resume: no checkpoint in {work / 'checkpoint'}; start without --resume")
+    if interrupted and not resume:  # starting over would overwrite it at the first checkpoint
+        raise DsformerError(
+            f"{work} holds the checkpoint of an interrupted run: continue it with --resume, "
+            f"or delete {work} to start over"
+        )
+    if resume:
+        _check_same_run(work / RUN_FILE, config)
     start = time.perf_counter()
     data = load_task(config.task, config.data_dir, seed=config.train.seed, max_train=config.max_train)
     reference = _reference_metric(config.reference, data.spec.metrics[0]) if config.reference else None
@@ -97,6 +106,8 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
         progress=config.train.progress,
         fisher=config.fisher,
     )
+    if distributed()[0] == 0:
+        atomic_write_text(work / RUN_FILE, json.dumps(_run_identity(config), indent=2) + "\n")
     result = train(model, tokenizer, data, config.train, work, stf=prepared.stf, teacher=teacher, resume=resume)
     report = prepared.stf.finalize(iters=0) if prepared.stf is not None else prepared.report
     ratios = report.totals() if report is not None else None
@@ -142,6 +153,31 @@ def work_folder(output: str | os.PathLike) -> Path:
     """Where a run keeps its checkpoints until it finishes: ``<output>.work``."""
     out = Path(output)
     return out.with_name(out.name + ".work")
+
+
+def _run_identity(config: RunConfig) -> dict[str, Any]:
+    """What a checkpoint belongs to, besides the training settings and STF schedule (which
+    :func:`dsformer.train.train` checks): the start, data, method and its options. The device and
+    the reference may change."""
+    return {k: v for k, v in asdict(config).items() if k not in ("train", "schedule", "device", "reference")}
+
+
+def _check_same_run(record: Path, config: RunConfig) -> None:
+    """Refuse to resume a checkpoint into a different run (another start, task, data, method, ratio, ...)."""
+    if not record.exists():  # checkpoints from before the record: only the training settings are checked
+        return
+    try:
+        saved = json.loads(record.read_text())
+        mine = _run_identity(config)
+        changed = [key for key in mine if key in saved and saved[key] != mine[key]]
+    except (OSError, ValueError, AttributeError) as err:
+        raise DsformerError(f"--resume: {record} is unreadable ({type(err).__name__}: {err})") from None
+    if changed:
+        what = ", ".join(f"{key} {saved[key]!r} -> {mine[key]!r}" for key in changed)
+        raise DsformerError(
+            f"--resume: the checkpoint in {record.parent} is of another run ({what}); "
+            "give the same options as the interrupted run, or delete the folder to start over"
+        )
 
 
 def _start_checksum(model: str | None) -> str | None:
