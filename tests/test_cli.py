@@ -342,15 +342,38 @@ def test_bench_int8_faces_dense_fp32_and_dense_int8(capsys, tiny_bert_folder, tm
 @pytest.mark.parametrize(
     "extra, words",
     [
-        (["--backend", "int4"], ["unknown backend", "int8"]),
         (["--batch", "1", "2", "--seq", "4", "8", "16"], ["pair up"]),
-        (["--batch", "0"], ["at least 1"]),
         (["--device", "cuda"], ["no CUDA device"]),
+        (["--device", "gpu"], ["give cpu, cuda or cuda:N"]),
+        (["--output", "{folder}"], ["is a folder; give a file name"]),
     ],
 )
-def test_bench_bad_input(capsys, tiny_bert_folder, extra, words):
+def test_bench_bad_input(capsys, tiny_bert_folder, tmp_path, extra, words):
     if "cuda" in extra and torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    code, _, err = run(capsys, "bench", tiny_bert_folder, *extra)
-    assert code == 2
+    code, out, err = run(capsys, "bench", tiny_bert_folder, *(a.format(folder=tmp_path) for a in extra))
+    assert code == 2 and len(error_lines(err)) == 1 and out == ""  # refused before any fit or timing
     assert all(w in err for w in words), err
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--backend", "int4"], ["invalid choice", "int8"]),
+        (["--batch", "0"], ["at least 1"]),
+        (["--repeats", "0"], ["at least 1"]),
+        (["--seq", "two"], ["whole number"]),
+    ],
+)
+def test_bench_bad_flags_are_argparse_errors(capsys, tiny_bert_folder, extra, words):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", str(tiny_bert_folder), *extra])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+
+
+def test_cli_backends_are_the_kernels_backends():
+    from dsformer import cli, kernels
+
+    assert cli.BACKENDS == kernels.BACKENDS

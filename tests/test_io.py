@@ -340,8 +340,9 @@ def test_corrupt_folder_raises_checkpoint_error(saved, pristine, damage, message
         lambda m: m.update(format_version="1"),
         lambda m: m["weights"].pop("file"),
         lambda m: m["weights"].pop("bytes"),
+        lambda m: m.update(dtype="Tensor"),
     ],
-    ids=["format_version null", "format_version string", "weights.file missing", "weights.bytes missing"],
+    ids=["format_version null", "format_version string", "weights.file missing", "weights.bytes missing", "dtype"],
 )
 def test_corrupt_meta_fields_raise_checkpoint_error(saved, edit):
     _rewrite_meta(saved, edit)

@@ -444,6 +444,31 @@ def test_summary_without_metrics_exits_2(capsys, tmp_path, dense_run, model_dir)
     assert "metrics.json" in line
 
 
+def test_summary_of_a_damaged_metrics_json_exits_2(capsys, tmp_path, dense_run):
+    broken = tmp_path / "broken"
+    shutil.copytree(dense_run, broken)
+    (broken / "metrics.json").write_text('{"method": "dense", "te')  # cut short by a full disk
+    line = assert_one_error_line(*run_cli(capsys, ["summary", broken, "--no-latency"]))
+    assert "metrics.json" in line and "JSONDecodeError" in line
+    line = assert_one_error_line(*run_cli(capsys, ["evaluate", broken]))
+    assert "not a run's metrics.json" in line
+
+
+def test_evaluate_of_a_model_without_a_task_head_exits_2(capsys, tmp_path, model_dir, sst2_dir):
+    fitted = tmp_path / "fitted"
+    assert run_cli(capsys, ["factorize", "--model", model_dir, "--ratio", "2", "--output", fitted, "--quiet"])[0] == 0
+    argv = ["evaluate", fitted, "--task", "sst2", "--data-dir", sst2_dir]
+    line = assert_one_error_line(*run_cli(capsys, argv))
+    assert "no task head" in line and "dsformer compress" in line
+
+
+def test_bench_of_a_dense_run_factorizes_it_first(capsys, dense_run):
+    argv = ["bench", dense_run, "--batch", "1", "--seq", "8", "--repeats", "1", "--no-layers", "--ratio", "2"]
+    code, out, err = run_cli(capsys, argv)
+    assert code == 0, err
+    assert "factorizing" in out and "with ds at 2x" in out  # not the dense model timed against itself
+
+
 @pytest.mark.parametrize("start", ["dense", "svd"])
 def test_quantize_writes_a_smaller_folder_and_evaluates_it(capsys, tmp_path, dense_run, svd_run, start):
     folder = dense_run if start == "dense" else svd_run
@@ -493,7 +518,18 @@ BAD_INPUTS = {
     "ratio 1 dsformer": (["--method", "dsformer", "--ratio", "1"], "sst2", ["> 1"]),
     "output not ours": ([], "sst2", ["not empty", "not written by dsformer"]),
     "resume without checkpoint": (["--method", "svd", "--resume"], "sst2", ["--resume", "no checkpoint"]),
+    "not utf-8": ([], "latin-1", ["train.tsv:6", "not UTF-8"]),
+    "batch size 0": (["--batch-size", "0"], "sst2", ["batch_size must be at least 1", "0"]),
+    "negative lr": (["--lr", "-1"], "sst2", ["lr must be positive"]),
+    "no epochs": (["--epochs", "0"], "sst2", ["epochs must be positive"]),
+    "max train 0": (["--max-train", "0"], "sst2", ["max_train must be at least 1"]),
 }
+
+
+def _latin1_row(folder: Path) -> Path:
+    train = folder / "train.tsv"
+    train.write_bytes(train.read_bytes().replace(b"PLACEHOLDER", b"caf\xe9"))  # Latin-1, not UTF-8
+    return folder
 
 
 @pytest.mark.parametrize("extra,data,words", list(BAD_INPUTS.values()), ids=list(BAD_INPUTS))
@@ -503,6 +539,7 @@ def test_bad_input_exits_2_and_writes_nothing(capsys, tmp_path, model_dir, sst2_
         "missing": tmp_path / "no-such-folder",
         "malformed": lambda: _bad_train(tmp_path / "SST-2", "a row without a label column"),
         "bad label": lambda: _bad_train(tmp_path / "SST-2", "good film\t2"),
+        "latin-1": lambda: _latin1_row(_bad_train(tmp_path / "SST-2", "PLACEHOLDER film\t1")),
     }[data]
     data_dir = data_dir() if callable(data_dir) else data_dir
     output = tmp_path / "out"
@@ -690,6 +727,16 @@ def test_sweep_runs_the_grid_skips_what_is_done_and_reports(capsys, tmp_path, mo
         ({"methods": [{"method": "dsformer", "schedule": {"bogus": 1}}]}, "schedule"),
         ({"methods": [{"method": "dsformer", "fisher": "yes"}]}, "fisher must be true or false"),
         ({"methods": [{"method": "svd", "tasks": "sst2"}]}, "non-empty list of task names"),
+        ({"methods": ["svd", {"method": "svd", "trainer": "stf"}]}, "label 'svd' names two different"),
+        ({"methods": [{"method": "dsformer", "trainer": "conventional"}]}, "use --method ds-conventional"),
+        ({"methods": [{"method": "svd", "trainer": "bogus"}]}, "unknown trainer"),
+        ({"methods": [{"method": "svd", "seeds": [0.5]}]}, "seeds must be a list of whole numbers"),
+        ({"ratios": ["2x"]}, "ratios must be a list of numbers"),
+        ({"seeds": "one"}, "seeds must be a list of whole numbers"),
+        ({"tasks": ["sst2"]}, "tasks is a mapping"),
+        ({"tasks": {"sst2": "here"}}, "options are a mapping"),
+        ({"train": {"batch_size": 0}}, "batch_size must be at least 1"),
+        ({"train": {"lr": -1}}, "lr must be positive"),
         ({"methods": [{"method": "svd", "tasks": ["cola"]}]}, "names task(s) ['cola']"),
         ({"ratios": [0.5]}, "ratio"),
         ({"methods": [{"method": "svd", "ratios": [1]}]}, "ratio"),
@@ -753,7 +800,7 @@ def test_a_method_with_its_own_tasks_runs_only_on_those(capsys, tmp_path, model_
     code, out, err = run_cli(capsys, ["sweep", "--config", config, "--dry-run"])
     assert code == 0, err
     planned = [line.strip() for line in out.splitlines()[1:]]
-    assert planned == ["sst2-dense-s0", "sst2-svd-2x-s0", "sst2-dsformer-2x-s1", "mr-dense-s0", "mr-svd-2x-s0"]
+    assert planned == ["mr-dense-s0", "mr-svd-2x-s0", "sst2-dense-s0", "sst2-svd-2x-s0", "sst2-dsformer-2x-s1"]
 
 
 def test_sweep_ratios_given_as_decimals(capsys, tmp_path, model_dir, sst2_dir):

@@ -14,12 +14,24 @@ from pathlib import Path
 
 from dsformer.errors import DsformerError, Interrupted
 
+BACKENDS = ("auto", "reference", "dense", "gather", "triton", "int8")  # dsformer.kernels.BACKENDS, without torch
+
 
 def _number(text: str) -> float:
     try:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="a saved compact model; or a dense model (folder or hub name) to factorize first "
         "(default: the embedded all-MiniLM-L6-v2, factorized with --structure at --ratio)",
     )
-    ben.add_argument("--batch", type=int, nargs="+", default=[32, 1], help="batch sizes (default: 32 1)")
-    ben.add_argument("--seq", type=int, nargs="+", default=[128, 64], help="sequence lengths, paired with --batch")
+    ben.add_argument("--batch", type=_count, nargs="+", default=[32, 1], help="batch sizes (default: 32 1)")
+    ben.add_argument("--seq", type=_count, nargs="+", default=[128, 64], help="sequence lengths, paired with --batch")
     ben.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     ben.add_argument(
         "--dtype",
@@ -134,12 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="the weights' and activations' type for both models (default: float32; float16 is the GPU's usual)",
     )
     ben.add_argument(
-        "--backend", default="auto", help="auto (default), reference, dense, gather, triton (CUDA) or int8"
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="auto (default), reference, dense, gather, triton (CUDA) or int8",
     )
     ben.add_argument("--structure", choices=["ds", "svd", "nm"], default="ds", help="when factorizing (default: ds)")
     ben.add_argument("--ratio", type=_number, default=2.8, help="when factorizing (default: 2.8)")
     ben.add_argument("--k-multiple", type=int, default=None, help="when factorizing with ds: k a multiple of this")
-    ben.add_argument("--repeats", type=int, default=10, help="timed runs of each model, alternating (default: 10)")
+    ben.add_argument("--repeats", type=_count, default=10, help="timed runs of each model, alternating (default: 10)")
     ben.add_argument("--no-layers", action="store_true", help="end to end only")
     ben.add_argument("--output", default=None, help="write the results (with the hardware) to this JSON file")
 
@@ -159,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     eva.add_argument("--json", default=None, help="also write the result (with the int8 bytes) to this JSON file")
     eva.add_argument(
         "--backend",
+        choices=BACKENDS,
         default="reference",
         help="execution path of the compact layers: reference (default), auto, dense, gather, "
         "triton (CUDA), int8 (int8 products)",
@@ -207,8 +223,6 @@ def _structure(
 
 
 def factorize(args: argparse.Namespace) -> None:
-    import torch
-
     from dsformer import CompressConfig, compress, save
     from dsformer.io import atomic_write_text, check_output
     from dsformer.models import load_pretrained, resolve
@@ -217,23 +231,23 @@ def factorize(args: argparse.Namespace) -> None:
     output = None if args.no_save else Path(args.output or _default_output(args.model, args.structure, args.ratio))
     if output is not None:
         check_output(output, source=resolve(args.model))
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise DsformerError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    _check_file_output(args.json, "--json")
+    _check_device(args.device)
     model, tokenizer = load_pretrained(args.model)
     model = model.to(args.device).eval()
     config = CompressConfig(structure, target_modules=args.targets, exclude_modules=args.exclude)
     report = compress(model, config, progress=not args.quiet)
     print(report.table())
+    if output is not None:  # the model first: it is the costly part to lose
+        save(model.cpu(), output, tokenizer=tokenizer, report=report)
+        size = (output / "model.safetensors").stat().st_size
+        print(f"saved to {output} ({size / 2**20:.1f} MiB); load it with dsformer.load({str(output)!r})")
     if args.json:
         from dsformer.hardware import describe
 
         record = {"command": args.command_line, **report.to_json(), "hardware": describe()}
         atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
         print(f"report written to {args.json}")
-    if output is not None:
-        save(model.cpu(), output, tokenizer=tokenizer, report=report)
-        size = (output / "model.safetensors").stat().st_size
-        print(f"saved to {output} ({size / 2**20:.1f} MiB); load it with dsformer.load({str(output)!r})")
 
 
 def compress_verb(args: argparse.Namespace) -> None:
@@ -244,6 +258,7 @@ def compress_verb(args: argparse.Namespace) -> None:
 
     if args.method != "dense":
         check_ratio(args.ratio)
+    _check_device(args.device)
     train = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -304,12 +319,13 @@ def bench_verb(args: argparse.Namespace) -> None:
     import torch
 
     from dsformer.bench import bench_model, bench_record, bench_table
-    from dsformer.io import META_FILE, atomic_write_text, load
+    from dsformer.io import META_FILE, atomic_write_text, load, read_meta
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise DsformerError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    _check_device(args.device)
+    _check_file_output(args.output, "--output")
     shapes = _paired(args.batch, args.seq)
-    if args.path is not None and (Path(args.path) / META_FILE).exists():
+    # a saved compact model runs as it is; a saved dense run (no compact layers) is factorized like any dense model
+    if args.path is not None and (Path(args.path) / META_FILE).exists() and read_meta(args.path)["layers"]:
         model, source = load(args.path, device=args.device), args.path
     else:
         from dsformer import CompressConfig, compress
@@ -334,6 +350,39 @@ def bench_verb(args: argparse.Namespace) -> None:
         print(f"results written to {args.output}")
 
 
+def _check_device(device: str) -> None:
+    """``cpu``, ``cuda`` or ``cuda:N``, and CUDA only where there is a CUDA device."""
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise DsformerError(f"--device {device!r}: give cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise DsformerError(f"--device {device} was asked for but no CUDA device is available; use --device cpu")
+
+
+def _check_file_output(path: str | None, flag: str) -> None:
+    """Refuse a file to write that cannot be one, before the work that fills it."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise DsformerError(f"{flag} {path} is a folder; give a file name")
+    parent = next((p for p in target.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise DsformerError(f"{flag} {path}: {parent} is a file, so no folder can be made there")
+
+
+def _read_metrics(file: Path) -> dict:
+    """A run's metrics.json; a damaged one is a one-line error."""
+    try:
+        metrics = json.loads(file.read_text())
+        metrics["task"], metrics["metric"], metrics["test"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DsformerError(f"{file} is not a run's metrics.json ({type(err).__name__}: {err})") from None
+    return metrics
+
+
 def _paired(batches: list[int], seqs: list[int]) -> list[tuple[int, int]]:
     """``--batch 32 1 --seq 128 64`` -> ``[(32, 128), (1, 64)]``; a single value pairs with every other."""
     if len(batches) == 1:
@@ -352,12 +401,13 @@ def summary_verb(args: argparse.Namespace) -> None:
     from dsformer.io import load
     from dsformer.kernels import use_backend
 
+    _check_file_output(args.json, "--json")
     runs = []
     for path in args.paths:
         metrics_file = Path(path) / "metrics.json"
         if not metrics_file.exists():
             raise DsformerError(f"{path} has no metrics.json; give folders written by dsformer compress")
-        metrics = json.loads(metrics_file.read_text())
+        metrics = _read_metrics(metrics_file)
         if not args.no_latency:
             model = load(path)
             use_backend(model, "auto")
@@ -432,7 +482,8 @@ def report_verb(args: argparse.Namespace) -> None:
             notes = Path(args.notes).read_text().strip() + "\n\n"
         except OSError as err:
             raise DsformerError(f"--notes {args.notes}: {err.strerror}") from None
-    cells = collect([Path(p) for p in args.results])
+    _check_file_output(args.output, "--output")
+    cells = collect([Path(p) for p in dict.fromkeys(args.results)])  # a folder given twice counts once
     output = Path(args.output)
     plots = plot(cells, Path(args.plots) if args.plots else output.parent)
     images = "\n".join(f"![{p.stem}]({os.path.relpath(p, output.parent)})" for p in plots)
@@ -457,7 +508,7 @@ def report_verb(args: argparse.Namespace) -> None:
 def _task_of(folder: Path, task: str | None, data_dir: str | None) -> tuple[str | None, str | None, dict | None]:
     """The task and data of a saved run: as given, else from its metrics.json; and that file's content."""
     metrics_file = folder / "metrics.json"
-    saved = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
+    saved = _read_metrics(metrics_file) if metrics_file.exists() else None
     if task is None and saved is not None:
         task, data_dir = saved["task"], data_dir or saved["config"].get("data_dir")
     return task, data_dir, saved
@@ -467,6 +518,11 @@ def _test_metrics(model, tokenizer, task: str, data_dir: str | None):
     from dsformer.tasks import load_task
     from dsformer.train import evaluate
 
+    if not type(model).__name__.endswith("ForSequenceClassification"):
+        raise DsformerError(
+            f"this {type(model).__name__} has no task head (a `dsformer factorize` output?): it cannot be evaluated "
+            "on a task; train one with `dsformer compress`"
+        )
     data = load_task(task, data_dir)
     return data, evaluate(model, tokenizer, data.test, data.spec)
 
@@ -477,6 +533,7 @@ def evaluate_verb(args: argparse.Namespace) -> None:
     from dsformer.models import load_tokenizer
 
     folder = Path(args.path)
+    _check_file_output(args.json, "--json")
     model = load(folder)
     tokenizer = load_tokenizer(str(folder))
     if tokenizer is None:
@@ -632,6 +689,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`dsformer sweep --dry-run | head`): stop quietly
         sys.stdout = open(os.devnull, "w")  # the interpreter flushes stdout at exit: not into the closed pipe
         return 141
+    except OSError as err:  # a file that cannot be read or written (permissions, disk full, a folder in the way)
+        where = f": {err.filename}" if err.filename else ""
+        print(f"dsformer: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

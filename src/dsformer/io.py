@@ -213,6 +213,9 @@ def save(
     return Path(path)
 
 
+_MODEL_DTYPES = ("float32", "float16", "bfloat16", "float64")  # what a saved model's parameters may be
+
+
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check a saved folder's ``dsformer.json``."""
     folder = Path(path)
@@ -237,6 +240,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
             and isinstance(weights["file"], str)
             and isinstance(weights["bytes"], int)
             and isinstance(weights["sha256"], str)
+            and meta.get("dtype", "float32") in _MODEL_DTYPES
             and isinstance(meta.get("int8", []), list)
             and all(isinstance(key, str) for key in meta.get("int8", []))
             and isinstance(meta.get("packed", {}), dict)

@@ -35,6 +35,7 @@ from dsformer.errors import DsformerError
 from dsformer.report import Report
 from dsformer.stf import STF, Schedule
 from dsformer.structures import DenseSparseConfig, LowRankConfig, NMConfig, StructureConfig
+from dsformer.structures.base import check_ratio
 from dsformer.tasks import TaskData
 from dsformer.train import TrainConfig, _batch, encode
 
@@ -70,6 +71,38 @@ def structure_for(method: str, ratio: float) -> StructureConfig | None:
     return DenseSparseConfig(ratio=ratio, share_basis=method == "ds-shared")
 
 
+def check_method(method: str, ratio: float, trainer: str | None = None, fisher: bool = False) -> str:
+    """Everything about a method's options that can be checked without a model; returns its trainer
+    (``"-"`` for ``dense`` and ``distil``, which train no structure).
+
+    >>> check_method("svd", 2.0), check_method("nm", 2.8), check_method("dense", 1.0)
+    ('conventional', 'stf', '-')
+    """
+    structure_for(method, ratio)
+    if method != "dense":
+        check_ratio(ratio)
+    if method in ("dense", "distil"):
+        if trainer is not None:
+            raise DsformerError(f"--trainer applies to compression methods; {method} has no structure to train")
+        if fisher:
+            raise DsformerError(f"--fisher weights the fit of {', '.join(FISHER_METHODS)}; {method} has no such fit")
+        return "-"
+    if fisher and method not in FISHER_METHODS:
+        raise DsformerError(f"--fisher weights the fit of {', '.join(FISHER_METHODS)}; {method} has no such fit")
+    trainer = trainer or DEFAULT_TRAINER[method]
+    if trainer not in ("stf", "conventional"):
+        raise DsformerError(f"unknown trainer {trainer!r}; choose stf or conventional")
+    if method == "ds-conventional" and trainer == "stf":
+        raise DsformerError("ds-conventional is DS trained conventionally; for DS with STF use --method dsformer")
+    if method == "dsformer" and trainer == "conventional":
+        raise DsformerError(
+            "dsformer is DS trained with STF; for DS trained conventionally use --method ds-conventional"
+        )
+    if trainer == "stf" and method == "fwsvd":
+        raise DsformerError("fwsvd weights the SVD fit; with --trainer stf use --method svd --fisher")
+    return trainer
+
+
 def prepare(
     method: str,
     model: nn.Module,
@@ -84,22 +117,10 @@ def prepare(
     fisher: bool = False,
 ) -> Prepared:
     """Apply ``method``'s structure to ``model`` in place, ready for :func:`dsformer.train.train`."""
+    trainer = check_method(method, ratio, trainer, fisher)
     structure = structure_for(method, ratio)
-    if fisher and method not in FISHER_METHODS:
-        raise DsformerError(f"--fisher weights the fit of {', '.join(FISHER_METHODS)}; {method} has no such fit")
     if structure is None:
         return Prepared(None, None)
-    trainer = trainer or DEFAULT_TRAINER[method]
-    if trainer not in ("stf", "conventional"):
-        raise DsformerError(f"unknown trainer {trainer!r}; choose stf or conventional")
-    if method == "ds-conventional" and trainer == "stf":
-        raise DsformerError("ds-conventional is DS trained conventionally; for DS with STF use --method dsformer")
-    if method == "dsformer" and trainer == "conventional":
-        raise DsformerError(
-            "dsformer is DS trained with STF; for DS trained conventionally use --method ds-conventional"
-        )
-    if trainer == "stf" and method == "fwsvd":
-        raise DsformerError("fwsvd weights the SVD fit; with --trainer stf use --method svd --fisher")
     importance = None
     if fisher or method == "fwsvd":
         if data is None or tokenizer is None:

@@ -18,7 +18,7 @@ from dsformer.compress import find_targets
 from dsformer.errors import DsformerError
 from dsformer.hardware import describe
 from dsformer.io import atomic_write_text, save
-from dsformer.methods import DEFAULT_TRAINER, FISHER_METHODS, make_student, prepare, structure_for
+from dsformer.methods import check_method, make_student, prepare
 from dsformer.models import load_pretrained
 from dsformer.report import model_bytes
 from dsformer.stf import Schedule
@@ -46,6 +46,17 @@ class RunConfig:
     schedule: Schedule = field(default_factory=Schedule)
 
 
+def check_run(config: RunConfig) -> str:
+    """The checks that need no model or data (method, ratio, trainer, Fisher, STF schedule, data size);
+    returns the trainer the run records. A sweep runs them on every planned run before the first starts."""
+    trainer = check_method(config.method, config.ratio, config.trainer, config.fisher)
+    if config.schedule.polish and trainer != "stf":
+        raise DsformerError(f"--polish ends STF training early; {config.method} does not train with STF")
+    if config.max_train is not None and config.max_train < 1:
+        raise DsformerError(f"max_train must be at least 1 example (got {config.max_train})")
+    return trainer
+
+
 def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> dict[str, Any]:
     """Train ``config.method`` on ``config.task`` and save the compact model and ``metrics.json`` to ``output``.
 
@@ -54,13 +65,7 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
     """
     from dsformer.io import check_output
 
-    # everything that can be checked before loading is checked first
-    structure_for(config.method, config.ratio)
-    trainer = _trainer(config.method, config.trainer)
-    if config.fisher and config.method not in FISHER_METHODS:
-        raise DsformerError(f"--fisher weights the fit of {', '.join(FISHER_METHODS)}; {config.method} has no such fit")
-    if config.schedule.polish and trainer != "stf":
-        raise DsformerError(f"--polish ends STF training early; {config.method} does not train with STF")
+    trainer = check_run(config)  # everything that can be checked before loading is checked first
     out = check_output(output, source=config.model)
     work = work_folder(out)
     interrupted = (work / "checkpoint" / STATE_FILE).exists()
@@ -196,15 +201,6 @@ def _start_checksum(model: str | None) -> str | None:
 def _block_params(model) -> int:
     """Weight parameters of the linears inside the model's blocks (what the other methods compress)."""
     return sum(model.get_submodule(name).weight.numel() for name in find_targets(model))
-
-
-def _trainer(method: str, trainer: str | None) -> str:
-    """The trainer a run records: the method's default, or the one asked for; dense and distil have none."""
-    if method in ("dense", "distil"):
-        if trainer is not None:
-            raise DsformerError(f"--trainer applies to compression methods; {method} has no structure to train")
-        return "-"
-    return trainer or DEFAULT_TRAINER[method]
 
 
 def _reference_metric(path: str, key: str) -> float:

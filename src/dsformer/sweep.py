@@ -91,10 +91,11 @@ class MethodSpec:
         if set(schedule) - _SCHEDULE_FIELDS:
             raise SweepError(f"methods: unknown schedule key(s) {sorted(set(schedule) - _SCHEDULE_FIELDS)}")
         teacher = bool(entry.get("teacher", False)) or entry["method"] == "distil"
-        ratios = tuple(float(r) for r in entry["ratios"]) if entry.get("ratios") else None
+        where = f"methods: {entry.get('label', entry['method'])}"
+        ratios = tuple(_numbers(entry["ratios"], float, f"{where}: ratios")) if entry.get("ratios") else None
         for ratio in ratios or ():
             check_ratio(ratio)
-        seeds = tuple(int(s) for s in entry["seeds"]) if entry.get("seeds") else None
+        seeds = tuple(_numbers(entry["seeds"], int, f"{where}: seeds")) if entry.get("seeds") else None
         label = entry.get("label", entry["method"])
         fisher = entry.get("fisher", False)
         if not isinstance(fisher, bool):
@@ -212,8 +213,12 @@ def load_sweep(path: str | Path) -> Sweep:
         extra = set(raw.get(key) or {}) - _TRAIN_FIELDS
         if extra:
             raise SweepError(f"{file}: unknown {key} setting(s) {sorted(extra)}; known: {sorted(_TRAIN_FIELDS)}")
+    if not isinstance(raw["tasks"], dict):
+        raise SweepError(f"{file}: tasks is a mapping of task names to their options (for example `mr: {{}}`)")
     tasks = {}
-    for task, options in dict(raw["tasks"]).items():
+    for task, options in raw["tasks"].items():
+        if options is not None and not isinstance(options, dict):
+            raise SweepError(f"{file}: task {task}: its options are a mapping (data_dir, max_train), got {options!r}")
         options = dict(options or {})
         if set(options) - {"data_dir", "max_train"}:
             raise SweepError(f"{file}: task {task}: only data_dir and max_train can be set")
@@ -224,11 +229,18 @@ def load_sweep(path: str | Path) -> Sweep:
 
     for task in tasks:
         task_spec(task)  # unknown task names fail here
-    ratios = [float(r) for r in raw["ratios"]]
+    ratios = _numbers(raw["ratios"], float, f"{file}: ratios")
     for ratio in ratios:
         check_ratio(ratio)
+    if not isinstance(raw["methods"], list):
+        raise SweepError(f"{file}: methods is a list of method names or mappings")
     methods = [MethodSpec.parse(entry) for entry in raw["methods"]]
     for spec in methods:
+        twin = next((m for m in methods if m.label == spec.label and _options(m) != _options(spec)), None)
+        if twin is not None:  # the plan would run one of them under the other's name
+            raise SweepError(
+                f"{file}: label {spec.label!r} names two different method entries; give one of them its own label"
+            )
         stray = sorted(set(spec.tasks or ()) - set(tasks))
         if stray:
             raise SweepError(
@@ -236,19 +248,44 @@ def load_sweep(path: str | Path) -> Sweep:
             )
     model = raw.get("model")
     model = local(model) if model and (here / model).exists() else model
-    return Sweep(
+    sweep = Sweep(
         name=name,
         results=Path(local(raw.get("results", f"../results/{name}"))),
         outputs=Path(local(raw.get("outputs", f"../outputs/sweeps/{name}"))),
         tasks=tasks,
         methods=methods,
         ratios=ratios,
-        seeds=[int(s) for s in raw["seeds"]],
+        seeds=_numbers(raw["seeds"], int, f"{file}: seeds"),
         model=model,
         train=dict(raw.get("train") or {}),
         dense=dict(raw.get("dense") or {}),
         keep_models=bool(raw.get("keep_models", True)),
     )
+    from dsformer.pipeline import check_run
+
+    for planned in sweep.plan():  # every run's options, before the first run trains for an hour
+        try:
+            check_run(planned.config)
+        except DsformerError as err:
+            raise SweepError(f"{file}: run {planned.name}: {err}") from None
+    return sweep
+
+
+def _numbers(value: Any, kind: type, where: str) -> list:
+    """A YAML list of numbers (one number is a list of one); anything else is a one-line error."""
+    values = value if isinstance(value, list) else [value]
+    try:
+        numbers = [kind(v) for v in values if not isinstance(v, (bool, str))]
+    except (TypeError, ValueError):
+        numbers = []
+    if len(numbers) != len(values) or any(n != v for n, v in zip(numbers, values, strict=True)):
+        raise SweepError(f"{where} must be a list of {'whole ' if kind is int else ''}numbers (got {value!r})")
+    return numbers
+
+
+def _options(spec: MethodSpec) -> tuple:
+    """A method entry without its axes: two entries with the same options may share a label."""
+    return (spec.method, spec.trainer, spec.teacher, sorted(spec.schedule.items()), spec.fisher)
 
 
 def _local_or_hub(here: Path, value: str) -> str:

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import io
 import random
 import sys
 from dataclasses import dataclass
@@ -104,7 +105,13 @@ def read_tsv(path: Path, spec: TaskSpec) -> list[Example]:
     csv.field_size_limit(sys.maxsize)
     wanted = max(spec.text_a, spec.text_b or 0, spec.label if spec.label >= 0 else 0) + 1
     examples = []
-    with open(path, encoding="utf-8", newline="") as f:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x}); GLUE files are UTF-8") from None
+    with io.StringIO(text, newline="") as f:  # newline="": line ends stay as written, as csv wants
         for number, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
             if number == 1 and spec.header:
                 continue

@@ -69,6 +69,25 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise TrainingError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        limits = {  # setting: (lowest, highest) allowed, both included
+            "epochs": (1e-9, math.inf),
+            "batch_size": (1, math.inf),
+            "eval_batch_size": (1, math.inf),
+            "lr": (1e-12, math.inf),
+            "max_length": (2, math.inf),  # room for the special tokens
+            "weight_decay": (0.0, math.inf),
+            "warmup": (0.0, 1.0),
+            "grad_clip": (0.0, math.inf),
+            "checkpoint_every": (0, math.inf),
+            "kd_temperature": (1e-6, math.inf),
+            "kd_alpha": (0.0, 1.0),
+        }
+        for name, (low, high) in limits.items():
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not low <= value <= high:
+                above = f"at least {low:g}" if low >= 1 or low == 0 else "positive"
+                bound = above if high == math.inf else f"in [{low:g}, {high:g}]"
+                raise TrainingError(f"{name} must be {bound} (got {value!r})")
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
