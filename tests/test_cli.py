@@ -377,3 +377,18 @@ def test_cli_backends_are_the_kernels_backends():
     from dsformer import cli, kernels
 
     assert cli.BACKENDS == kernels.BACKENDS
+
+
+@pytest.mark.parametrize(
+    "argv, name",
+    [
+        (["--method", "dense"], "mr-dense"),
+        (["--task", "sst2", "--ratio", "2.8"], "sst2-dsformer-2.8x"),
+        (["--method", "svd", "--trainer", "stf", "--seed", "2"], "mr-svd-2x-stf-s2"),
+        (["--fisher", "--seed", "1"], "mr-dsformer-2x-fisher-s1"),
+    ],
+)
+def test_compress_default_output_tells_runs_apart(argv, name):
+    from dsformer.cli import _run_name, build_parser
+
+    assert _run_name(build_parser().parse_args(["compress", *argv])) == name

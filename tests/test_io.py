@@ -400,16 +400,28 @@ def test_save_creates_missing_parents(make_model, tmp_path):
     assert torch.equal(model_output(load(dest)), model_output(model))
 
 
-def test_save_over_an_earlier_save_replaces_it(make_model, tmp_path):
+@pytest.mark.parametrize("swap", [True, False], ids=["atomic swap", "two renames"])
+def test_save_over_an_earlier_save_replaces_it(make_model, tmp_path, monkeypatch, swap):
+    import dsformer.io as io_module
+
+    real, swaps = io_module._exchange, []
+
+    def exchange(a, b):
+        swaps.append(b)
+        return real(a, b) if swap else False  # False: as on a system without renameat2
+
+    monkeypatch.setattr(io_module, "_exchange", exchange)
     first, _ = compressed(make_model, "bert", "ds")
     second, _ = compressed(make_model, "bert", "svd")
     dest = tmp_path / "out"
     save(first, dest)
     (dest / "stale.txt").write_text("from the first save")
     save(second, dest)
+    assert swaps == [dest]  # the first save had nothing to swap with
     assert not (dest / "stale.txt").exists()
     loaded = load(dest)
     assert {m.structure for m in compact_layers(loaded).values()} == {"svd"}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # neither the temporary nor the old folder is left
     assert torch.equal(model_output(loaded), model_output(second))
     assert siblings(dest) == []
 

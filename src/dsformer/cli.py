@@ -104,7 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     com.add_argument("--teacher", default=None, help="a saved fine-tuned model: adds a knowledge-distillation loss")
     com.add_argument("--reference", default=None, help="metrics.json of a dense run, for the difference to dense")
-    com.add_argument("--output", default=None, help="folder to write (default: outputs/<task>-<method>-<ratio>x)")
+    com.add_argument(
+        "--output",
+        default=None,
+        help="folder to write (default: outputs/<task>-<method>-<ratio>x[-<trainer>][-fisher][-s<seed>])",
+    )
     com.add_argument("--resume", action="store_true", help="continue the interrupted run in --output")
     com.add_argument("--device", default="cpu")
     com.add_argument("--quiet", action="store_true")
@@ -289,17 +293,31 @@ def compress_verb(args: argparse.Namespace) -> None:
             polish=args.polish,
         ),
     )
-    ratio = "" if args.method == "dense" else f"-{args.ratio:g}x"
-    output = Path(args.output or os.path.join("outputs", f"{args.task}-{args.method}{ratio}"))
+    output = Path(args.output or os.path.join("outputs", _run_name(args)))
     rank = _init_distributed(args.device)
     try:
         metrics = run(config, output, resume=args.resume)
     except KeyboardInterrupt as interrupt:
-        interrupt.hint = f"interrupted; the checkpoint is in {output}.work: run the same command with --resume"
+        from dsformer.pipeline import work_folder
+        from dsformer.train import STATE_FILE
+
+        if (work_folder(output) / "checkpoint" / STATE_FILE).exists():
+            interrupt.hint = f"interrupted; the checkpoint is in {output}.work: run the same command with --resume"
+        else:
+            interrupt.hint = "interrupted before the first checkpoint; nothing to resume: run the command again"
         raise
     if rank == 0:
         print(summary_table([metrics]))
         print(f"saved to {output} (metrics in {output / 'metrics.json'})")
+
+
+def _run_name(args: argparse.Namespace) -> str:
+    """The default output folder's name: whatever tells two runs apart (``sst2-dsformer-2x-fisher-s1``)."""
+    parts = [args.task, args.method] + ([] if args.method == "dense" else [f"{args.ratio:g}x"])
+    parts += [args.trainer] if args.trainer else []
+    parts += ["fisher"] if args.fisher else []
+    parts += [f"s{args.seed}"] if args.seed else []
+    return "-".join(parts)
 
 
 def _init_distributed(device: str) -> int:

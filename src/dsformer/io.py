@@ -80,7 +80,7 @@ def check_output(
 
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike, markers: tuple[str, ...] = (META_FILE, EXPORT_FILE)) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename.
+    """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one atomic swap.
 
     The destination is checked by :func:`check_output` first, so a mistyped path never deletes a
     user's files.
@@ -91,15 +91,34 @@ def atomic_folder(path: str | os.PathLike, markers: tuple[str, ...] = (META_FILE
     try:
         yield tmp
         _usual_permissions(tmp)
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.{os.getpid()}.old")
-            dest.rename(old)
-        tmp.rename(dest)
-        if old is not None:
+        if not dest.exists():
+            tmp.rename(dest)
+        elif not _exchange(tmp, dest):  # no atomic swap here: two renames, the old folder set aside first
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+            dest.rename(old)  # onto the empty folder mkdtemp made: a name no other writer holds
+            tmp.rename(dest)
             shutil.rmtree(old, ignore_errors=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # after a swap it holds the replaced folder
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2`` with ``RENAME_EXCHANGE``), so no reader or crash ever
+    finds ``b`` missing; False where the system or file system cannot."""
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a C library from before glibc 2.28
+        return False
+    at_cwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EPERM, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -278,8 +278,8 @@ def markdown(cells: list[Cell]) -> str:
                 row.append(f"{cell.mean:.2f}{spread}{diff} [n={len(cell.scores)}]{cell.off_nominal}")
                 curve.append((cell.measured_ratio, cell.mean))
             if dense is not None:
-                at = ratio_at_drop(curve, dense.mean)
-                row.append("below 1 point at every ratio" if at is None else f"{at:.2f}x")
+                found = _within(label, curve, dense.mean - 1.0)
+                row.append("below 1 point at every ratio" if found["ratio"] is None else _at_text(found, False))
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines)
