@@ -298,10 +298,9 @@ def compress_verb(args: argparse.Namespace) -> None:
     try:
         metrics = run(config, output, resume=args.resume)
     except KeyboardInterrupt as interrupt:
-        from dsformer.pipeline import work_folder
-        from dsformer.train import STATE_FILE
+        from dsformer.pipeline import has_checkpoint
 
-        if (work_folder(output) / "checkpoint" / STATE_FILE).exists():
+        if has_checkpoint(output):
             interrupt.hint = f"interrupted; the checkpoint is in {output}.work: run the same command with --resume"
         else:
             interrupt.hint = "interrupted before the first checkpoint; nothing to resume: run the command again"

@@ -81,14 +81,12 @@ def check_method(method: str, ratio: float, trainer: str | None = None, fisher: 
     structure_for(method, ratio)
     if method != "dense":
         check_ratio(ratio)
+    if fisher and method not in FISHER_METHODS:
+        raise DsformerError(f"--fisher weights the fit of {', '.join(FISHER_METHODS)}; {method} has no such fit")
     if method in ("dense", "distil"):
         if trainer is not None:
             raise DsformerError(f"--trainer applies to compression methods; {method} has no structure to train")
-        if fisher:
-            raise DsformerError(f"--fisher weights the fit of {', '.join(FISHER_METHODS)}; {method} has no such fit")
         return "-"
-    if fisher and method not in FISHER_METHODS:
-        raise DsformerError(f"--fisher weights the fit of {', '.join(FISHER_METHODS)}; {method} has no such fit")
     trainer = trainer or DEFAULT_TRAINER[method]
     if trainer not in ("stf", "conventional"):
         raise DsformerError(f"unknown trainer {trainer!r}; choose stf or conventional")

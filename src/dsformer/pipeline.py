@@ -68,7 +68,7 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
     trainer = check_run(config)  # everything that can be checked before loading is checked first
     out = check_output(output, source=config.model)
     work = work_folder(out)
-    interrupted = (work / "checkpoint" / STATE_FILE).exists()
+    interrupted = has_checkpoint(out)
     if resume and not interrupted:
         raise DsformerError(f"--resume: no checkpoint in {work / 'checkpoint'}; start without --resume")
     if interrupted and not resume:  # starting over would overwrite it at the first checkpoint
@@ -158,6 +158,11 @@ def work_folder(output: str | os.PathLike) -> Path:
     """Where a run keeps its checkpoints until it finishes: ``<output>.work``."""
     out = Path(output)
     return out.with_name(out.name + ".work")
+
+
+def has_checkpoint(output: str | os.PathLike) -> bool:
+    """Whether the run writing ``output`` was interrupted and left a checkpoint to resume."""
+    return (work_folder(output) / "checkpoint" / STATE_FILE).exists()
 
 
 def _run_identity(config: RunConfig) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from dsformer.errors import DsformerError
 from dsformer.methods import METHODS
 from dsformer.stf import Schedule
 from dsformer.structures.base import check_ratio
-from dsformer.train import STATE_FILE, TrainConfig
+from dsformer.train import TrainConfig
 
 _TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"seed", "progress"}
 _SCHEDULE_FIELDS = {f.name for f in fields(Schedule)}
@@ -236,8 +236,8 @@ def load_sweep(path: str | Path) -> Sweep:
         raise SweepError(f"{file}: methods is a list of method names or mappings")
     methods = [MethodSpec.parse(entry) for entry in raw["methods"]]
     for spec in methods:
-        twin = next((m for m in methods if m.label == spec.label and _options(m) != _options(spec)), None)
-        if twin is not None:  # the plan would run one of them under the other's name
+        if any(m.label == spec.label and _options(m) != _options(spec) for m in methods):
+            # the plan would run one of them under the other's name
             raise SweepError(
                 f"{file}: label {spec.label!r} names two different method entries; give one of them its own label"
             )
@@ -310,7 +310,7 @@ def run_sweep(
     to put what matters first; names the config does not have are an error, not an empty selection.
     """
     from dsformer.io import atomic_write_text
-    from dsformer.pipeline import run, work_folder
+    from dsformer.pipeline import has_checkpoint, run
 
     planned_runs = _select(sweep, tasks, labels, ratios)
     todo = [r for r in planned_runs if not r.result.exists()]
@@ -335,7 +335,7 @@ def run_sweep(
             echo(f"  {r.name}")
         return todo
     for i, planned in enumerate(todo, 1):
-        resume = (work_folder(planned.output) / "checkpoint" / STATE_FILE).exists()
+        resume = has_checkpoint(planned.output)
         echo(f"[{i}/{len(todo)}] {planned.name}" + (" (resuming)" if resume else ""))
         config = replace(planned.config, train=replace(planned.config.train, progress=not quiet))
         metrics = run(config, planned.output, resume=resume)

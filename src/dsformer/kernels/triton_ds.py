@@ -86,7 +86,7 @@ def ds_columns(x: torch.Tensor, plan: ColumnPlan, basis: torch.Tensor, bias: tor
 def _token_block(tokens: int) -> int:
     """Tokens per program: every token at decode, up to 16 (the configs that fit 16 tokens already
     hold 64 values per thread; see ``_triton_kernels.fitting``)."""
-    return min(16, 1 << max(0, tokens - 1).bit_length())
+    return min(16, _tuning_bucket(tokens))
 
 
 def _tuning_bucket(tokens: int) -> int:
