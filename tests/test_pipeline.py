@@ -853,14 +853,16 @@ def test_ratio_at_one_point_drop(curve, dense, expected):
 def test_versus_names_the_best_baseline_and_leaves_out_dsformer_variants():
     from dsformer.results import Cell, versus, versus_markdown
 
-    def cell(label: str, ratio: float, *scores: float) -> Cell:
-        return Cell("mr", "accuracy", label, "-", ratio, ratio, scores, ("x.json",))
+    def cell(label: str, ratio: float, *scores: float, method: str | None = None) -> Cell:
+        return Cell("mr", "accuracy", label, "-", ratio, ratio, scores, ("x.json",), method or label)
 
     cells = [
         cell("dense", 1.0, 86.0),
         cell("svd", 2.0, 83.0),
         cell("ds-conventional", 2.0, 85.0, 86.0),
         cell("ds-shared", 2.0, 90.0),  # a variant of ours, not a baseline
+        cell("my-ds-variant", 2.0, 91.0, method="dsformer"),  # ours by its method, whatever its label
+        cell("svd-stf", 2.8, 79.0, method="svd"),  # a baseline by its method
         cell("dsformer", 2.0, 85.0),
         cell("svd", 2.8, 80.0),
         cell("dsformer", 2.8, 82.0),
@@ -871,6 +873,32 @@ def test_versus_names_the_best_baseline_and_leaves_out_dsformer_variants():
     assert got == [(2.0, "ds-conventional", -0.5), (2.8, "svd", 2.0)]
     text = versus_markdown(cells)
     assert "**loses**" in text and "| wins |" in text and "ahead of every baseline in 1 of 2" in text
+
+
+def test_versus_marks_differences_within_two_standard_errors_as_noise():
+    """With several seeds on both sides the table gives the difference's standard error and says when it is noise."""
+    from dsformer.results import Cell, versus, versus_markdown
+
+    def cell(label: str, ratio: float, *scores: float) -> Cell:
+        return Cell("mr", "accuracy", label, "-", ratio, ratio, scores, ("x.json",), label)
+
+    cells = [
+        cell("dsformer", 2.0, 85.0, 86.0, 87.0),
+        cell("ds-conventional", 2.0, 84.0, 85.0, 86.0),  # +1.00 ± 0.82: noise
+        cell("dsformer", 2.8, 90.0, 90.5),
+        cell("svd", 2.8, 80.0, 80.5),  # +10.00 ± 0.35: decided
+        cell("dsformer", 3.57, 80.0),
+        cell("svd", 3.57, 81.0, 82.0),  # one seed on our side: no standard error
+    ]
+    assert [None if r["se"] is None else round(r["se"], 2) for r in versus(cells)] == [0.82, 0.35, None]
+    text = versus_markdown(cells)
+    assert "| +1.00 ± 0.82 | wins (within noise) |" in text
+    assert "| +10.00 ± 0.35 | wins |" in text
+    assert "| -1.50 | **loses** |" in text
+    assert (
+        "(2 cells; difference ± its standard error), 1 of them differ by more than two standard errors (1 won, 0 lost)"
+        in text
+    )
 
 
 def test_a_cell_off_its_asked_ratio_says_the_ratio_it_measured():

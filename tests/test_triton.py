@@ -12,6 +12,7 @@ from conftest import fast_structure, relative_error, requires_cuda
 from torch.nn import functional as F
 
 from dsformer import kernels
+from dsformer.errors import DsformerError
 from dsformer.kernels import triton_ds
 from dsformer.kernels.gather import column_plan
 from dsformer.structures import DenseSparseLinear
@@ -110,7 +111,8 @@ def test_triton_path_is_refused_where_it_cannot_run(monkeypatch):
     assert "triton" not in layer.backends()
     with pytest.raises(NotImplementedError, match="CUDA"):
         layer.run("triton", torch.randn(2, 64))
-    assert kernels.use_backend(layer, "triton") == 1 and layer.backend == "reference"
+    with pytest.raises(DsformerError, match="triton runs on CUDA"):  # asked by name: no silent reference run
+        kernels.use_backend(layer, "triton")
 
 
 @requires_cuda

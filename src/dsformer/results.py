@@ -13,6 +13,7 @@ curve.
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,8 +105,9 @@ def ratio_at_drop(curve: list[tuple[float, float]], dense: float, drop: float = 
     return round(best, 4)
 
 
-# labels that are DSFormer itself or a variant of it, not baselines to beat
-OURS = ("dsformer", "dsformer+kd", "ds-shared", "dsformer-polish", "dsformer-fisher")
+# methods whose runs are DSFormer itself or a variant of it (any label: dsformer+kd, dsformer-fisher),
+# never baselines to beat
+OUR_METHODS = ("dsformer", "ds-shared")
 LOW_RANK = ("svd", "fwsvd")
 
 
@@ -133,7 +135,7 @@ def compression_at_drop(cells: list[Cell], ours: str = "dsformer", drop: float =
             continue
         methods = {c.label: c.method for c in cells if c.task == task}
         found = {label: _within(label, curve, dense.mean - drop) for label, curve in per_label.items()}
-        baselines = [label for label in per_label if label not in OURS]
+        baselines = [label for label in per_label if methods.get(label) not in OUR_METHODS]
         rows.append(
             {
                 "task": task,
@@ -210,9 +212,14 @@ def versus(cells: list[Cell], ours: str = "dsformer") -> list[dict]:
     """At each task and ratio where ``ours`` ran: its mean against the best baseline's (DS variants excluded)."""
     rows = []
     for cell in (c for c in cells if c.label == ours):
-        rivals = [c for c in cells if c.task == cell.task and c.ratio == cell.ratio and c.label not in (*OURS, "dense")]
+        rivals = [
+            c
+            for c in cells
+            if c.task == cell.task and c.ratio == cell.ratio and c.method not in (*OUR_METHODS, "dense")
+        ]
         if rivals:
             best = max(rivals, key=lambda c: c.mean)
+            both_seeded = len(cell.scores) > 1 and len(best.scores) > 1
             rows.append(
                 {
                     "task": cell.task,
@@ -223,6 +230,10 @@ def versus(cells: list[Cell], ours: str = "dsformer") -> list[dict]:
                     "best_mean": best.mean,
                     "best_n": len(best.scores),
                     "difference": cell.mean - best.mean,
+                    # the standard error of the difference of two means; unknown with one seed on a side
+                    "se": math.hypot(cell.std / math.sqrt(len(cell.scores)), best.std / math.sqrt(len(best.scores)))
+                    if both_seeded
+                    else None,
                 }
             )
     return rows
@@ -242,13 +253,29 @@ def versus_markdown(cells: list[Cell], ours: str = "dsformer") -> str:
     ]
     for r in rows:
         verdict = "wins" if r["difference"] > 0 else ("ties" if r["difference"] == 0 else "**loses**")
+        difference = f"{r['difference']:+.2f}"
+        if r["se"] is not None:
+            difference += f" ± {r['se']:.2f}"
+            verdict += " (within noise)" if _within_noise(r) else ""
         lines.append(
             f"| {r['task']} | {r['ratio']:g}x | {r['ours']:.2f} [n={r['n']}] "
-            f"| {r['best']} {r['best_mean']:.2f} [n={r['best_n']}] | {r['difference']:+.2f} | {verdict} |"
+            f"| {r['best']} {r['best_mean']:.2f} [n={r['best_n']}] | {difference} | {verdict} |"
         )
     wins = sum(r["difference"] > 0 for r in rows)
-    lines += ["", f"{name} is ahead of every baseline in {wins} of {len(rows)} task-ratio cells.", ""]
-    return "\n".join(lines)
+    lines += ["", f"{name} is ahead of every baseline in {wins} of {len(rows)} task-ratio cells."]
+    seeded = [r for r in rows if r["se"] is not None]
+    if seeded:
+        clear = [r for r in seeded if not _within_noise(r)]
+        lines[-1] += (
+            f" Where both sides ran several seeds ({len(seeded)} cells; difference ± its standard error), "
+            f"{len(clear)} of them differ by more than two standard errors "
+            f"({sum(r['difference'] > 0 for r in clear)} won, {sum(r['difference'] < 0 for r in clear)} lost)."
+        )
+    return "\n".join([*lines, ""])
+
+
+def _within_noise(row: dict) -> bool:
+    return row["se"] is not None and abs(row["difference"]) < 2 * row["se"]
 
 
 def markdown(cells: list[Cell]) -> str:

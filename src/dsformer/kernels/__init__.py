@@ -62,12 +62,20 @@ REVISION = 6
 def use_backend(model: nn.Module, name: str) -> int:
     """Set every compact layer of ``model`` to backend ``name``; returns how many layers were set.
 
-    A layer without the named path (``gather`` on low rank) keeps ``reference``. Any backend but
-    ``reference`` also fuses activations into the layers before them (:func:`fuse_activations`).
+    A layer without the named path (``gather`` on low rank) keeps ``reference``; a path that no
+    layer has here (``triton`` on CPU) is an error rather than a silent reference run. Any backend
+    but ``reference`` also fuses activations into the layers before them (:func:`fuse_activations`).
     """
     if name not in BACKENDS:
         raise DsformerError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     layers = [m for m in model.modules() if isinstance(m, CompactLinear)]
+    offered = {path for layer in layers for path in layer.backends()}
+    if layers and name != "auto" and name not in offered:
+        where = " (triton runs on CUDA with Triton installed)" if name == "triton" else ""
+        raise DsformerError(
+            f"backend {name!r}: none of the {len(layers)} compact layers has that path here{where}; "
+            f"they have {', '.join(sorted(offered))} (or auto)"
+        )
     for layer in layers:
         layer.backend = name if name == "auto" or name in layer.backends() else "reference"
     if name == "reference":
