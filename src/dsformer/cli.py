@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--fisher",
         action="store_true",
         help="weight the fit (and every STF projection) by the rows' Fisher information from task gradients"
-        " (svd, ds-conventional, dsformer; svd --fisher is fwsvd)",
+        " (svd, ds-conventional, dsformer; svd --fisher is fwsvd); recommended with dsformer, above all on"
+        " regression and small tasks",
     )
     com.add_argument("--epochs", type=_number, default=3.0)
     com.add_argument("--lr", type=_number, default=1e-4)
