@@ -68,21 +68,21 @@ def use_backend(model: nn.Module, name: str) -> int:
     """
     if name not in BACKENDS:
         raise DsformerError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    layers = [m for m in model.modules() if isinstance(m, CompactLinear)]
-    offered = {path for layer in layers for path in layer.backends()}
-    if layers and name != "auto" and name not in offered:
+    paths = {m: m.backends() for m in model.modules() if isinstance(m, CompactLinear)}
+    offered = {path for layer_paths in paths.values() for path in layer_paths}
+    if paths and name != "auto" and name not in offered:
         where = " (triton runs on CUDA with Triton installed)" if name == "triton" else ""
         raise DsformerError(
-            f"backend {name!r}: none of the {len(layers)} compact layers has that path here{where}; "
+            f"backend {name!r}: none of the {len(paths)} compact layers has that path here{where}; "
             f"they have {', '.join(sorted(offered))} (or auto)"
         )
-    for layer in layers:
-        layer.backend = name if name == "auto" or name in layer.backends() else "reference"
+    for layer, layer_paths in paths.items():
+        layer.backend = name if name == "auto" or name in layer_paths else "reference"
     if name == "reference":
         unfuse_activations(model)
     else:
         fuse_activations(model)
-    return len(layers)
+    return len(paths)
 
 
 def fuse_activations(model: nn.Module) -> int:
