@@ -152,6 +152,14 @@ def test_use_backend_keeps_reference_where_a_path_is_missing():
     assert [m.backend for m in model] == ["gather", "reference"]
 
 
+def test_a_path_no_layer_has_is_an_error_that_lists_what_they_have():
+    model = torch.nn.Sequential(layer_of("svd", (96, 64)), layer_of("svd", (64, 96)))
+    lists = "none of the 2 compact layers has that path here; they have dense, int8, reference"
+    with pytest.raises(DsformerError, match=lists):
+        kernels.use_backend(model, "gather")  # low rank declares no gather anywhere: no "needs" clause
+    assert [m.backend for m in model] == ["reference", "reference"]  # nothing was changed
+
+
 @pytest.mark.parametrize("backend", ["auto", "gather", "dense"])
 @pytest.mark.parametrize("name", list(TINY_MODELS))
 def test_compressed_models_agree_on_every_backend(make_model, name, backend):

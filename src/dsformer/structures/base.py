@@ -104,6 +104,10 @@ class CompactLinear(nn.Module):
         """Execution paths this layer can take (see ``dsformer.kernels``); ``int8`` changes the numerics."""
         return ("reference", "dense", "int8")
 
+    def unavailable(self) -> dict[str, str]:
+        """Paths this structure has elsewhere but not here, each with what it needs (for error messages)."""
+        return {}
+
     def cache_slots(self, path: str) -> tuple[str, ...]:
         """The ``_cached`` slots ``path`` fills (dropped when no choice uses the path)."""
         return {"dense": ("dense",), "int8": ("int8",)}.get(path, ())

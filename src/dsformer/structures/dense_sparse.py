@@ -532,6 +532,11 @@ class DenseSparseLinear(CompactLinear):
         on_gpu = self.basis.device.type == "cuda" and triton_ds.installed()
         return ("reference", "dense", "gather", "int8") + (("triton",) if on_gpu else ())
 
+    def unavailable(self) -> dict[str, str]:
+        if "triton" in self.backends():
+            return {}
+        return {"triton": "a CUDA device and Triton installed"}
+
     def value_params(self) -> int:
         return super().value_params() - (0 if self.basis_owner else self.basis.numel())
 
