@@ -836,6 +836,36 @@ def test_report_with_missing_notes_exits_2(capsys, tmp_path):
 
 
 @pytest.mark.parametrize(
+    "ours, tables, error",
+    [
+        (None, ["DSFormer"], None),  # the default: dsformer, and dsformer-fisher where it ran (here not)
+        (["dsformer+kd", "dsformer"], ["`dsformer+kd`", "DSFormer"], None),
+        (["svd"], None, "its runs are method 'svd', a baseline"),
+        (["dsformer-fisher"], None, "no run has that label; DSFormer labels here: dsformer, dsformer+kd"),
+    ],
+)
+def test_report_sets_the_labels_of_ours_against_the_baselines(capsys, tmp_path, ours, tables, error):
+    (tmp_path / "runs").mkdir()
+    for label, method, ratio, accuracy in [
+        ("dense", "dense", 1.0, 0.86),
+        ("svd", "svd", 2.0, 0.83),
+        ("dsformer", "dsformer", 2.0, 0.85),
+        ("dsformer+kd", "dsformer", 2.0, 0.855),
+    ]:
+        run = {"task": "mr", "label": label, "method": method, "ratio": ratio, "metric": "accuracy"}
+        (tmp_path / "runs" / f"{label}.json").write_text(json.dumps(run | {"test": {"accuracy": accuracy}}))
+    argv = ["report", tmp_path / "runs", "--output", tmp_path / "r.md"] + (["--ours", *ours] if ours else [])
+    if error:
+        assert error in assert_one_error_line(*run_cli(capsys, argv))
+        assert not (tmp_path / "r.md").exists()
+        return
+    code, _, err = run_cli(capsys, argv)
+    assert code == 0, err
+    headings = [line[4:] for line in (tmp_path / "r.md").read_text().splitlines() if line.startswith("### ")]
+    assert [h.removesuffix(" against the best baseline") for h in headings if "against" in h] == tables
+
+
+@pytest.mark.parametrize(
     "curve, dense, expected",
     [
         ([(2.0, 85.5), (2.8, 84.5)], 86.0, 2.4),

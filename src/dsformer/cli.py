@@ -15,6 +15,8 @@ from pathlib import Path
 from dsformer.errors import DsformerError, Interrupted
 
 BACKENDS = ("auto", "reference", "dense", "gather", "triton", "int8")  # dsformer.kernels.BACKENDS, without torch
+# the labels `dsformer report` sets against the baselines unless told others: the method, and with --fisher
+DEFAULT_OURS = ("dsformer", "dsformer-fisher")
 
 
 def _number(text: str) -> float:
@@ -127,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--output", default="docs/results.md", help="markdown file to write (default: docs/results.md)")
     rep.add_argument("--plots", default=None, help="folder for the PNGs (default: next to --output)")
     rep.add_argument("--notes", default=None, help="a markdown file whose text goes under the heading (how to read it)")
+    rep.add_argument(
+        "--ours",
+        nargs="+",
+        default=None,
+        metavar="LABEL",
+        help="labels of DSFormer runs to set against the best baseline, each in its own tables "
+        f"(default: {' '.join(DEFAULT_OURS)}, those that ran)",
+    )
 
     summ = verbs.add_parser("summary", help="table of saved runs: metric, difference to dense, size, CPU latency")
     summ.add_argument("paths", nargs="+", help="folders written by dsformer compress")
@@ -492,7 +502,7 @@ def sweep_verb(args: argparse.Namespace) -> None:
 
 def report_verb(args: argparse.Namespace) -> None:
     from dsformer.io import atomic_write_text
-    from dsformer.results import collect, compression_markdown, markdown, plot, versus, versus_markdown
+    from dsformer.results import collect, compression_markdown, markdown, plot, versus_markdown
 
     notes = ""
     if args.notes:  # read before anything is written
@@ -506,10 +516,10 @@ def report_verb(args: argparse.Namespace) -> None:
     plots = plot(cells, Path(args.plots) if args.plots else output.parent)
     images = "\n".join(f"![{p.stem}]({os.path.relpath(p, output.parent)})" for p in plots)
     sources = ", ".join(f"`{p}`" for p in args.results)
-    variants = [ours for ours in ("dsformer-fisher",) if versus(cells, ours)]  # a variant of ours, where it ran
+    ours = _our_labels(cells, args.ours)
     tables = "\n".join(
-        [versus_markdown(cells), *(versus_markdown(cells, v) for v in variants), compression_markdown(cells)]
-        + [compression_markdown(cells, v) for v in variants]
+        [versus_markdown(cells, label) for label in ours]
+        + [compression_markdown(cells, label) for label in ours]
         + [markdown(cells)]
     )
     text = (
@@ -521,6 +531,25 @@ def report_verb(args: argparse.Namespace) -> None:
     atomic_write_text(output, text)
     print(tables)
     print(f"written: {output}, " + ", ".join(str(p) for p in plots))
+
+
+def _our_labels(cells: list, asked: list[str] | None) -> list[str]:
+    """The labels ``--ours`` names, checked against the runs; without it, the default ones that ran."""
+    from dsformer.results import OUR_METHODS
+
+    methods = {c.label: c.method for c in cells}
+    if asked is None:
+        return [label for label in DEFAULT_OURS if label in methods]
+    for label in asked:
+        if label not in methods:
+            known = sorted(lb for lb, m in methods.items() if m in OUR_METHODS)
+            raise DsformerError(f"--ours {label}: no run has that label; DSFormer labels here: {', '.join(known)}")
+        if methods[label] not in OUR_METHODS:
+            raise DsformerError(
+                f"--ours {label}: its runs are method {methods[label]!r}, a baseline; "
+                f"ours are methods {', '.join(OUR_METHODS)}"
+            )
+    return list(dict.fromkeys(asked))
 
 
 def _task_of(folder: Path, task: str | None, data_dir: str | None) -> tuple[str | None, str | None, dict | None]:
