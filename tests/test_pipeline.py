@@ -957,7 +957,22 @@ def test_a_cell_off_its_asked_ratio_says_the_ratio_it_measured():
         # both never drop below 85.0: neither curve shows where it would
         (
             {"dsformer": [(2.0, 85.5), (2.8, 85.1)], "svd": [(2.0, 80.0)], "nm": [(2.0, 85.6), (2.8, 85.5)]},
-            ("≥ 2.80x", "nm ≥ 2.80x", "unknown", "none within 1 point", "unbounded: none of them is within 1 point"),
+            ("≥ 2.80x", "nm ≥ 2.80x", "unknown", "none within 1 point: < 2.00x", "> 1.40x"),
+        ),
+        # no low-rank method within 1 point even at its smallest ratio: below the largest of those, a bound
+        (
+            {"dsformer": [(2.0, 85.5), (2.8, 84.5)], "svd": [(1.5, 84.5), (2.0, 84.0)], "fwsvd": [(2.0, 84.9)]},
+            (
+                "2.40x",
+                "none within 1 point: < 2.00x",
+                "> 1.20x: none of them",
+                "none within 1 point: < 2.00x",
+                "> 1.20x",
+            ),
+        ),
+        (
+            {"dsformer": [(2.0, 85.5), (2.8, 84.5)], "svd": [(1.5, 84.5), (2.0, 84.0)]},
+            ("2.40x", "none within 1 point: < 1.50x", "> 1.60x", "none within 1 point: < 1.50x", "> 1.60x"),
         ),
         # ours never drops: a lower bound
         (
@@ -971,7 +986,7 @@ def test_a_cell_off_its_asked_ratio_says_the_ratio_it_measured():
         ),
         (
             {"dsformer": [(2.0, 80.0)], "svd": [(2.0, 79.0)]},
-            ("never", "none within 1 point", "neither is within 1 point", "none within 1 point", "neither"),
+            ("never", "none within 1 point: < 2.00x", "neither is within 1 point", "none within 1 point", "neither"),
         ),
         (
             {"dsformer": [(2.0, 80.0)], "nm": [(2.0, 85.5)]},

@@ -150,14 +150,24 @@ def compression_at_drop(cells: list[Cell], ours: str = "dsformer", drop: float =
 def _within(label: str, curve: list[tuple[float, float]], floor: float) -> dict:
     """How far ``label``'s curve stays above ``floor``; ``open``: it never went below it."""
     ratio = ratio_at_drop(curve, floor, drop=0.0)
-    return {"label": label, "ratio": ratio, "open": ratio is not None and min(m for _, m in curve) >= floor}
+    return {
+        "label": label,
+        "ratio": ratio,
+        "open": ratio is not None and min(m for _, m in curve) >= floor,
+        "first": min(r for r, _ in curve),
+    }
 
 
 def _furthest(found: list[dict]) -> dict | None:
-    """The one that stays within the drop to the largest ratio; ``none`` if none does; None if the list is empty."""
+    """The one that stays within the drop to the largest ratio; ``none`` if none does; None if the list is empty.
+
+    ``none`` carries ``below``: each of them dropped more already at its smallest measured ratio, so
+    (if a metric does not rise with compression) none is within the drop at the largest of those.
+    """
     within = [f for f in found if f["ratio"] is not None]
     if not within:
-        return {"label": "none", "ratio": None, "open": False} if found else None
+        below = max((f["first"] for f in found), default=None)
+        return {"label": "none", "ratio": None, "open": False, "below": below} if found else None
     return max(within, key=lambda f: f["ratio"])
 
 
@@ -168,7 +178,7 @@ def _quotient(ours: dict, other: dict | None) -> str:
     if ours["ratio"] is None:
         return "neither is within 1 point" if other["ratio"] is None else "below it"
     if other["ratio"] is None:
-        return "unbounded: none of them is within 1 point"
+        return f"> {ours['ratio'] / other['below']:.2f}x"  # other's ratio is below ``below``
     if ours["open"] and other["open"]:
         return "unknown: both are within 1 point at every ratio measured"
     bound = "≥ " if ours["open"] else ("≤ " if other["open"] else "")
@@ -179,7 +189,9 @@ def _at_text(found: dict | None, with_label: bool = True) -> str:
     if found is None:
         return "-"
     if found["ratio"] is None:
-        return "none within 1 point" if with_label else "never"
+        if not with_label:
+            return "never"
+        return "none within 1 point" + (f": < {found['below']:.2f}x" if found.get("below") else "")
     label = f"{found['label']} " if with_label else ""
     return f"{label}{'≥ ' if found['open'] else ''}{found['ratio']:.2f}x"
 
@@ -194,7 +206,9 @@ def compression_markdown(cells: list[Cell], ours: str = "dsformer") -> str:
         "",
         "The largest compression ratio (value parameters) whose test metric is within 1 point of the dense "
         'start, interpolated on each method\'s measured curve; "≥" where the curve never dropped that far '
-        '(the largest ratio measured), "never" where even its smallest ratio dropped more.',
+        '(the largest ratio measured), "never" where even its smallest ratio dropped more. "< r" where every '
+        "baseline of the column dropped more at its smallest ratio, r the largest of those: none is within 1 "
+        'point at r, if a metric does not rise with compression, so the quotient is a lower bound (">").',
         "",
         f"| task | {ours} | best baseline | {ours} / baseline | best low rank | {ours} / low rank |",
         "|---|---|---|---|---|---|",
