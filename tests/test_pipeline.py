@@ -965,7 +965,7 @@ def test_a_cell_off_its_asked_ratio_says_the_ratio_it_measured():
             (
                 "2.40x",
                 "none within 1 point: < 2.00x",
-                "> 1.20x: none of them",
+                "> 1.20x",
                 "none within 1 point: < 2.00x",
                 "> 1.20x",
             ),
