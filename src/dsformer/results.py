@@ -88,21 +88,20 @@ def collect(folders: list[Path]) -> list[Cell]:
 def ratio_at_drop(curve: list[tuple[float, float]], dense: float, drop: float = 1.0) -> float | None:
     """The largest ratio on ``curve`` ((ratio, metric) points) with metric ≥ ``dense - drop``, interpolated.
 
-    ``None`` when even the smallest measured ratio drops more; the largest ratio when none does
-    (the curve does not show where it would).
+    From the largest measured point within the drop, linearly to the next ratio's point (a dip
+    below the line at a smaller ratio, seed noise, does not end the curve there). ``None`` when no
+    point is within; the largest ratio when the last one is (the curve does not show where it would cross).
     """
     floor = dense - drop
     points = sorted(curve)
-    if not points or points[0][1] < floor:
+    within = [i for i, (_, metric) in enumerate(points) if metric >= floor]
+    if not within:
         return None
-    best = points[0][0]
-    for (r0, m0), (r1, m1) in zip(points, points[1:], strict=False):
-        if m1 >= floor:
-            best = r1
-            continue
-        best = r0 + (r1 - r0) * (m0 - floor) / (m0 - m1)  # crossing between the two points
-        break
-    return round(best, 4)
+    last = within[-1]
+    if last == len(points) - 1:
+        return round(points[last][0], 4)
+    (r0, m0), (r1, m1) = points[last], points[last + 1]
+    return round(r0 + (r1 - r0) * (m0 - floor) / (m0 - m1), 4)  # crossing between the two points
 
 
 # methods whose runs are DSFormer itself or a variant of it (any label: dsformer+kd, dsformer-fisher),
@@ -148,41 +147,60 @@ def compression_at_drop(cells: list[Cell], ours: str = "dsformer", drop: float =
 
 
 def _within(label: str, curve: list[tuple[float, float]], floor: float) -> dict:
-    """How far ``label``'s curve stays above ``floor``; ``open``: it never went below it."""
-    ratio = ratio_at_drop(curve, floor, drop=0.0)
-    return {
-        "label": label,
-        "ratio": ratio,
-        "open": ratio is not None and min(m for _, m in curve) >= floor,
-        "first": min(r for r, _ in curve),
-    }
+    """How far ``label``'s curve stays above ``floor``; ``open``: still above at its largest ratio."""
+    points = sorted(curve)
+    ratio = ratio_at_drop(points, floor, drop=0.0)
+    return {"label": label, "ratio": ratio, "open": points[-1][1] >= floor, "first": points[0][0]}
 
 
 def _furthest(found: list[dict]) -> dict | None:
     """The one that stays within the drop to the largest ratio; ``none`` if none does; None if the list is empty.
 
-    ``none`` carries ``below``: each of them dropped more already at its smallest measured ratio, so
-    (if a metric does not rise with compression) none is within the drop at the largest of those.
+    A run that is never within still bounds the answer by its smallest measured ratio, if a metric
+    does not rise with compression: it is within the drop only below that ratio. ``none`` carries
+    ``below``, the largest of those (the best is below it); a found one carries ``upto`` when such
+    a ratio lies above its own (the best may be one of the unmeasured, up to there).
     """
+    if not found:
+        return None
     within = [f for f in found if f["ratio"] is not None]
+    firsts = [f["first"] for f in found if f["ratio"] is None]
     if not within:
-        below = max((f["first"] for f in found), default=None)
-        return {"label": "none", "ratio": None, "open": False, "below": below} if found else None
-    return max(within, key=lambda f: f["ratio"])
+        return {"label": "none", "ratio": None, "open": False, "below": max(firsts)}
+    best = dict(max(within, key=lambda f: f["ratio"]))
+    if firsts and max(firsts) > best["ratio"]:
+        best["upto"] = max(firsts)
+    return best
+
+
+def _floor2(x: float) -> str:
+    return f"{math.floor(x * 100 + 1e-9) / 100:.2f}"
+
+
+def _ceil2(x: float) -> str:
+    return f"{math.ceil(x * 100 - 1e-9) / 100:.2f}"
 
 
 def _quotient(ours: dict, other: dict | None) -> str:
-    """``ours`` over ``other``; an open end (still within the drop at the largest ratio measured) makes it a bound."""
+    """``ours`` over ``other``; an open end (still within the drop at the largest ratio measured) makes it a bound.
+
+    Bounds round outwards, so a printed bound always holds.
+    """
     if other is None:
         return "no such baseline ran"
     if ours["ratio"] is None:
         return "neither is within 1 point" if other["ratio"] is None else "below it"
     if other["ratio"] is None:
-        return f"> {ours['ratio'] / other['below']:.2f}x"  # other's ratio is below ``below``
+        return f"> {_floor2(ours['ratio'] / other['below'])}x"  # other's ratio is below ``below``
     if ours["open"] and other["open"]:
         return "unknown: both are within 1 point at every ratio measured"
-    bound = "≥ " if ours["open"] else ("≤ " if other["open"] else "")
-    return f"{bound}{ours['ratio'] / other['ratio']:.2f}x"
+    if ours["open"] and other.get("upto"):  # ours ≥ its ratio, other's below ``upto``
+        return f"≥ {_floor2(ours['ratio'] / other['upto'])}x"
+    if other["open"] or other.get("upto"):  # other's ratio may be larger than the one found: at most this
+        return f"≤ {_ceil2(ours['ratio'] / other['ratio'])}x"
+    if ours["open"]:
+        return f"≥ {_floor2(ours['ratio'] / other['ratio'])}x"
+    return f"{ours['ratio'] / other['ratio']:.2f}x"
 
 
 def _at_text(found: dict | None, with_label: bool = True) -> str:
@@ -191,9 +209,12 @@ def _at_text(found: dict | None, with_label: bool = True) -> str:
     if found["ratio"] is None:
         if not with_label:
             return "never"
-        return "none within 1 point" + (f": < {found['below']:.2f}x" if found.get("below") else "")
+        return f"none within 1 point (all < {_ceil2(found['below'])}x)"
     label = f"{found['label']} " if with_label else ""
-    return f"{label}{'≥ ' if found['open'] else ''}{found['ratio']:.2f}x"
+    text = f"{label}{'≥ ' if found['open'] else ''}{found['ratio']:.2f}x"
+    if with_label and found.get("upto"):
+        text += f" (others unmeasured below {_ceil2(found['upto'])}x)"
+    return text
 
 
 def compression_markdown(cells: list[Cell], ours: str = "dsformer") -> str:
@@ -206,9 +227,10 @@ def compression_markdown(cells: list[Cell], ours: str = "dsformer") -> str:
         "",
         "The largest compression ratio (value parameters) whose test metric is within 1 point of the dense "
         'start, interpolated on each method\'s measured curve; "≥" where the curve never dropped that far '
-        '(the largest ratio measured), "never" where even its smallest ratio dropped more. "< r" where every '
-        "baseline of the column dropped more at its smallest ratio, r the largest of those: none is within 1 "
-        'point at r, if a metric does not rise with compression, so the quotient is a lower bound (">").',
+        '(the largest ratio measured), "never" where no ratio measured is within. A baseline never within '
+        "1 point bounds the column by its smallest measured ratio, if a metric does not rise with compression: "
+        '"all < r" where none of the column is within (the quotient is then a lower bound, ">"), "others '
+        'unmeasured below r" where one is within but another was only measured from r on (an upper bound, "≤").',
         "",
         f"| task | {ours} | best baseline | {ours} / baseline | best low rank | {ours} / low rank |",
         "|---|---|---|---|---|---|",
