@@ -545,6 +545,8 @@ def test_signal_mid_step_finishes_the_step_then_resumes_exactly(tokenizer, tmp_p
     from dsformer.errors import Interrupted
 
     expected, expected_weights = uninterrupted(tokenizer, tmp_path / "a", stf="stf")
+    # what the process had (SIG_IGN for SIGINT when started in the background by a shell)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     model = classifier()
     tracker = with_stf(model)
     calls = {"n": 0}
@@ -564,7 +566,7 @@ def test_signal_mid_step_finishes_the_step_then_resumes_exactly(tokenizer, tmp_p
         train(model, tokenizer, task(), config(), tmp_path / "b", stf=tracker)
     assert stopped.value.signum == getattr(signal, signame)
     assert ckpt_step(tmp_path / "b" / "checkpoint") == 6  # the step the signal arrived in was completed
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert {sig: signal.getsignal(sig) for sig in before} == before  # handlers restored
 
     fresh = classifier(seed=123)
     result = train(fresh, tokenizer, task(), config(), tmp_path / "b", stf=with_stf(fresh), resume=True)
