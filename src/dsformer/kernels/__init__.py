@@ -71,7 +71,7 @@ def use_backend(model: nn.Module, name: str) -> int:
     paths = {m: m.backends() for m in model.modules() if isinstance(m, CompactLinear)}
     offered = {path for layer_paths in paths.values() for path in layer_paths}
     if paths and name != "auto" and name not in offered:
-        needs = sorted({layer.unavailable()[name] for layer in paths if name in layer.unavailable()})
+        needs = sorted({need for layer in paths if (need := layer.unavailable().get(name))})
         where = f" (it needs {'; '.join(needs)})" if needs else ""
         raise DsformerError(
             f"backend {name!r}: none of the {len(paths)} compact layers has that path here{where}; "
