@@ -30,7 +30,7 @@ from safetensors.torch import save_model
 
 import dsformer
 from dsformer.hardware import describe
-from dsformer.models import load_pretrained
+from dsformer.harness.models import load_pretrained
 from dsformer.structures import structure_config
 
 ROOT = Path(__file__).resolve().parents[1]

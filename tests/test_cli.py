@@ -16,8 +16,8 @@ from transformers import BertModel
 
 from dsformer import load
 from dsformer.cli import main
-from dsformer.compress import compact_layers
-from dsformer.models import load_pretrained
+from dsformer.surgery import compact_layers
+from dsformer.harness.models import load_pretrained
 
 ERROR = "dsformer: error:"
 
@@ -371,12 +371,6 @@ def test_bench_bad_flags_are_argparse_errors(capsys, tiny_bert_folder, extra, wo
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert all(w in err for w in words), err
-
-
-def test_cli_backends_are_the_kernels_backends():
-    from dsformer import cli, kernels
-
-    assert cli.BACKENDS == kernels.BACKENDS
 
 
 @pytest.mark.parametrize(

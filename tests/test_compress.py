@@ -28,7 +28,7 @@ from dsformer import (
     find_targets,
     merge,
 )
-from dsformer.compress import compact_layers
+from dsformer.surgery import compact_layers
 from dsformer.structures import CompactLinear, DenseSparseLinear, LowRankConfig, LowRankLinear, NMConfig
 
 MODELS = list(TINY_MODELS)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from dsformer import DsformerError
-from dsformer.data import mr
-from dsformer.data.mr import Sentence, parse_ground_truth
+from dsformer.harness.data import mr
+from dsformer.harness.data.mr import Sentence, parse_ground_truth
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,8 @@ import torch.multiprocessing as mp
 from conftest import TOY_WORDS, toy_examples, toy_tokenizer
 from transformers import BertConfig, BertForSequenceClassification
 
-from dsformer.tasks import TASKS, TaskData
-from dsformer.train import TrainConfig, train
+from dsformer.harness.tasks import TASKS, TaskData
+from dsformer.harness.training import TrainConfig, train
 
 
 def _setup(folder: Path, dropout: float = 0.0):

@@ -9,7 +9,7 @@ from safetensors.torch import save_model
 
 from dsformer import CompressConfig, compress, load, save
 from dsformer.cli import main
-from dsformer.models import load_pretrained
+from dsformer.harness.models import load_pretrained
 from dsformer.structures import DenseSparseConfig, LowRankConfig
 
 pytestmark = [
@@ -90,7 +90,7 @@ def test_cli_ratio_below_one_on_default_model(capsys, tmp_path):
 
 
 def test_default_model_path_is_a_hugging_face_folder(minilm_path):
-    from dsformer.models import resolve
+    from dsformer.harness.models import resolve
 
     assert resolve(None) == resolve("minilm") == str(minilm_path)
     assert (minilm_path / "config.json").exists() and (minilm_path / "model.safetensors").exists()
@@ -101,7 +101,7 @@ def test_dense_then_dsformer_on_real_mr(capsys, tmp_path):
     and the saved model evaluates to the test metric its metrics.json reports."""
     import json
 
-    from dsformer.data.mr import mr_path
+    from dsformer.harness.data.mr import mr_path
 
     if not mr_path().exists():
         pytest.skip(f"MR is not prepared ({mr_path()}); run `dsformer data mr`")

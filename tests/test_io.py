@@ -15,10 +15,11 @@ import transformers
 from conftest import STRUCTURE_NAMES, TINY_MODELS, fast_structure, model_output, relative_error
 from safetensors.torch import load_file, save_file
 
-import dsformer.io
+import dsformer.checkpoint
+import dsformer.files
 from dsformer import CheckpointError, CompressConfig, compress, export_dense, load, save
-from dsformer.compress import compact_layers
-from dsformer.io import FORMAT_VERSION, META_FILE, WEIGHTS_FILE, read_meta
+from dsformer.surgery import compact_layers
+from dsformer.checkpoint import FORMAT_VERSION, META_FILE, WEIGHTS_FILE, read_meta
 
 MODELS = list(TINY_MODELS)
 AUTO = {"bert": transformers.AutoModel, "mpnet": transformers.AutoModel, "gpt2": transformers.AutoModelForCausalLM}
@@ -100,7 +101,7 @@ def test_saved_files_have_usual_permissions(make_model, tmp_path):
 
 
 def test_atomic_text_files_have_usual_permissions_or_keep_their_own(tmp_path):
-    from dsformer.io import atomic_write_text
+    from dsformer.files import atomic_write_text
 
     umask = os.umask(0)
     os.umask(umask)
@@ -198,7 +199,7 @@ def _refresh_checksum(folder: Path) -> None:
 
     def edit(meta):
         meta["weights"]["bytes"] = weights.stat().st_size
-        meta["weights"]["sha256"] = dsformer.io._sha256(weights)
+        meta["weights"]["sha256"] = dsformer.files.sha256(weights)
 
     _rewrite_meta(folder, edit)
 
@@ -402,7 +403,7 @@ def test_save_creates_missing_parents(make_model, tmp_path):
 
 @pytest.mark.parametrize("swap", [True, False], ids=["atomic swap", "two renames"])
 def test_save_over_an_earlier_save_replaces_it(make_model, tmp_path, monkeypatch, swap):
-    import dsformer.io as io_module
+    import dsformer.files as io_module
 
     real, swaps = io_module._exchange, []
 
@@ -445,7 +446,7 @@ def _failing_save_model(model, filename, metadata=None):
 
 def test_failed_save_leaves_no_folder_and_no_temp(make_model, tmp_path, monkeypatch):
     model, _ = compressed(make_model, "bert", "ds")
-    monkeypatch.setattr(dsformer.io, "save_model", _failing_save_model)
+    monkeypatch.setattr(dsformer.checkpoint, "save_model", _failing_save_model)
     dest = tmp_path / "out"
     with pytest.raises(RuntimeError, match="disk full"):
         save(model, dest)
@@ -458,7 +459,7 @@ def test_failed_save_keeps_the_earlier_save(make_model, tmp_path, monkeypatch):
     dest = save(first, tmp_path / "out")
     before = {p.name: p.read_bytes() for p in dest.iterdir()}
     second, _ = compressed(make_model, "bert", "svd")
-    monkeypatch.setattr(dsformer.io, "save_model", _failing_save_model)
+    monkeypatch.setattr(dsformer.checkpoint, "save_model", _failing_save_model)
     with pytest.raises(RuntimeError, match="disk full"):
         save(second, dest)
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == before

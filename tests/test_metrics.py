@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from dsformer.metrics import METRICS, compute
+from dsformer.harness.metrics import METRICS, compute
 
 # (metric, predictions, labels, expected), each expected value worked out by hand
 CASES = [

@@ -16,9 +16,9 @@ from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 import dsformer
 from dsformer.cli import main
-from dsformer.compress import compact_layers
+from dsformer.surgery import compact_layers
 from dsformer.errors import DsformerError
-from dsformer.methods import make_student
+from dsformer.harness.prepare import make_student
 
 ERROR = "dsformer: error:"
 METHODS = ["dense", "svd", "fwsvd", "nm", "ds-conventional", "dsformer", "ds-shared"]
@@ -375,7 +375,9 @@ def test_compress_starts_from_a_fine_tuned_dense_run(capsys, tmp_path, model_dir
     assert code == 0, err
     metrics = metrics_of(output)
     assert metrics["config"]["model"] == str(dense_run)
-    assert metrics["start_sha256"] == dsformer.io.read_meta(dense_run)["weights"]["sha256"]  # which start it was
+    assert (
+        metrics["start_sha256"] == dsformer.checkpoint.read_meta(dense_run)["weights"]["sha256"]
+    )  # which start it was
     assert metrics["ratios"]["ratio_params"] == pytest.approx(2.0, rel=0.02)
     start = dsformer.load(dense_run)
     assert metrics["dense_model_bytes"] == sum(t.numel() * t.element_size() for t in start.state_dict().values())
@@ -601,7 +603,7 @@ def test_regression_task_with_dsformer(capsys, tmp_path, model_dir, stsb_dir):
 @pytest.mark.parametrize("method", ["dense", "dsformer"])
 def test_interrupted_run_resumes_to_the_same_result(capsys, tmp_path, model_dir, sst2_dir, monkeypatch, method):
     """Ctrl-C mid-epoch: exit 130 with the resume hint; --resume ends exactly where an uninterrupted run does."""
-    import dsformer.train as train_module
+    import dsformer.harness.training as train_module
 
     extra = ["--method", method, "--epochs", "2"]
     whole = tmp_path / "whole"
@@ -667,7 +669,7 @@ def _sweep_config(folder: Path, model_dir: Path, sst2_dir: Path, **changes) -> P
 
 
 def test_sweep_runs_the_grid_skips_what_is_done_and_reports(capsys, tmp_path, model_dir, sst2_dir, monkeypatch):
-    import dsformer.train as train_module
+    import dsformer.harness.training as train_module
 
     config = _sweep_config(tmp_path, model_dir, sst2_dir)
     calls = {"n": 0}
@@ -783,7 +785,7 @@ def test_sweep_part_that_is_not_in_the_config_exits_2(capsys, tmp_path, model_di
 
 
 def test_sweep_data_dir_is_a_folder_next_to_the_config_or_a_hub_name(tmp_path, model_dir, sst2_dir):
-    from dsformer.sweep import load_sweep
+    from dsformer.harness.sweep import load_sweep
 
     (tmp_path / "local").mkdir()
     tasks = {"sst2": {"data_dir": "nyu-mll/glue"}, "cola": {"data_dir": "local"}, "stsb": {"data_dir": "./gone"}}
@@ -877,13 +879,13 @@ def test_report_sets_the_labels_of_ours_against_the_baselines(capsys, tmp_path, 
     ],
 )
 def test_ratio_at_one_point_drop(curve, dense, expected):
-    from dsformer.results import ratio_at_drop
+    from dsformer.harness.results import ratio_at_drop
 
     assert ratio_at_drop(curve, dense) == (pytest.approx(expected) if expected is not None else None)
 
 
 def test_versus_names_the_best_baseline_and_leaves_out_dsformer_variants():
-    from dsformer.results import Cell, versus, versus_markdown
+    from dsformer.harness.results import Cell, versus, versus_markdown
 
     def cell(label: str, ratio: float, *scores: float, method: str | None = None) -> Cell:
         return Cell("mr", "accuracy", label, "-", ratio, ratio, scores, ("x.json",), method or label)
@@ -909,7 +911,7 @@ def test_versus_names_the_best_baseline_and_leaves_out_dsformer_variants():
 
 def test_versus_marks_differences_within_two_standard_errors_as_noise():
     """With several seeds on both sides the table gives the difference's standard error and says when it is noise."""
-    from dsformer.results import Cell, versus, versus_markdown
+    from dsformer.harness.results import Cell, versus, versus_markdown
 
     def cell(label: str, ratio: float, *scores: float) -> Cell:
         return Cell("mr", "accuracy", label, "-", ratio, ratio, scores, ("x.json",), label)
@@ -935,7 +937,7 @@ def test_versus_marks_differences_within_two_standard_errors_as_noise():
 
 def test_a_cell_off_its_asked_ratio_says_the_ratio_it_measured():
     """N:M rounds N, so "nm at 2.8x" is 2.91x: both tables say so rather than file it silently under 2.8x."""
-    from dsformer.results import Cell, markdown, versus_markdown
+    from dsformer.harness.results import Cell, markdown, versus_markdown
 
     cells = [
         Cell("mr", "accuracy", "dense", "-", 1.0, 1.0, (86.0,), ("d.json",), "dense"),
@@ -1033,7 +1035,7 @@ OURS_OPEN = [(2.0, 85.5), (2.8, 85.1)]  # still within at 2.8x
     ],
 )
 def test_compression_within_one_point_against_the_baselines(curves, expected):
-    from dsformer.results import Cell, compression_markdown
+    from dsformer.harness.results import Cell, compression_markdown
 
     method = {"dsformer": "dsformer", "svd": "svd", "fwsvd": "fwsvd", "nm": "nm"}
     cells = [Cell("mr", "accuracy", "dense", "-", 1.0, 1.0, (86.0,), ("d.json",), "dense")]

@@ -9,9 +9,9 @@ import torch
 from conftest import TINY_MODELS, fast_structure, model_output, relative_error
 
 import dsformer
-from dsformer.compress import compact_layers
+from dsformer.surgery import compact_layers
 from dsformer.errors import CheckpointError
-from dsformer.io import read_meta
+from dsformer.checkpoint import read_meta
 from dsformer.quantize import int8_rows, pack_bits, packed_size, quantize_int8, unpack_bits
 
 
@@ -66,7 +66,7 @@ def test_a_saved_index_out_of_range_is_refused(make_model, tmp_path, structure):
     model = make_model("bert")
     dsformer.compress(model, dsformer.CompressConfig(fast_structure(structure)), progress=False)
     layer = next(iter(compact_layers(model).values()))
-    layer.indices[0, 0] = layer.index_limit()  # one past the last atom (or group position)
+    layer.indices[0, 0] = layer.index_bounds()["indices"]  # one past the last atom (or group position)
     folder = dsformer.save(model, tmp_path / "bad")
     with pytest.raises(CheckpointError, match="outside 0"):
         dsformer.load(folder)

@@ -8,7 +8,7 @@ from conftest import TINY_MODELS, model_output, relative_error
 
 import dsformer
 from dsformer import kernels
-from dsformer.compress import compact_layers
+from dsformer.surgery import compact_layers
 from dsformer.quantize import quantize_int8
 from dsformer.stf import STF
 from dsformer.structures import DenseSparseConfig
@@ -51,7 +51,7 @@ def test_compress_ties_one_basis_per_shape_and_counts_it_once(make_model, name):
     groups = bases(model)
     shapes = {(layer.out_features, layer.in_features) for layer in compact_layers(model).values()}
     assert len(groups) == len(shapes)
-    owners = [layer for layer in compact_layers(model).values() if layer.basis_owner]
+    owners = [layer for layer in compact_layers(model).values() if "basis" not in layer.borrowed]
     assert len(owners) == len(groups)
     assert report.totals()["ratio_params"] == pytest.approx(2.0, abs=0.02)
     unique = {p.data_ptr(): p.numel() for layer in compact_layers(model).values() for p in (layer.basis, layer.values)}

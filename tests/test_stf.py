@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dsformer import InfeasibleRatioError
-from dsformer.compress import linear_weight
+from dsformer.surgery import linear_weight
 from dsformer.report import model_bytes
 from dsformer.stf import STF, Schedule, STFLinear
 from dsformer.structures import (
@@ -148,7 +148,7 @@ def test_set_step_sets_every_layers_ramp() -> None:
     assert {layer.ramp for layer, _ in stf.layers.values()} == {0.2}  # wrap starts at step 0
     stf.set_step(5)
     assert [layer.ramp for layer, _ in stf.layers.values()] == [pytest.approx(0.6)] * len(stf.layers)
-    stf.maybe_refresh(10)
+    stf.step(10)
     assert {layer.ramp for layer, _ in stf.layers.values()} == {1.0}
 
 
@@ -186,13 +186,14 @@ def test_refresh(structure: str) -> None:
 
 
 @pytest.mark.parametrize("every", [1, 3, 4])
-def test_maybe_refresh_every_n_steps(every: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_step_refreshes_every_n_steps(every: int, monkeypatch: pytest.MonkeyPatch) -> None:
     _, stf = wrapped("nm", schedule=Schedule(refresh_every=every))
     calls: list[int] = []
     monkeypatch.setattr(stf, "refresh", lambda *a, **k: calls.append(1) or 0.0)
-    refreshed = [step for step in range(1, 13) if stf.maybe_refresh(step)]
+    refreshed = [step for step in range(1, 13) if stf.step()]  # the loop's own count, or STF's
     assert refreshed == [s for s in range(1, 13) if s % every == 0]
     assert len(calls) == len(refreshed)
+    assert stf.step(13) == (13 % every == 0) and stf.steps == 13 and stf.step(14, refresh=True)  # a forced refresh
 
 
 @pytest.mark.parametrize("pull", [0.0, 0.25, 1.0])
@@ -200,7 +201,7 @@ def test_pull_moves_latents_toward_their_projection(pull: float) -> None:
     _, stf = wrapped("nm", schedule=Schedule(refresh_every=100, pull=pull))
     perturb(stf)
     before = {name: (layer.weight.detach().clone(), layer.projected.clone()) for name, (layer, _) in stf.layers.items()}
-    assert not stf.maybe_refresh(1)  # a step without re-projection
+    assert not stf.step()  # a step without re-projection
     for name, (layer, _) in stf.layers.items():
         latent, projected = before[name]
         torch.testing.assert_close(layer.weight.detach(), latent + pull * (projected - latent))
@@ -208,25 +209,25 @@ def test_pull_moves_latents_toward_their_projection(pull: float) -> None:
 
 
 @pytest.mark.parametrize("structure", NAMES)
-def test_factor_state_round_trip(structure: str, tmp_path) -> None:
-    _, a = wrapped(structure)
+def test_factors_travel_with_the_model_state(structure: str, tmp_path) -> None:
+    """The projections' factors are buffers: a checkpoint of the model restores the warm starts too."""
+    net_a, a = wrapped(structure)
     perturb(a)
     a.refresh()
-    state = a.factor_state()
     ds_fields = {"basis", "values", "indices"}
     expected_fields = {"ds": ds_fields, "ds-sparse": ds_fields, "svd": {"left", "right"}, "nm": {"values", "indices"}}
-    assert {key.rsplit(".", 1)[1] for key in state} == expected_fields[structure]
-    assert {key.rsplit(".", 1)[0] for key in state} == set(a.layers)
-    save_file(state, str(tmp_path / "stf.safetensors"))  # as checkpoints store it
-    _, b = wrapped(structure)
-    b.load_factor_state(load_file(str(tmp_path / "stf.safetensors")))
+    factor_keys = [key for key in net_a.state_dict() if ".factor_" in key]
+    assert {key.rsplit(".factor_", 1)[1] for key in factor_keys} == expected_fields[structure]
+    assert {key.rsplit(".factor_", 1)[0] for key in factor_keys} == set(a.layers)
+    save_file({k: v.contiguous() for k, v in net_a.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    net_b, b = wrapped(structure)
+    net_b.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
     for name, (layer, _) in a.layers.items():
         other = b.layers[name][0]
         assert torch.equal(other.projected, layer.projected), name
-    # the warm starts came along too: refreshing both from the same latent weights agrees
-    for name, (layer, _) in a.layers.items():
-        b.layers[name][0].weight.data.copy_(layer.weight.data)
-    a.refresh()
+        for field, tensor in layer.factors.tensors().items():
+            assert torch.equal(other.factors.tensors()[field], tensor), (name, field)
+    a.refresh()  # the warm starts came along: refreshing both from the same latent weights agrees
     b.refresh()
     for name, (layer, _) in a.layers.items():
         assert torch.equal(b.layers[name][0].projected, layer.projected), name

@@ -18,9 +18,10 @@ from dsformer.structures import (
     LowRankLinear,
     NMConfig,
     NMLinear,
-    compact_layer,
 )
-from dsformer.structures.dense_sparse import _alternate, _dense_coefficients, _init, _vectors, max_ratio
+from dsformer.structures.dense_sparse import max_ratio
+from dsformer.structures.dense_sparse.layout import dense_coefficients
+from dsformer.structures.dense_sparse.solver import alternate, initial_state, weight_vectors
 
 SHAPES = {"tall": (96, 64), "wide": (64, 96), "square": (48, 48)}
 RATIOS = [2.0, 2.8]
@@ -59,7 +60,7 @@ def fit_layer(structure: str, shape: tuple[int, int], ratio: float, seed: int = 
     config = CONFIGS[structure](ratio)
     factors = fit_one(config, w)
     bias = torch.randn(shape[0], generator=torch.Generator().manual_seed(seed + 1))
-    return w, factors, compact_layer(config, factors, bias)
+    return w, factors, config.layer(factors, bias)
 
 
 def svd_error(w: torch.Tensor, rank: int) -> float:
@@ -136,7 +137,7 @@ def test_from_layout_then_load_state_dict_reproduces_forward(structure, shape, r
 def test_layer_without_bias(structure):
     w = weight((96, 64))
     config = CONFIGS[structure](2.0)
-    layer = compact_layer(config, fit_one(config, w), None)
+    layer = config.layer(fit_one(config, w), None)
     assert layer.bias is None
     x = torch.randn(3, 64)
     with torch.no_grad():
@@ -230,7 +231,7 @@ def test_ds_fit_is_deterministic(shape):
 
 def _batch_errors(V, state) -> torch.Tensor:
     k = state.basis.shape[-2]
-    return (V - _dense_coefficients(state.indices, state.values, k) @ state.basis).pow(2).sum((-2, -1))
+    return (V - dense_coefficients(state.indices, state.values, k) @ state.basis).pow(2).sum((-2, -1))
 
 
 @pytest.mark.parametrize(
@@ -247,11 +248,11 @@ def test_ds_error_never_increases_across_rounds(data, k, s):
         V = torch.stack([weight((96, 64), seed) for seed in range(3)])
     else:
         V = torch.stack([union_of_subspaces(96, 64, 32, 8, seed=seed) for seed in range(3)])
-    state = _init(V, k, s)
+    state = initial_state(V, k, s)
     previous = _batch_errors(V, state)
     scale = V.pow(2).sum((-2, -1))
     for _ in range(8):
-        state = _alternate(V, state, 1)
+        state = alternate(V, state, 1)
         now = _batch_errors(V, state)
         assert bool((now <= previous + 1e-5 * scale).all()), (now, previous)
         # the error the fit tracks is the true error
@@ -327,7 +328,7 @@ def test_ds_low_precision_input(dtype, tol, shape):
     assert low.basis.dtype == low.values.dtype == dtype
     assert low.layout == full.layout
     assert relative_error(low.reconstruct(), w32) <= relative_error(full.reconstruct(), w32) + 5 * tol
-    layer = compact_layer(config, low, torch.zeros(shape[0], dtype=dtype))
+    layer = config.layer(low, torch.zeros(shape[0], dtype=dtype))
     x = torch.randn(4, shape[1]).to(dtype)
     with torch.no_grad():
         y = layer(x)
@@ -336,7 +337,7 @@ def test_ds_low_precision_input(dtype, tol, shape):
 
 
 def test_ds_index_dtype_is_compact():
-    layer = compact_layer(ds(2.0), fit_one(ds(2.0), weight((96, 64))))
+    layer = ds(2.0).layer(fit_one(ds(2.0), weight((96, 64))))
     assert layer.indices.dtype == torch.uint8
     assert layer.weight_bytes() == 4 * layer.value_params() + layer.indices.numel()
 
@@ -344,7 +345,7 @@ def test_ds_index_dtype_is_compact():
 def test_ds_wide_basis_uses_int16_indices_and_round_trips():
     config = ds(None, k=260, delta=0.02, iters=1)
     factors = fit_one(config, weight((320, 300)))
-    layer = compact_layer(config, factors)
+    layer = config.layer(factors)
     assert layer.indices.dtype == torch.int16
     assert int(layer.indices.max()) < 260 and int(layer.indices.min()) >= 0
     empty = DenseSparseLinear.from_layout((320, 300), layer.layout(), bias=False, dtype=torch.float32)
@@ -502,7 +503,7 @@ def test_cuda_fit_and_forward_match_cpu(structure):
     cpu = fit_one(config, w)
     assert gpu.reconstruct().is_cuda
     assert relative_error(gpu.reconstruct().cpu(), w) <= relative_error(cpu.reconstruct(), w) * 1.01 + 1e-6
-    layer = compact_layer(config, gpu, torch.zeros(96, device="cuda"))
+    layer = config.layer(gpu, torch.zeros(96, device="cuda"))
     x = torch.randn(4, 64, device="cuda")
     with torch.no_grad():
         assert relative_error(layer(x), x @ layer.materialize().T) <= 1e-4
@@ -518,20 +519,16 @@ def test_cuda_ds_low_precision(dtype):
 
 
 def test_vectors_are_the_longer_side():
-    assert _vectors(weight((96, 64))).shape == (96, 64)
-    assert _vectors(weight((64, 96))).shape == (96, 64)
-    assert _vectors(weight((48, 48), dtype=torch.float16)).dtype == torch.float32
+    assert weight_vectors(weight((96, 64))).shape == (96, 64)
+    assert weight_vectors(weight((64, 96))).shape == (96, 64)
+    assert weight_vectors(weight((48, 48), dtype=torch.float16)).dtype == torch.float32
 
 
 def test_ds_search_cut_short_keeps_each_layers_best():
     """With fewer rounds than the halving needs, every layer still ends with its best candidate."""
-    from dsformer.structures import dense_sparse as ds
-
     w = weight((96, 64), seed=3)
     config = DenseSparseConfig(ratio=2.0, iters=3, search_iters=3, search_points=4)
     (chosen,) = config.fit([w])
-    V = ds._vectors(w)[None]
-    errors = {
-        lay.k: float(ds._alternate(V, ds._init(V, lay.k, lay.s), 3).error[0]) for lay in config.candidates(96, 64)
-    }
+    V = weight_vectors(w)[None]
+    errors = {lay.k: float(alternate(V, initial_state(V, lay.k, lay.s), 3).error[0]) for lay in config.candidates(96, 64)}
     assert chosen.layout.k == min(errors, key=errors.get)

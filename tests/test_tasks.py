@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dsformer.data.mr import mr_path
-from dsformer.tasks import TASKS, DataError, Example, load_task, read_tsv, task_spec
+from dsformer.harness.data.mr import mr_path
+from dsformer.harness.tasks import TASKS, DataError, Example, load_task, read_tsv, task_spec
 
 GLUE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "glue"
 

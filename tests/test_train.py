@@ -15,13 +15,23 @@ from conftest import TOY_WORDS, toy_examples, toy_tokenizer
 from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-import dsformer.train as train_module
-from dsformer.compress import compact_layers
+import dsformer.harness.training as train_module
+from dsformer.surgery import compact_layers
 from dsformer.errors import DsformerError
 from dsformer.stf import STF, Schedule, STFLinear
 from dsformer.structures import DenseSparseConfig
-from dsformer.tasks import TASKS, Example, TaskData
-from dsformer.train import STATE_FILE, TrainConfig, TrainingError, _batch, _loss, _validate, encode, evaluate, train
+from dsformer.harness.tasks import TASKS, Example, TaskData
+from dsformer.harness.training import (
+    STATE_FILE,
+    TrainConfig,
+    TrainingError,
+    _batch,
+    _loss,
+    _validate,
+    encode,
+    evaluate,
+    train,
+)
 
 CHECKPOINT_FILES = {"model.safetensors", "rng.safetensors", "optimizer.pt", "trainer_state.json"}
 N_TRAIN, BATCH, EPOCHS = 48, 8, 3

@@ -1,702 +1,263 @@
-"""``dsformer <verb>``: a thin layer over the library; every verb is one library call.
+"""``dsformer <verb>``: parsing and dispatch; every verb is one library call, and prints what it returns.
 
-Errors on bad input print one line (``dsformer: error: ...``) and exit with code 2.
+Errors on bad input print one line (``dsformer: error: ...``) and exit with code 2. Building the
+parser imports no PyTorch: each verb imports what it calls.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import os
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from dsformer.errors import DsformerError, Interrupted
+from dsformer.files import check_file_output
+from dsformer.harness.methods import METHODS, TRAINERS
+from dsformer.harness.tasks import TASKS
 
-BACKENDS = ("auto", "reference", "dense", "gather", "triton", "int8")  # dsformer.kernels.BACKENDS, without torch
-# the labels `dsformer report` sets against the baselines unless told others: the method, and with --fisher
-DEFAULT_OURS = ("dsformer", "dsformer-fisher")
+MODEL = "local folder or hub name (default: the embedded all-MiniLM-L6-v2)"
+DATA = "GLUE task folder, local copy of a hub dataset or hub dataset name (default: the task's own)"
+BACKEND = "execution backend of the compact layers: auto, reference, dense or a kernel's (gather, int8, triton)"
+OPTION = "structure options as KEY=VALUE, e.g. k=128 iters=10 k_multiple=32"
 
 
-def _number(text: str) -> float:
+def _number(text: str, kind: type = float, what: str = "a number") -> float:
     try:
-        return float(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if kind is int and value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    return int(_number(text, int, "a whole number"))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsformer", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    fac = verbs.add_parser("factorize", help="factorize a pretrained model's linears and save the compact model")
-    fac.add_argument("--model", default=None, help="local folder or hub name (default: the embedded all-MiniLM-L6-v2)")
-    fac.add_argument("--structure", choices=["ds", "svd", "nm"], default="ds", help="weight structure (default: ds)")
-    fac.add_argument(
-        "--ratio", type=_number, default=2.0, help="compression ratio of the factorized layers (default: 2)"
-    )
-    fac.add_argument("--output", default=None, help="folder to write (default: outputs/<model>-<structure>-<ratio>x)")
-    fac.add_argument("--json", default=None, help="also write the report as JSON to this file")
-    fac.add_argument(
-        "--targets", nargs="+", default=None, help="module names, suffixes or re: patterns (default: block linears)"
-    )
-    fac.add_argument("--exclude", nargs="+", default=None, help="module names, suffixes or re: patterns to leave dense")
-    fac.add_argument("--k", type=int, default=None, help="ds: fix the basis size k instead of searching it")
-    fac.add_argument("--iters", type=int, default=None, help="ds: alternating-minimization rounds")
-    fac.add_argument(
-        "--k-multiple", type=int, default=None, help="ds: search only k that are multiples of this (faster GEMMs)"
-    )
-    fac.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    fac.add_argument("--no-save", action="store_true", help="only report, write no model folder")
-    fac.add_argument("--quiet", action="store_true", help="no progress bar")
+    def verb(name: str, text: str, *arguments: tuple) -> argparse.ArgumentParser:
+        """A verb and its arguments, each ``(flags..., {options})``."""
+        sub = verbs.add_parser(name, help=text, description=text)
+        for *flags, options in arguments:
+            sub.add_argument(*flags, **options)
+        return sub
 
-    com = verbs.add_parser("compress", help="fine-tune and compress a model on a task with one method")
-    com.add_argument("--model", default=None, help="local folder or hub name (default: the embedded all-MiniLM-L6-v2)")
-    com.add_argument("--task", default="mr", help="mr (embedded), sst2, cola, mrpc, rte, stsb, wnli, qnli, mnli, qqp")
-    com.add_argument(
-        "--data-dir",
-        default=None,
-        help="GLUE task folder, local copy of a hub dataset (e.g. nyu-mll/glue's parquet layout) or hub dataset name"
-        " (default: mr's embedded data; GLUE from nyu-mll/glue on the hub)",
+    verb("compress", "fit a structure to a pretrained model's linears and save the compact model",
+         ("--model", {"help": MODEL}), ("--structure", {"default": "ds", "help": "registered structure (default: ds)"}),
+         ("--ratio", {"type": _number, "default": 2.0, "help": "compression of the target layers (default: 2)"}),
+         ("--output", {"help": "folder to write (default: outputs/<model>-<structure>-<ratio>x)"}),
+         ("--json", {"help": "also write the report as JSON to this file"}),
+         ("--targets", {"nargs": "+", "help": "module names, suffixes or re: patterns (default: block linears)"}),
+         ("--exclude", {"nargs": "+", "help": "module names, suffixes or re: patterns to leave dense"}),
+         ("--option", {"nargs": "+", "default": [], "metavar": "KEY=VALUE", "help": OPTION}),
+         ("--device", {"default": "cpu", "help": "cpu or cuda (default: cpu)"}),
+         ("--no-save", {"action": "store_true", "help": "only report, write no model folder"}),
+         ("--quiet", {"action": "store_true", "help": "no progress bar"}))  # fmt: skip
+    methods = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
+    fin = verb("finetune", "fine-tune a model on a task with one method: dense, a baseline or DSFormer",
+         ("--model", {"help": MODEL}), ("--task", {"default": "mr", "help": f"{', '.join(TASKS)} (default: mr)"}),
+         ("--data-dir", {"help": DATA}),
+         ("--method", {"default": "dsformer", "choices": list(METHODS), "metavar": "METHOD", "help": methods}),
+         ("--ratio", {"type": _number, "default": 2.0, "help": "compression of the target layers (default: 2)"}),
+         ("--trainer", {"choices": TRAINERS, "help": "default: the method's own"}),
+         ("--fisher", {"action": "store_true", "help": "weight the fit (and every STF projection) by the rows' "
+                       "Fisher information from task gradients; recommended with dsformer"}),
+         ("--max-train", {"type": int, "help": "train on a seeded subsample of this many examples"}),
+         ("--precision", {"choices": ["auto", "fp32", "bf16"], "default": "auto", "help": "auto: bf16 on GPU only"}),
+         ("--refresh-every", {"type": int, "default": 10, "help": "STF: re-project every this many steps"}),
+         ("--ramp-steps", {"type": int, "default": 0, "help": "STF: steps over which lambda ramps to 1"}),
+         ("--pull", {"type": _number, "default": 0.0, "help": "STF: per-step pull of latents to their projection"}),
+         ("--hold-projection", {"action": "store_true", "help": "STF: hold the projection between refreshes"}),
+         ("--polish", {"type": _number, "default": 0.0, "help": "STF: fraction of the steps, at the end, that train "
+                       "the compact factors with the support frozen"}),
+         ("--teacher", {"help": "a saved fine-tuned model: adds a knowledge-distillation loss"}),
+         ("--reference", {"help": "metrics.json of a dense run, for the difference to dense"}),
+         ("--output", {"help": "folder to write (default: outputs/<task>-<method>-<ratio>x[-...])"}),
+         ("--resume", {"action": "store_true", "help": "continue the interrupted run in --output"}),
+         ("--device", {"default": "cpu", "help": "cpu, cuda or cuda:N (default: cpu)"}),
+         ("--quiet", {"action": "store_true"}))  # fmt: skip
+    for flag, kind, default in (("--epochs", _number, 3.0), ("--lr", _number, 1e-4), ("--batch-size", int, 32),
+                                ("--max-length", int, 128), ("--seed", int, 0)):  # fmt: skip
+        fin.add_argument(flag, type=kind, default=default, help=f"default: {default:g}")
+    verb("sweep", "run a grid of fine-tuning runs from a YAML config (resumable)",
+         ("--config", {"required": True, "help": "experiments/<name>.yaml"}),
+         ("--dry-run", {"action": "store_true", "help": "list the runs still to do and stop"}),
+         ("--quiet", {"action": "store_true", "help": "no progress bars"}),
+         ("--tasks", {"nargs": "+", "help": "only these tasks of the config (and their dense starts)"}),
+         ("--labels", {"nargs": "+", "help": "only these method labels of the config"}),
+         ("--ratios", {"nargs": "+", "type": _number, "help": "only these ratios of the config"}))  # fmt: skip
+    verb("results", "tables and plots from sweep results",
+         ("folders", {"nargs": "+", "help": "results folders of sweeps (one JSON per run)"}),
+         ("--output", {"default": "docs/results.md", "help": "markdown file to write (default: docs/results.md)"}),
+         ("--plots", {"help": "folder for the PNGs (default: next to --output)"}),
+         ("--notes", {"help": "a markdown file whose text goes under the heading (how to read it)"}),
+         ("--ours", {"nargs": "+", "metavar": "LABEL", "help": "labels of DSFormer runs to set against the best "
+                     "baseline (default: dsformer and dsformer-fisher, those that ran)"}))  # fmt: skip
+    verb("summary", "table of saved runs: metric, difference to dense, size, CPU latency",
+         ("folders", {"nargs": "+", "help": "folders written by dsformer finetune"}),
+         ("--no-latency", {"action": "store_true", "help": "skip the latency measurement"}),
+         ("--json", {"help": "also write the rows (and the hardware) to this JSON file"}))  # fmt: skip
+    verb("bench", "latency and throughput of a compact model against its dense original",
+         ("folder", {"nargs": "?", "help": "a saved compact model, or a dense model to compress first "
+                     "(default: the embedded all-MiniLM-L6-v2)"}),
+         ("--batch", {"type": _count, "nargs": "+", "default": [32, 1], "help": "batch sizes (default: 32 1)"}),
+         ("--seq", {"type": _count, "nargs": "+", "default": [128, 64], "help": "sequence lengths, with --batch"}),
+         ("--device", {"default": "cpu", "help": "cpu or cuda (default: cpu)"}),
+         ("--dtype", {"choices": ["float32", "float16", "bfloat16"], "default": "float32", "help": "for both models"}),
+         ("--backend", {"default": "auto", "help": BACKEND + " (default: auto)"}),
+         ("--structure", {"default": "ds", "help": "when compressing first (default: ds)"}),
+         ("--ratio", {"type": _number, "default": 2.8, "help": "when compressing first (default: 2.8)"}),
+         ("--option", {"nargs": "+", "default": [], "metavar": "KEY=VALUE", "help": OPTION}),
+         ("--repeats", {"type": _count, "default": 10, "help": "timed runs of each model, alternating (default: 10)"}),
+         ("--no-layers", {"action": "store_true", "help": "end to end only"}),
+         ("--output", {"help": "write the results (with the hardware) to this JSON file"}))  # fmt: skip
+    verb("evaluate", "evaluate a saved model on its task's test split", ("folder", {}), ("--data-dir", {"help": DATA}),
+         ("--task", {"help": "default: the task it was trained on (metrics.json)"}),
+         ("--int8", {"action": "store_true", "help": "round the weights to int8 per row first"}),
+         ("--json", {"help": "also write the result (with the int8 bytes) to this JSON file"}),
+         ("--backend", {"default": "reference", "help": BACKEND + " (default: reference)"}))  # fmt: skip
+    verb(
+        "quantize",
+        "store a saved model's weights as int8 with per-row scales, and evaluate it",
+        ("folder", {"help": "a folder written by dsformer finetune or compress"}),
+        ("output", {"help": "to write"}),
+        ("--task", {"help": "default: the task it was trained on (metrics.json)"}),
+        ("--data-dir", {"help": DATA}),
     )
-    com.add_argument(
-        "--method", default="dsformer", help="dense, svd, fwsvd, nm, ds-conventional, dsformer, ds-shared, distil"
+    verb(
+        "export",
+        "export a saved compact model as a plain dense Hugging Face folder",
+        ("folder", {"help": "folder written by dsformer compress or finetune"}),
+        ("output", {"help": "to write"}),
     )
-    com.add_argument("--ratio", type=_number, default=2.0, help="compression ratio of the target layers (default: 2)")
-    com.add_argument("--trainer", choices=["stf", "conventional"], default=None, help="default: the method's own")
-    com.add_argument(
-        "--fisher",
-        action="store_true",
-        help="weight the fit (and every STF projection) by the rows' Fisher information from task gradients"
-        " (svd, ds-conventional, dsformer; svd --fisher is fwsvd); recommended with dsformer, above all on"
-        " regression and small tasks",
-    )
-    com.add_argument("--epochs", type=_number, default=3.0)
-    com.add_argument("--lr", type=_number, default=1e-4)
-    com.add_argument("--batch-size", type=int, default=32)
-    com.add_argument("--max-length", type=int, default=128)
-    com.add_argument("--max-train", type=int, default=None, help="train on a seeded subsample of this many examples")
-    com.add_argument("--seed", type=int, default=0)
-    com.add_argument(
-        "--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on GPU, fp32 on CPU"
-    )
-    com.add_argument("--refresh-every", type=int, default=10, help="STF: re-project every this many steps")
-    com.add_argument("--ramp-steps", type=int, default=0, help="STF: steps over which lambda ramps to 1")
-    com.add_argument("--pull", type=_number, default=0.0, help="STF: per-step pull of latents to their projection")
-    com.add_argument(
-        "--hold-projection",
-        action="store_true",
-        help="STF: compute with the last projection unchanged between refreshes (default: follow the latent)",
-    )
-    com.add_argument(
-        "--polish",
-        type=_number,
-        default=0.0,
-        help="STF: fraction of the steps, at the end, that train the compact factors with the support frozen",
-    )
-    com.add_argument("--teacher", default=None, help="a saved fine-tuned model: adds a knowledge-distillation loss")
-    com.add_argument("--reference", default=None, help="metrics.json of a dense run, for the difference to dense")
-    com.add_argument(
-        "--output",
-        default=None,
-        help="folder to write (default: outputs/<task>-<method>-<ratio>x[-<trainer>][-fisher][-s<seed>])",
-    )
-    com.add_argument("--resume", action="store_true", help="continue the interrupted run in --output")
-    com.add_argument("--device", default="cpu")
-    com.add_argument("--quiet", action="store_true")
-
-    swp = verbs.add_parser("sweep", help="run a grid of compression runs from a YAML config (resumable)")
-    swp.add_argument("--config", required=True, help="experiments/<name>.yaml")
-    swp.add_argument("--dry-run", action="store_true", help="list the runs still to do and stop")
-    swp.add_argument("--quiet", action="store_true", help="no progress bars")
-    swp.add_argument("--tasks", nargs="+", default=None, help="only these tasks of the config (and their dense starts)")
-    swp.add_argument("--labels", nargs="+", default=None, help="only these method labels of the config")
-    swp.add_argument("--ratios", nargs="+", type=_number, default=None, help="only these ratios of the config")
-
-    rep = verbs.add_parser("report", help="tables and plots from sweep results")
-    rep.add_argument("results", nargs="+", help="results folders of sweeps (one JSON per run)")
-    rep.add_argument("--output", default="docs/results.md", help="markdown file to write (default: docs/results.md)")
-    rep.add_argument("--plots", default=None, help="folder for the PNGs (default: next to --output)")
-    rep.add_argument("--notes", default=None, help="a markdown file whose text goes under the heading (how to read it)")
-    rep.add_argument(
-        "--ours",
-        nargs="+",
-        default=None,
-        metavar="LABEL",
-        help="labels of DSFormer runs to set against the best baseline, each in its own tables "
-        f"(default: {' '.join(DEFAULT_OURS)}, those that ran)",
-    )
-
-    summ = verbs.add_parser("summary", help="table of saved runs: metric, difference to dense, size, CPU latency")
-    summ.add_argument("paths", nargs="+", help="folders written by dsformer compress")
-    summ.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
-    summ.add_argument("--json", default=None, help="also write the rows (and the hardware) to this JSON file")
-
-    ben = verbs.add_parser("bench", help="latency and throughput of a compact model against its dense original")
-    ben.add_argument(
-        "path",
-        nargs="?",
-        default=None,
-        help="a saved compact model; or a dense model (folder or hub name) to factorize first "
-        "(default: the embedded all-MiniLM-L6-v2, factorized with --structure at --ratio)",
-    )
-    ben.add_argument("--batch", type=_count, nargs="+", default=[32, 1], help="batch sizes (default: 32 1)")
-    ben.add_argument("--seq", type=_count, nargs="+", default=[128, 64], help="sequence lengths, paired with --batch")
-    ben.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    ben.add_argument(
-        "--dtype",
-        choices=["float32", "float16", "bfloat16"],
-        default="float32",
-        help="the weights' and activations' type for both models (default: float32; float16 is the GPU's usual)",
-    )
-    ben.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default="auto",
-        help="auto (default), reference, dense, gather, triton (CUDA) or int8",
-    )
-    ben.add_argument("--structure", choices=["ds", "svd", "nm"], default="ds", help="when factorizing (default: ds)")
-    ben.add_argument("--ratio", type=_number, default=2.8, help="when factorizing (default: 2.8)")
-    ben.add_argument("--k-multiple", type=int, default=None, help="when factorizing with ds: k a multiple of this")
-    ben.add_argument("--repeats", type=_count, default=10, help="timed runs of each model, alternating (default: 10)")
-    ben.add_argument("--no-layers", action="store_true", help="end to end only")
-    ben.add_argument("--output", default=None, help="write the results (with the hardware) to this JSON file")
-
-    eva = verbs.add_parser("evaluate", help="evaluate a saved model on its task's test split")
-    eva.add_argument("path")
-    eva.add_argument("--task", default=None, help="default: the task it was trained on (metrics.json)")
-    eva.add_argument(
-        "--data-dir",
-        default=None,
-        help="GLUE task folder, local copy of a hub dataset or hub dataset name (default: the one it was trained on)",
-    )
-    eva.add_argument(
-        "--int8",
-        action="store_true",
-        help="round the weights (compact factors, or a dense model's block linears) to int8 per row first",
-    )
-    eva.add_argument("--json", default=None, help="also write the result (with the int8 bytes) to this JSON file")
-    eva.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default="reference",
-        help="execution path of the compact layers: reference (default), auto, dense, gather, "
-        "triton (CUDA), int8 (int8 products)",
-    )
-
-    qua = verbs.add_parser(
-        "quantize", help="store a saved model's weights as int8 with per-row scales (a smaller file), and evaluate it"
-    )
-    qua.add_argument("path", help="a folder written by dsformer compress or factorize")
-    qua.add_argument("output", help="folder to write")
-    qua.add_argument("--task", default=None, help="default: the task it was trained on (metrics.json)")
-    qua.add_argument("--data-dir", default=None, help="as for evaluate")
-
-    mer = verbs.add_parser("merge", help="export a saved compact model as a plain dense Hugging Face folder")
-    mer.add_argument("path", help="folder written by dsformer factorize")
-    mer.add_argument("output", help="folder to write")
-
-    info = verbs.add_parser("info", help="print the report stored in a saved compact model")
-    info.add_argument("path")
-
-    data = verbs.add_parser("data", help="download and convert the embedded default data (MR)")
-    data.add_argument("name", choices=["mr"])
-    data.add_argument("--sdist", default=None, help="a local vaderSentiment-3.3.2.tar.gz instead of downloading it")
-    data.add_argument("--force", action="store_true", help="convert again even if the data is there")
+    verb("info", "print the report stored in a saved compact model", ("folder", {}))
+    verb("data", "download and convert the embedded default data (MR)", ("name", {"choices": ["mr"]}),
+         ("--sdist", {"help": "a local vaderSentiment-3.3.2.tar.gz instead of downloading it"}),
+         ("--force", {"action": "store_true", "help": "convert again even if the data is there"}))  # fmt: skip
     return parser
 
 
-def _default_output(model: str | None, structure: str, ratio: float) -> str:
-    name = Path(model.rstrip("/")).name if model else "minilm"
-    return os.path.join("outputs", f"{name}-{structure}-{ratio:g}x")
+def compress(args: argparse.Namespace) -> None:
+    from dsformer.harness.runs import compress_pretrained, write_record
+    from dsformer.structures.registry import parse_options
 
-
-def _structure(
-    structure: str, ratio: float, k: int | None = None, iters: int | None = None, k_multiple: int | None = None
-):
-    """The structure config the command line asks for; the ds-only options are refused for the others."""
-    from dsformer.structures import structure_config
-    from dsformer.structures.base import check_ratio
-
-    options = {"ratio": check_ratio(ratio)}
-    ds_only = {"k": k, "iters": iters, "k_multiple": k_multiple}
-    given = {key: value for key, value in ds_only.items() if value is not None}
-    if structure != "ds" and given:
-        raise DsformerError(f"{', '.join('--' + key.replace('_', '-') for key in given)} apply to --structure ds only")
-    return structure_config(structure, **options, **given)
-
-
-def factorize(args: argparse.Namespace) -> None:
-    from dsformer import CompressConfig, compress, save
-    from dsformer.io import atomic_write_text, check_output
-    from dsformer.models import load_pretrained, resolve
-
-    structure = _structure(args.structure, args.ratio, args.k, args.iters, args.k_multiple)
-    output = None if args.no_save else Path(args.output or _default_output(args.model, args.structure, args.ratio))
-    if output is not None:
-        check_output(output, source=resolve(args.model))
-    _check_file_output(args.json, "--json")
-    _check_device(args.device)
-    model, tokenizer = load_pretrained(args.model)
-    model = model.to(args.device).eval()
-    config = CompressConfig(structure, target_modules=args.targets, exclude_modules=args.exclude)
-    report = compress(model, config, progress=not args.quiet)
+    check_file_output(args.json, "--json")
+    options = parse_options(args.option)
+    report, output = compress_pretrained(args.model, args.structure, args.ratio, options, args.targets, args.exclude,
+                                         args.device, args.output, not args.no_save, not args.quiet)  # fmt: skip
     print(report.table())
-    if output is not None:  # the model first: it is the costly part to lose
-        save(model.cpu(), output, tokenizer=tokenizer, report=report)
-        size = (output / "model.safetensors").stat().st_size
-        print(f"saved to {output} ({size / 2**20:.1f} MiB); load it with dsformer.load({str(output)!r})")
+    if output is not None:
+        size = (output / "model.safetensors").stat().st_size / 2**20
+        print(f"saved to {output} ({size:.1f} MiB); load it with dsformer.load({str(output)!r})")
     if args.json:
-        from dsformer.hardware import describe
-
-        record = {"command": args.command_line, **report.to_json(), "hardware": describe()}
-        atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
-        print(f"report written to {args.json}")
+        write_record(args.json, args.command_line, report.to_json())
 
 
-def compress_verb(args: argparse.Namespace) -> None:
-    from dsformer.pipeline import RunConfig, run
-    from dsformer.stf import Schedule
-    from dsformer.structures.base import check_ratio
-    from dsformer.train import TrainConfig
+def finetune(args: argparse.Namespace) -> None:
+    from dsformer.harness.finetune import RunConfig, default_output, finetune
+    from dsformer.harness.runs import summary_table
 
-    if args.method != "dense":
-        check_ratio(args.ratio)
-    _check_device(args.device)
-    train = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        max_length=args.max_length,
-        seed=args.seed,
-        precision=args.precision,
-        progress=not args.quiet,
-    )
-    config = RunConfig(
-        model=args.model,
-        task=args.task,
-        data_dir=args.data_dir,
-        method=args.method,
-        ratio=args.ratio,
-        trainer=args.trainer,
-        max_train=args.max_train,
-        reference=args.reference,
-        teacher=args.teacher,
-        device=args.device,
-        fisher=args.fisher,
-        train=train,
-        schedule=Schedule(
-            refresh_every=args.refresh_every,
-            ramp_steps=args.ramp_steps,
-            pull=args.pull,
-            follow=not args.hold_projection,
-            polish=args.polish,
-        ),
-    )
-    output = Path(args.output or os.path.join("outputs", _run_name(args)))
-    rank = _init_distributed(args.device)
-    try:
-        metrics = run(config, output, resume=args.resume)
-    except KeyboardInterrupt as interrupt:
-        from dsformer.pipeline import has_checkpoint
-
-        if has_checkpoint(output):
-            interrupt.hint = f"interrupted; the checkpoint is in {output}.work: run the same command with --resume"
-        else:
-            interrupt.hint = "interrupted before the first checkpoint; nothing to resume: run the command again"
-        raise
-    if rank == 0:
-        print(summary_table([metrics]))
-        print(f"saved to {output} (metrics in {output / 'metrics.json'})")
+    config = RunConfig.from_settings({**vars(args), "follow": not args.hold_projection, "progress": not args.quiet})
+    output = Path(args.output or default_output(config))
+    metrics = finetune(config, output, resume=args.resume)
+    if metrics is not None:  # None on the processes of a distributed run that do not write
+        print(summary_table([metrics]) + f"\nsaved to {output} (metrics in {output / 'metrics.json'})")
 
 
-def _run_name(args: argparse.Namespace) -> str:
-    """The default output folder's name: whatever tells two runs apart (``sst2-dsformer-2x-fisher-s1``)."""
-    parts = [args.task, args.method] + ([] if args.method == "dense" else [f"{args.ratio:g}x"])
-    parts += [args.trainer] if args.trainer else []
-    parts += ["fisher"] if args.fisher else []
-    parts += [f"s{args.seed}"] if args.seed else []
-    return "-".join(parts)
+def sweep(args: argparse.Namespace) -> None:
+    from dsformer.harness.sweep import load_sweep, run_sweep
+
+    only = {"tasks": args.tasks, "labels": args.labels, "ratios": args.ratios}
+    run_sweep(load_sweep(args.config), quiet=args.quiet, dry_run=args.dry_run, **only)
 
 
-def _init_distributed(device: str) -> int:
-    """Join the process group when started by torchrun or ``accelerate launch`` (WORLD_SIZE > 1); return the rank."""
-    import torch
+def results(args: argparse.Namespace) -> None:
+    from dsformer.harness.results import write_results
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # the processes share the cores
-    return torch.distributed.get_rank()
+    plots = Path(args.plots) if args.plots else None
+    warn = functools.partial(print, file=sys.stderr)
+    print(write_results([Path(f) for f in args.folders], Path(args.output), plots, args.notes, args.ours, warn=warn))
 
 
-def bench_verb(args: argparse.Namespace) -> None:
-    import torch
+def summary(args: argparse.Namespace) -> None:
+    from dsformer.harness.runs import summarize, summary_table, write_record
 
-    from dsformer.bench import bench_model, bench_record, bench_table
-    from dsformer.io import META_FILE, atomic_write_text, load, read_meta
+    check_file_output(args.json, "--json")
+    rows = summarize([Path(f) for f in args.folders], latency=not args.no_latency)
+    print(summary_table(rows))
+    if args.json:
+        write_record(args.json, args.command_line, {"runs": rows})
 
-    _check_device(args.device)
-    _check_file_output(args.output, "--output")
-    shapes = _paired(args.batch, args.seq)
-    # a saved compact model runs as it is; a saved dense run (no compact layers) is factorized like any dense model
-    if args.path is not None and (Path(args.path) / META_FILE).exists() and read_meta(args.path)["layers"]:
-        model, source = load(args.path, device=args.device), args.path
-    else:
-        from dsformer import CompressConfig, compress
-        from dsformer.models import load_pretrained, resolve
 
-        model, _ = load_pretrained(args.path)
-        model = model.to(args.device).float().eval()  # a half-precision checkpoint is fitted in float32
-        print(f"factorizing {resolve(args.path)} with {args.structure} at {args.ratio:g}x (fit only, no training)")
-        compress(
-            model, CompressConfig(_structure(args.structure, args.ratio, k_multiple=args.k_multiple)), progress=True
-        )
-        source = f"{resolve(args.path)} factorized with {args.structure} at {args.ratio:g}x"
-    model = model.to(getattr(torch, args.dtype))  # factorized in float32 first: the fit wants the precision
-    results = []
-    for batch, seq in shapes:
-        result = bench_model(model, batch, seq, backend=args.backend, repeats=args.repeats, layers=not args.no_layers)
-        print(bench_table(result))
-        results.append(result)
+def bench(args: argparse.Namespace) -> None:
+    from dsformer.hardware import check_device
+    from dsformer.harness.bench import bench_model, bench_subject, bench_table, paired
+    from dsformer.harness.runs import write_record
+    from dsformer.structures.registry import parse_options
+
+    check_device(args.device)
+    check_file_output(args.output, "--output")
+    shapes = paired(args.batch, args.seq)
+    options = parse_options(args.option)
+    model, source = bench_subject(args.folder, args.structure, args.ratio, args.device, args.dtype, **options)
+    runs = [bench_model(model, b, s, args.backend, args.repeats, layers=not args.no_layers) for b, s in shapes]
+    print("\n".join(bench_table(run) for run in runs))
     if args.output:
-        record = bench_record(results, args.command_line, source)
-        atomic_write_text(Path(args.output), json.dumps(record, indent=2) + "\n")
-        print(f"results written to {args.output}")
+        write_record(args.output, args.command_line, {"model": source, "runs": runs})
 
 
-def _check_device(device: str) -> None:
-    """``cpu``, ``cuda`` or ``cuda:N``, and CUDA only where there is a CUDA device."""
-    import torch
+def evaluate(args: argparse.Namespace) -> None:
+    from dsformer.harness.runs import evaluate_run, write_record
 
-    kind, _, index = device.partition(":")
-    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
-        raise DsformerError(f"--device {device!r}: give cpu, cuda or cuda:N")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise DsformerError(f"--device {device} was asked for but no CUDA device is available; use --device cpu")
-
-
-def _check_file_output(path: str | None, flag: str) -> None:
-    """Refuse a file to write that cannot be one, before the work that fills it."""
-    if path is None:
-        return
-    target = Path(path)
-    if target.is_dir():
-        raise DsformerError(f"{flag} {path} is a folder; give a file name")
-    parent = next((p for p in target.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise DsformerError(f"{flag} {path}: {parent} is a file, so no folder can be made there")
-
-
-def _read_metrics(file: Path) -> dict:
-    """A run's metrics.json; a damaged one is a one-line error."""
-    try:
-        metrics = json.loads(file.read_text())
-        metrics["task"], metrics["metric"], metrics["test"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DsformerError(f"{file} is not a run's metrics.json ({type(err).__name__}: {err})") from None
-    return metrics
-
-
-def _paired(batches: list[int], seqs: list[int]) -> list[tuple[int, int]]:
-    """``--batch 32 1 --seq 128 64`` -> ``[(32, 128), (1, 64)]``; a single value pairs with every other."""
-    if len(batches) == 1:
-        batches = batches * len(seqs)
-    if len(seqs) == 1:
-        seqs = seqs * len(batches)
-    if len(batches) != len(seqs):
-        raise DsformerError(f"--batch and --seq pair up: give as many of each, or one (got {batches} and {seqs})")
-    if min(batches + seqs) < 1:
-        raise DsformerError(f"--batch and --seq must be at least 1 (got {batches} and {seqs})")
-    return list(zip(batches, seqs, strict=True))
-
-
-def summary_verb(args: argparse.Namespace) -> None:
-    from dsformer.bench import latency_ms
-    from dsformer.io import load
-    from dsformer.kernels import use_backend
-
-    _check_file_output(args.json, "--json")
-    runs = []
-    for path in args.paths:
-        metrics_file = Path(path) / "metrics.json"
-        if not metrics_file.exists():
-            raise DsformerError(f"{path} has no metrics.json; give folders written by dsformer compress")
-        metrics = _read_metrics(metrics_file)
-        if not args.no_latency:
-            model = load(path)
-            use_backend(model, "auto")
-            seq = min(64, getattr(model.config, "max_position_embeddings", 64))  # a tiny model may allow fewer
-            metrics["latency_ms"], metrics["latency_tokens"] = latency_ms(model, batch=1, seq=seq), seq
-        runs.append(metrics)
-    print(summary_table(runs))
-    if not args.no_latency:
-        tokens = "/".join(str(t) for t in sorted({m["latency_tokens"] for m in runs}))
-        print(f"latency: median forward at batch 1 x {tokens} tokens on this machine's CPU, fastest kernels (auto)")
+    check_file_output(args.json, "--json")
+    result = evaluate_run(Path(args.folder), args.task, args.data_dir, args.int8, args.backend)
+    print(result["line"])
     if args.json:
-        from dsformer.hardware import describe
-        from dsformer.io import atomic_write_text
-
-        keys = ("method", "trainer", "task", "metric", "test", "difference_to_dense", "ratios", "model_bytes")
-        keys += ("latency_ms", "latency_tokens")
-        rows = [{"path": str(path), **{k: m.get(k) for k in keys}} for path, m in zip(args.paths, runs, strict=True)]
-        summary = {"command": args.command_line, "runs": rows, "hardware": describe()}
-        atomic_write_text(Path(args.json), json.dumps(summary, indent=2) + "\n")
+        write_record(args.json, args.command_line, result)
 
 
-def summary_table(runs: list[dict]) -> str:
-    """Method, ratio, test metric, difference to dense, model size, latency, wall time."""
-    from dsformer.report import format_table
+def quantize(args: argparse.Namespace) -> None:
+    from dsformer.harness.runs import quantize_run
 
-    head = ("method", "ratio", "metric", "test", "vs dense", "model MiB", "latency ms", "minutes")
-    rows = []
-    for m in runs:
-        key = m["metric"]
-        diff = m.get("difference_to_dense")
-        rows.append(
-            (
-                f"{m['method']} ({m['trainer']})" if m["method"] != "dense" else "dense",
-                f"{m['ratios']['ratio_params']:.2f}x" if m.get("ratios") else "1.00x",
-                key,
-                f"{100 * m['test'][key]:.2f}",
-                "" if diff is None else f"{100 * diff:+.2f}",
-                f"{m['model_bytes'] / 2**20:.1f}",
-                f"{m['latency_ms']:.1f}" if "latency_ms" in m else "",
-                f"{m['wall_seconds'] / 60:.1f}",
-            )
-        )
-    return format_table(head, rows, left=3)
+    print(quantize_run(Path(args.folder), Path(args.output), args.task, args.data_dir, args.command_line)["line"])
 
 
-def sweep_verb(args: argparse.Namespace) -> None:
-    from dsformer.sweep import load_sweep, run_sweep
+def export(args: argparse.Namespace) -> None:
+    from dsformer.checkpoint import export_dense
 
-    try:
-        only = {"tasks": args.tasks, "labels": args.labels, "ratios": args.ratios}
-        run_sweep(load_sweep(args.config), quiet=args.quiet, dry_run=args.dry_run, **only)
-    except KeyboardInterrupt as interrupt:
-        again = " ".join(
-            [f"dsformer sweep --config {args.config}"]
-            + [
-                f"--{key} {' '.join(f'{v:g}' if isinstance(v, float) else v for v in value)}"
-                for key, value in only.items()
-                if value
-            ]
-        )
-        interrupt.hint = f"interrupted; run `{again}` again to go on where it stopped"
-        raise
-
-
-def report_verb(args: argparse.Namespace) -> None:
-    from dsformer.io import atomic_write_text
-    from dsformer.results import collect, compression_markdown, markdown, plot, versus_markdown
-
-    notes = ""
-    if args.notes:  # read before anything is written
-        try:
-            notes = Path(args.notes).read_text().strip() + "\n\n"
-        except OSError as err:
-            raise DsformerError(f"--notes {args.notes}: {err.strerror}") from None
-    _check_file_output(args.output, "--output")
-    cells = collect([Path(p) for p in dict.fromkeys(args.results)])  # a folder given twice counts once
-    output = Path(args.output)
-    plots = plot(cells, Path(args.plots) if args.plots else output.parent)
-    images = "\n".join(f"![{p.stem}]({os.path.relpath(p, output.parent)})" for p in plots)
-    sources = ", ".join(f"`{p}`" for p in args.results)
-    ours = _our_labels(cells, args.ours)
-    against = {label: (versus_markdown(cells, label), compression_markdown(cells, label)) for label in ours}
-    for label, found in against.items():
-        if not any(found):
-            print(f"note: --ours {label}: no task has its runs beside the dense start and a baseline", file=sys.stderr)
-    tables = "\n".join([v for v, _ in against.values()] + [c for _, c in against.values()] + [markdown(cells)])
-    text = (
-        "# Results\n\nGenerated by `dsformer report` from " + sources + ": mean ± standard deviation over seeds "
-        "of the test metric (x100), difference to the dense start in brackets. Each run's JSON holds its "
-        "command, configuration and hardware.\n\n" + notes + tables + "\n" + images + "\n"
-    )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output, text)
-    print(tables)
-    print(f"written: {output}, " + ", ".join(str(p) for p in plots))
-
-
-def _our_labels(cells: list, asked: list[str] | None) -> list[str]:
-    """The labels ``--ours`` names, checked against the runs; without it, the default ones that ran."""
-    from dsformer.results import OUR_METHODS
-
-    labels = {c.label for c in cells}
-    if asked is None:
-        return [label for label in DEFAULT_OURS if label in labels]
-    for label in asked:
-        methods = sorted({c.method for c in cells if c.label == label})
-        if not methods:
-            known = sorted({c.label for c in cells if c.method in OUR_METHODS}) or ["(none)"]
-            raise DsformerError(f"--ours {label}: no run has that label; DSFormer labels here: {', '.join(known)}")
-        others = [m for m in methods if m not in OUR_METHODS]
-        if others:
-            what = "the dense reference" if others == ["dense"] else f"method {others[0]!r}, a baseline"
-            raise DsformerError(f"--ours {label}: its runs are {what}; ours are methods {', '.join(OUR_METHODS)}")
-    return list(dict.fromkeys(asked))
-
-
-def _task_of(folder: Path, task: str | None, data_dir: str | None) -> tuple[str | None, str | None, dict | None]:
-    """The task and data of a saved run: as given, else from its metrics.json; and that file's content."""
-    metrics_file = folder / "metrics.json"
-    saved = _read_metrics(metrics_file) if metrics_file.exists() else None
-    if task is None and saved is not None:
-        task, data_dir = saved["task"], data_dir or saved["config"].get("data_dir")
-    return task, data_dir, saved
-
-
-def _test_metrics(model, tokenizer, task: str, data_dir: str | None):
-    from dsformer.tasks import load_task
-    from dsformer.train import evaluate
-
-    if not type(model).__name__.endswith("ForSequenceClassification"):
-        raise DsformerError(
-            f"this {type(model).__name__} has no task head (a `dsformer factorize` output?): it cannot be evaluated "
-            "on a task; train one with `dsformer compress`"
-        )
-    data = load_task(task, data_dir)
-    return data, evaluate(model, tokenizer, data.test, data.spec)
-
-
-def evaluate_verb(args: argparse.Namespace) -> None:
-    from dsformer.io import load
-    from dsformer.kernels import use_backend
-    from dsformer.models import load_tokenizer
-
-    folder = Path(args.path)
-    _check_file_output(args.json, "--json")
-    model = load(folder)
-    tokenizer = load_tokenizer(str(folder))
-    if tokenizer is None:
-        raise DsformerError(f"{folder} holds no tokenizer; it cannot be evaluated on text")
-    task, data_dir, _ = _task_of(folder, args.task, args.data_dir)
-    if task is None:
-        raise DsformerError(f"{folder} has no metrics.json naming its task; pass --task")
-    quant = None
-    if args.int8:
-        from dsformer.quantize import quantize_int8
-
-        quant = quantize_int8(model)
-    if not use_backend(model, args.backend) and args.backend == "int8":  # a dense model: its block linears
-        from dsformer.compress import find_targets
-        from dsformer.kernels.int8 import int8_linears
-
-        int8_linears(model, find_targets(model))
-    data, result = _test_metrics(model, tokenizer, task, data_dir)
-    line = f"{folder}: {data.spec.name} test ({len(data.test)} examples)"
-    if args.backend != "reference":
-        line += f", {args.backend} path"
-    if quant is not None:
-        line += f", int8 weights ({quant.model_bytes_after / 2**20:.1f} MiB)"
-    print(line + ": " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
-    if args.json:
-        from dsformer.hardware import describe
-        from dsformer.io import atomic_write_text
-
-        record = {"command": args.command_line, "path": str(folder), "task": data.spec.name, "test": result}
-        record.update({"backend": args.backend, "int8": quant.to_json() if quant else None, "hardware": describe()})
-        atomic_write_text(Path(args.json), json.dumps(record, indent=2) + "\n")
-
-
-def quantize_verb(args: argparse.Namespace) -> None:
-    from dsformer.io import check_output, load, read_meta, save
-    from dsformer.models import load_tokenizer
-    from dsformer.quantize import quantize_int8
-    from dsformer.report import Report
-
-    folder, output = Path(args.path), Path(args.output)
-    check_output(output, source=folder)
-    meta = read_meta(folder)
-    if meta.get("int8"):
-        raise DsformerError(f"{folder} is already stored as int8")
-    model = load(folder)
-    tokenizer = load_tokenizer(str(folder))
-    quant = quantize_int8(model)
-    task, data_dir, saved = _task_of(folder, args.task, args.data_dir)
-    metrics = None
-    if task is not None and tokenizer is not None:
-        data, result = _test_metrics(model, tokenizer, task, data_dir)
-        metrics = {
-            **(saved or {"task": data.spec.name, "metric": data.spec.metrics[0], "config": {"data_dir": data_dir}}),
-            "command": args.command_line,
-            "test": result,
-            "test_before_int8": (saved or {}).get("test"),
-            "model_bytes": quant.model_bytes_after,
-            "int8": {**quant.to_json(), "quantized_from": str(folder.resolve())},
-        }
-        if saved is not None and saved.get("dense_test") is not None:
-            metrics["difference_to_dense"] = result[saved["metric"]] - saved["dense_test"]
-    report = Report.from_json(meta["report"]) if meta.get("report") else None
-    save(
-        model,
-        output,
-        tokenizer=tokenizer,
-        report=report,
-        extra_files={"metrics.json": metrics} if metrics else None,
-        int8=True,
-    )
-    before_mib, after_mib = ((f / meta["weights"]["file"]).stat().st_size / 2**20 for f in (folder, output))
-    line = f"int8 model written to {output}: weight file {before_mib:.1f} -> {after_mib:.1f} MiB"
-    if metrics is not None:
-        key = metrics["metric"]
-        before = (metrics["test_before_int8"] or {}).get(key)
-        line += f"; test {key} {result[key]:.4f}" + (f" (before: {before:.4f})" if before is not None else "")
-    print(line)
-
-
-def merge(args: argparse.Namespace) -> None:
-    from dsformer import export_dense
-    from dsformer.io import check_output
-
-    check_output(Path(args.output), source=args.path)
-    out = export_dense(args.path, args.output)
-    print(f"dense Hugging Face model written to {out}")
+    print(f"dense Hugging Face model written to {export_dense(args.folder, args.output)}")
 
 
 def info(args: argparse.Namespace) -> None:
-    from dsformer.io import read_meta
+    from dsformer.checkpoint import read_meta
     from dsformer.report import Report
 
-    meta = read_meta(args.path)
-    print(f"{args.path}: {meta['model_class']}, {len(meta['layers'])} compact layers, format {meta['format_version']}")
+    meta = read_meta(args.folder)
+    layers, version = len(meta["layers"]), meta["format_version"]
+    print(f"{args.folder}: {meta['model_class']}, {layers} compact layers, format {version}")
     if meta.get("report"):
         print(Report.from_json(meta["report"]).table())
 
 
 def data(args: argparse.Namespace) -> None:
-    from dsformer.data import mr
+    from dsformer.harness.data import mr
 
     path = mr.prepare(args.sdist, force=args.force)
     with open(path, encoding="utf-8") as f:
-        count = sum(1 for _ in f) - 1
-    print(f"MR: {count} labelled sentences in {path}")
+        print(f"MR: {sum(1 for _ in f) - 1} labelled sentences in {path}")
 
 
-def _quiet_libraries() -> None:
-    """Keep other libraries' progress bars and notices off stderr, where our errors go as one line."""
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
+VERBS = {f.__name__: f for f in (compress, finetune, sweep, results, summary, bench, evaluate, quantize, export)}
+VERBS.update(info=info, data=data)
 
 
 def _raise_terminated(signum, frame) -> None:
@@ -705,28 +266,15 @@ def _raise_terminated(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import signal
-    import threading
-
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["dsformer", *(sys.argv[1:] if argv is None else argv)])  # stored with results
-    _quiet_libraries()
+    # other libraries' notices and progress bars stay off stderr, where our errors go as one line
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     try:
-        {
-            "factorize": factorize,
-            "compress": compress_verb,
-            "evaluate": evaluate_verb,
-            "summary": summary_verb,
-            "bench": bench_verb,
-            "sweep": sweep_verb,
-            "quantize": quantize_verb,
-            "report": report_verb,
-            "merge": merge,
-            "info": info,
-            "data": data,
-        }[args.verb](args)
+        VERBS[args.verb](args)
     except DsformerError as err:
         print(f"dsformer: error: {err}", file=sys.stderr)
         return 2

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 from typing import Any
 
 import torch
+
+from dsformer.errors import DsformerError
 
 
 def _cpu_model() -> str:
@@ -33,3 +36,22 @@ def describe() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def triton_installed() -> bool:
+    """Whether Triton can be imported (it comes with CUDA builds of PyTorch)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``, set before Triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_device(device: str) -> None:
+    """``cpu``, ``cuda`` or ``cuda:N``, and CUDA only where there is a CUDA device."""
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise DsformerError(f"--device {device!r}: give cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise DsformerError(f"--device {device} was asked for but no CUDA device is available; use --device cpu")

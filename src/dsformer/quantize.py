@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dsformer.compress import compact_layers, find_targets
 from dsformer.structures.base import tensor_bytes
+from dsformer.surgery import compact_layers, find_targets
 
 
 def to_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,13 +91,19 @@ def packed_size(count: int, bits: int) -> int:
     return -(-count * bits // 8)
 
 
+def index_bits(bound: int) -> int:
+    """Bits that integers below ``bound`` need."""
+    return max(1, (bound - 1).bit_length())
+
+
 def index_tensors(model: nn.Module) -> dict[int, tuple[torch.Tensor, int]]:
     """The index tensors of compact layers that packing makes smaller, by storage address: (tensor, bits)."""
     found = {}
     for layer in compact_layers(model).values():
-        bits, indices = layer.index_bits(), getattr(layer, "indices", None)
-        if bits is not None and indices is not None and bits < 8 * indices.element_size():
-            found[indices.data_ptr()] = (indices, bits)
+        for name, bound in layer.index_bounds().items():
+            indices, bits = getattr(layer, name), index_bits(bound)
+            if bits < 8 * indices.element_size():
+                found[indices.data_ptr()] = (indices, bits)
     return found
 
 

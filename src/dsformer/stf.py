@@ -1,10 +1,13 @@
-"""The Straight-Through Factorizer (STF): train the factorization under the task loss.
+"""The Straight-Through Factorizer (STF): train the factorization under the task loss, in any training loop.
 
 Each target linear keeps a latent dense weight ``W̃`` (initialized from the pretrained ``W``).
 The layer computes with ``Ŵ_λ = (1 - λ) W̃ + λ Π(W̃)``, where ``Π`` projects onto the structure
 (dense-sparse, low rank or N:M) by a few fitting rounds warm-started from the previous
 projection, so the discrete support keeps moving. The backward pass is straight-through:
-``∂L/∂W̃ := ∂L/∂Ŵ``. :meth:`STF.finalize` turns the last projection into compact layers.
+``∂L/∂W̃ := ∂L/∂Ŵ``. Three calls fit any loop: :meth:`STF.wrap` before training,
+:meth:`STF.step` after each optimizer step, :meth:`STF.finalize` at the end, which turns the
+last projection into compact layers. ``dsformer.STFCallback`` makes the same calls from
+``transformers.Trainer``.
 
 Example:
     >>> import torch
@@ -16,6 +19,8 @@ Example:
     >>> model(torch.randn(4, 32)).sum().backward()   # gradients reach the latent weights
     >>> model[0].weight.grad is not None
     True
+    >>> stf.step()   # after the optimizer's step: re-project when due
+    False
     >>> report = stf.finalize()
     >>> type(model[0]).__name__
     'DenseSparseLinear'
@@ -23,17 +28,17 @@ Example:
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from dsformer.compress import _set_module, find_targets, layer_report, linear_weight
+from dsformer import surgery
 from dsformer.errors import DsformerError
 from dsformer.report import Report, model_bytes
-from dsformer.structures import CompactLinear, DenseSparseConfig, StructureConfig, compact_layer
-from dsformer.structures.dense_sparse import share_bases
+from dsformer.structures import DenseSparseConfig, Factors, Structure
+
+_FACTOR = "factor_"  # prefix of the buffers that hold a projection's factor tensors
 
 
 class STFLinear(nn.Module):
@@ -48,16 +53,37 @@ class STFLinear(nn.Module):
         self.register_buffer("anchor", weight.detach().clone())  # W̃ when Π(W̃) was last computed
         self.ramp = 1.0  # λ
         self.follow = True  # between refreshes, training steps see the latent's moves (see Schedule.follow)
-        self.factors = None  # the last projection's factors (warm start of the next)
         self.source_kind = source_kind
+        self._template: Factors | None = None  # the projection's factors, their tensors held as buffers below
+
+    @property
+    def factors(self) -> Factors | None:
+        """The last projection's factors (the warm start of the next). Their tensors are buffers
+        (``factor_<field>``), so checkpoints of the model carry them and a resumed run goes on exactly."""
+        if self._template is None:
+            return None
+        return self._template.with_tensors({f: getattr(self, _FACTOR + f) for f in self._template.tensors()})
+
+    @torch.no_grad()
+    def set_factors(self, factors: Factors) -> None:
+        """Hold a new projection: its factors, and the weight they make."""
+        tensors = factors.tensors()
+        for field, tensor in tensors.items():
+            held = getattr(self, _FACTOR + field, None)
+            if held is not None and held.shape == tensor.shape and held.dtype == tensor.dtype:
+                held.copy_(tensor)
+            else:  # the first projection (a copy: layers fitted with one basis must not share its storage)
+                self.register_buffer(_FACTOR + field, tensor.detach().clone())
+        self._template = factors.with_tensors({field: torch.empty(0) for field in tensors})
+        self.projected.copy_(factors.reconstruct().to(self.projected.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         # value (1-λ) W̃ + λ Π(W̃), gradient identity with respect to W̃; when following, Π(W̃) is
         # approximated between refreshes by Π(W̃ᵣ) + (W̃ - W̃ᵣ), so each step's update acts at once.
-        # Evaluation always sees the projection itself: the model as it would ship.
-        base = self.anchor if self.follow and self.training else w
-        w_hat = w + self.ramp * (self.projected.to(w.dtype) - base).detach()
+        # Evaluation always sees the projection itself (λ = 1): the model as it would ship.
+        ramp, base = (self.ramp, self.anchor if self.follow else w) if self.training else (1.0, w)
+        w_hat = w + ramp * (self.projected.to(w.dtype) - base).detach()
         return nn.functional.linear(x, w_hat, self.bias)
 
     def extra_repr(self) -> str:
@@ -112,23 +138,13 @@ class Schedule:
         return self.ramp_start + (1.0 - self.ramp_start) * step / self.ramp_steps
 
 
-def _support(factors) -> torch.Tensor | None:
-    """The discrete pattern of a projection as a boolean mask (None for low rank, which has none)."""
-    indices = getattr(factors, "indices", None)
-    if indices is None:
-        return None
-    width = factors.layout.k if hasattr(factors.layout, "k") else factors.layout.m
-    mask = torch.zeros(*indices.shape[:-1], width, dtype=torch.bool, device=indices.device)
-    return mask.scatter_(-1, indices.long(), True)
-
-
 class STF:
     """The STF layers of one model and their shared projection schedule."""
 
     def __init__(
         self,
         model: nn.Module,
-        layers: dict[str, tuple[STFLinear, StructureConfig]],
+        layers: dict[str, tuple[STFLinear, Structure]],
         schedule: Schedule,
         importance: dict[str, torch.Tensor] | None = None,
     ):
@@ -136,6 +152,7 @@ class STF:
         self.layers = layers
         self.schedule = schedule
         self.importance = importance or {}  # per-output-row fit weights by layer (Fisher), for every projection
+        self.steps = 0  # optimizer steps taken (step() counts them)
         self.support_change = 0.0  # fraction of support entries that moved at the last refresh
         self.report: Report | None = None  # set by finalize, after which the STF layers are gone
 
@@ -143,48 +160,53 @@ class STF:
     def wrap(
         cls,
         model: nn.Module,
-        structure: StructureConfig | None = None,
-        targets=None,
-        exclude=None,
+        structure: Structure | None = None,
+        targets: surgery.Patterns = None,
+        exclude: surgery.Patterns = None,
         schedule: Schedule | None = None,
         importance: dict[str, torch.Tensor] | None = None,
+        overrides: dict[str, Structure] | None = None,
     ) -> STF:
         """Replace the target linears by :class:`STFLinear` (in place) and project them once.
 
-        ``importance`` maps layer names to per-output-row weights (``dsformer.methods.fisher_importance``)
-        that every projection's fit uses (DS and low rank).
+        ``targets``, ``exclude`` and ``overrides`` select layers as :class:`dsformer.CompressConfig` does;
+        every layer is checked before any is replaced. ``importance`` maps layer names to per-output-row
+        weights (Fisher information) that every projection's fit uses.
         """
-        structure = structure or DenseSparseConfig()
-        names = find_targets(model, targets, exclude)
-        layers = {}
-        for name in names:
+        config = surgery.CompressConfig(structure or DenseSparseConfig(), targets, exclude, overrides or {})
+        structures = surgery.plan(model, config)
+        latent = {}
+        for name in structures:
             module = model.get_submodule(name)
-            structure.candidates(*linear_weight(module).shape)  # fail before changing anything
-        for name in names:
-            module = model.get_submodule(name)
-            kind = "linear" if isinstance(module, nn.Linear) else "conv1d"
-            layer = STFLinear(linear_weight(module), module.bias, kind)
-            _set_module(model, name, layer)
-            layers[name] = (layer, structure)
-        stf = cls(model, layers, schedule or Schedule(), importance)
+            latent[name] = STFLinear(surgery.linear_weight(module), module.bias, surgery.source_kind(module))
+        surgery.swap(model, latent)
+        stf = cls(
+            model, {name: (latent[name], structures[name]) for name in structures}, schedule or Schedule(), importance
+        )
         stf.refresh(first=True)
         stf.set_step(0)
         return stf
 
     def set_step(self, step: int) -> None:
+        """Set λ and the following mode for training step ``step`` (0: the first)."""
+        self.steps = step
         ramp = self.schedule.ramp(step)
         for layer, _ in self.layers.values():
             layer.ramp = ramp
             layer.follow = self.schedule.follow
 
-    def maybe_refresh(self, step: int, force: bool = False) -> bool:
-        """After optimizer step ``step``: pull the latents, set λ, re-project when due (or ``force``)."""
+    def step(self, step: int | None = None, refresh: bool = False) -> bool:
+        """Call after each optimizer step (``step``: the steps done, when the loop counts them itself).
+
+        Pulls the latents toward their projections, sets λ, and re-projects when due or when
+        ``refresh`` is set (an epoch end, before validation); returns whether it re-projected.
+        """
         if self.schedule.pull:
             with torch.no_grad():
                 for layer, _ in self.layers.values():
                     layer.weight.lerp_(layer.projected.to(layer.weight.dtype), self.schedule.pull)
-        self.set_step(step)
-        if force or step % self.schedule.refresh_every == 0:
+        self.set_step(self.steps + 1 if step is None else step)
+        if refresh or self.steps % self.schedule.refresh_every == 0:
             self.refresh()
             return True
         return False
@@ -192,49 +214,25 @@ class STF:
     @torch.no_grad()
     def refresh(self, first: bool = False, iters: int | None = None) -> float:
         """Project every latent weight, warm-started from its last projection; returns the support-change rate."""
-        groups: dict[tuple[int, tuple[int, int]], list[str]] = {}
-        for name, (layer, structure) in self.layers.items():
-            groups.setdefault((id(structure), tuple(layer.weight.shape)), []).append(name)
+        weights = {name: layer.weight.detach() for name, (layer, _) in self.layers.items()}
+        structures = {name: structure for name, (_, structure) in self.layers.items()}
+        warm = None
+        if not first:  # a few rounds from the last projection, one refit config per config (fit groups follow it)
+            rounds = self.schedule.iters if iters is None else iters
+            refits = {id(s): s.with_rounds(rounds) for s in structures.values()}
+            structures = {name: refits[id(s)] for name, s in structures.items()}
+            warm = {name: layer.factors for name, (layer, _) in self.layers.items()}
+        fitted = surgery.fit(weights, structures, self.importance, warm)
         moved = total = 0
-        for names in groups.values():
-            structure = self.layers[names[0]][1]
-            layers = [self.layers[n][0] for n in names]
-            fit_config = structure
-            if isinstance(structure, DenseSparseConfig) and not first:
-                fit_config = replace(structure, iters=self.schedule.iters if iters is None else iters)
-            warm = None if first else [layer.factors for layer in layers]
-            options = {"importance": [self.importance.get(n) for n in names]} if self.importance else {}
-            fitted = fit_config.fit([layer.weight.detach() for layer in layers], warm=warm, **options)
-            for layer, factors in zip(layers, fitted, strict=True):
-                old, new = _support(layer.factors), _support(factors)
-                if old is not None and new is not None and old.shape == new.shape:
-                    moved += int((old & ~new).sum())
-                    total += int(new.sum())
-                layer.factors = factors
-                layer.projected.copy_(factors.reconstruct().to(layer.projected.dtype))
-                layer.anchor.copy_(layer.weight.detach())
+        for name, (layer, _) in self.layers.items():
+            old, new = layer.factors.support() if layer.factors is not None else None, fitted[name].support()
+            if old is not None and new is not None and old.shape == new.shape:
+                moved += int((old & ~new).sum())
+                total += int(new.sum())
+            layer.set_factors(fitted[name])
+            layer.anchor.copy_(layer.weight.detach())
         self.support_change = moved / total if total else 0.0
         return self.support_change
-
-    def factor_state(self) -> dict[str, torch.Tensor]:
-        """The current projections' tensors, for checkpoints (exact resume needs the warm starts)."""
-        state = {}
-        for name, (layer, _) in self.layers.items():
-            for field in ("basis", "values", "indices", "left", "right"):
-                tensor = getattr(layer.factors, field, None)
-                if tensor is not None:  # a copy: shared bases and slices of one fit must not share storage
-                    state[f"{name}.{field}"] = tensor.detach().clone()
-        return state
-
-    def load_factor_state(self, state: dict[str, torch.Tensor]) -> None:
-        for name, (layer, _) in self.layers.items():
-            factors = copy.copy(layer.factors)
-            for field in ("basis", "values", "indices", "left", "right"):
-                key = f"{name}.{field}"
-                if key in state:
-                    setattr(factors, field, state[key].to(getattr(factors, field).device))
-            layer.factors = factors
-            layer.projected.copy_(factors.reconstruct().to(layer.projected.dtype))
 
     @torch.no_grad()
     def finalize(self, iters: int | None = None) -> Report:
@@ -253,17 +251,11 @@ class STF:
         iters = self.schedule.final_iters if iters is None else iters
         if iters > 0:
             self.refresh(iters=iters)
-        reports, shared = [], {}
-        for name, (layer, structure) in self.layers.items():
-            compact: CompactLinear = compact_layer(structure, layer.factors, layer.bias).to(layer.weight.device)
-            compact.source_kind = layer.source_kind
-            if getattr(structure, "share_basis", False):  # one basis per group that refresh fitted together
-                shared.setdefault((id(structure), tuple(layer.weight.shape)), []).append(compact)
-            _set_module(self.model, name, compact)
-        for group in shared.values():
-            share_bases(group)
-        for name, (layer, _) in self.layers.items():
-            reports.append(layer_report(name, layer.weight.detach(), self.model.get_submodule(name)))
+        sources = {name: layer for name, (layer, _) in self.layers.items()}
+        structures = {name: structure for name, (_, structure) in self.layers.items()}
+        compact = surgery.build({name: layer.factors for name, layer in sources.items()}, structures, sources)
+        surgery.swap(self.model, compact)
+        rows = [surgery.layer_report(name, sources[name].weight.detach(), compact[name]) for name in compact]
         self.layers = {}
-        self.report = Report(reports, 0.0, bytes_before, model_bytes(self.model))
+        self.report = Report(rows, 0.0, bytes_before, model_bytes(self.model))
         return self.report

@@ -4,7 +4,9 @@
 Every GEMM of a compact layer can run this way: DS's basis stage (the sparse stage stays a
 float gather), both factors of low rank, and a materialized dense weight. The numerics change
 (about 1% relative error per product on MiniLM's shapes), so ``auto`` never picks it: ask for it
-with ``use_backend(model, "int8")``. ``int8_linears`` gives a dense model the same treatment, the
+with ``use_backend(model, "int8")``. This module registers the ``int8`` backend of every compact
+layer (the materialized weight) and of low rank (both factors); DS's is in
+:mod:`dsformer.kernels.dense_sparse`. ``int8_linears`` gives a dense model the same treatment, the
 baseline that int8 compact layers must beat.
 
 Example:
@@ -24,6 +26,9 @@ import torch
 from torch import nn
 
 from dsformer.quantize import to_int8
+from dsformer.structures import CompactLinear, LowRankLinear
+from dsformer.structures.backends import Backend, register_backend
+from dsformer.surgery import swap
 
 
 class Int8Weight(NamedTuple):
@@ -78,8 +83,36 @@ class Int8DenseLinear(nn.Module):
 
 def int8_linears(model: nn.Module, names: list[str]) -> nn.Module:
     """Replace the named ``nn.Linear`` modules of ``model`` (in place) by :class:`Int8DenseLinear`."""
-    from dsformer.compress import _set_module
-
-    for name in names:
-        _set_module(model, name, Int8DenseLinear(model.get_submodule(name)))
+    swap(model, {name: Int8DenseLinear(model.get_submodule(name)) for name in names})
     return model
+
+
+def _bias(layer: CompactLinear) -> torch.Tensor | None:
+    return None if layer.bias is None else layer.bias.detach()
+
+
+def _materialized(layer: CompactLinear, x: torch.Tensor) -> torch.Tensor:
+    """The materialized weight as int8 (structures whose factors are not GEMM operands)."""
+    weight8 = layer.cached("int8", lambda: int8_weight(layer.materialize()), *layer.factor_tensors())
+    return int8_linear(x, weight8, _bias(layer))
+
+
+def _low_rank(layer: LowRankLinear, x: torch.Tensor) -> torch.Tensor:
+    """Both thin GEMMs in int8."""
+    right8, left8 = layer.cached(
+        "int8_factors", lambda: (int8_weight(layer.right), int8_weight(layer.left)), layer.left, layer.right
+    )
+    return int8_linear(int8_linear(x, right8), left8, _bias(layer))
+
+
+register_backend(CompactLinear, Backend("int8", run=_materialized, exact=False, slots=("int8",)))
+register_backend(
+    LowRankLinear,
+    Backend(
+        "int8",
+        run=_low_rank,
+        exact=False,
+        slots=("int8_factors",),
+        work=lambda layer: layer.rank * (layer.out_features + layer.in_features),
+    ),
+)

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from dsformer.kernels.choice import cache_dir
+
 SOURCE = Path(__file__).with_name("bags.c")
 FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC")
 
@@ -165,8 +167,6 @@ def _compiled(compiler: str) -> Path:
     """The shared library for this source and these flags, built once per machine and cached."""
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
-    from dsformer.kernels import cache_dir
-
     folder = cache_dir() / "native"
     target = folder / f"bags-{key}.so"
     if target.exists():

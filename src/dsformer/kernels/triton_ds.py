@@ -35,29 +35,19 @@ Example (on a GPU, or on CPU under ``TRITON_INTERPRET=1``):
 
 from __future__ import annotations
 
-import importlib.util
-import os
+import importlib
 
 import torch
 
+from dsformer.hardware import triton_installed, triton_interpreting
 from dsformer.kernels.gather import ColumnPlan
-
-
-def installed() -> bool:
-    """Whether Triton can be imported (it comes with CUDA builds of PyTorch)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def runs_on(x: torch.Tensor) -> bool:
     """Whether the kernels can run on ``x``'s device here: CUDA with Triton, or CPU under the interpreter."""
-    if not installed():
+    if not triton_installed():
         return False
-    return x.device.type == "cuda" or (x.device.type == "cpu" and interpreting())
+    return x.device.type == "cuda" or (x.device.type == "cpu" and triton_interpreting())
 
 
 def ds_rows(
@@ -85,7 +75,7 @@ def ds_columns(x: torch.Tensor, plan: ColumnPlan, basis: torch.Tensor, bias: tor
 
 def _token_block(tokens: int) -> int:
     """Tokens per program: every token at decode, up to 16 (the configs that fit 16 tokens already
-    hold 64 values per thread; see ``_triton_kernels.fitting``)."""
+    hold 64 values per thread; see ``triton_kernels.fitting``)."""
     return min(16, _tuning_bucket(tokens))
 
 
@@ -151,10 +141,9 @@ def _(x, vectors, offsets, values, atoms):
 
 
 def _kernels():
-    """The Triton kernels (compiled on first launch); Triton is imported only when one is launched."""
-    from dsformer.kernels import _triton_kernels
+    """The Triton kernels (compiled on first launch); Triton is imported only when one is launched, by name
+    (``dsformer.kernels.triton_kernels`` imports Triton at its top)."""
+    return importlib.import_module("dsformer.kernels.triton_kernels")
 
-    return _triton_kernels
 
-
-__all__ = ["ds_columns", "ds_rows", "installed", "interpreting", "runs_on"]
+__all__ = ["ds_columns", "ds_rows", "runs_on"]

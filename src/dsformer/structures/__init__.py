@@ -1,55 +1,28 @@
-"""Weight structures: one module each, a config (budget solver + fit) and a compact layer.
+"""Weight structures: one module each (a config that fits factors, and a compact layer), and their registry.
 
-``STRUCTURES`` maps a structure name to its config class and compact layer class.
+Every structure registers its config by name (:mod:`dsformer.structures.registry`); the rest of
+dsformer asks the registry and the :class:`~dsformer.structures.base.Structure` interface, never a
+structure by name or type. Importing this package registers the structures shipped with dsformer.
 """
 
-from __future__ import annotations
-
-from typing import Any
-
-from dsformer.structures.base import CompactLinear
+from dsformer.structures.base import CompactLinear, Factors, Structure
 from dsformer.structures.dense_sparse import DenseSparseConfig, DenseSparseLinear
 from dsformer.structures.low_rank import LowRankConfig, LowRankLinear
 from dsformer.structures.nm_sparse import NMConfig, NMLinear
-
-StructureConfig = DenseSparseConfig | LowRankConfig | NMConfig
-
-STRUCTURES: dict[str, tuple[type, type[CompactLinear]]] = {
-    "ds": (DenseSparseConfig, DenseSparseLinear),
-    "svd": (LowRankConfig, LowRankLinear),
-    "nm": (NMConfig, NMLinear),
-}
-
-
-def structure_config(name: str, **options: Any) -> StructureConfig:
-    """Build the config of a structure by name, e.g. ``structure_config("ds", ratio=2.8)``."""
-    from dsformer.errors import DsformerError
-
-    if name not in STRUCTURES:
-        raise DsformerError(f"unknown structure {name!r}; choose one of {', '.join(STRUCTURES)}")
-    return STRUCTURES[name][0](**options)
-
-
-def layer_class(name: str) -> type[CompactLinear]:
-    return STRUCTURES[name][1]
-
-
-def compact_layer(config: StructureConfig, factors: Any, bias: Any = None) -> CompactLinear:
-    """The compact layer holding ``factors`` fitted with ``config``."""
-    return layer_class(config.name)(factors, bias)
-
+from dsformer.structures.registry import get, names, register, structure_config
 
 __all__ = [
-    "STRUCTURES",
     "CompactLinear",
     "DenseSparseConfig",
     "DenseSparseLinear",
+    "Factors",
     "LowRankConfig",
     "LowRankLinear",
     "NMConfig",
     "NMLinear",
-    "StructureConfig",
-    "compact_layer",
-    "layer_class",
+    "Structure",
+    "get",
+    "names",
+    "register",
     "structure_config",
 ]

@@ -1,7 +1,13 @@
-"""What every weight structure shares: the compact layer base class and budget helpers."""
+"""What every weight structure provides: a config (:class:`Structure`), its fitted :class:`Factors`,
+and a compact layer (:class:`CompactLinear`) that computes with them.
+
+A new structure is one module that subclasses these three and registers its config with
+:func:`dsformer.structures.registry.register`; nothing else in dsformer names a structure.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, ClassVar
 
@@ -9,6 +15,7 @@ import torch
 from torch import nn
 
 from dsformer.errors import InfeasibleRatioError
+from dsformer.structures.backends import Backend, backend_of, choose, register_backend
 
 
 def check_ratio(ratio: float) -> float:
@@ -28,30 +35,89 @@ def infeasible(structure: str, shape: tuple[int, int], ratio: float, lo: float, 
     )
 
 
+def tensor_bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 # activations a compact layer can take over from the module after it (exact GELU, erf form)
 ACTIVATIONS = {"gelu": nn.functional.gelu}
 
 
-def tensor_bytes(*tensors: torch.Tensor) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+class Factors:
+    """The fitted factors of one layer: a dataclass whose tensor fields store the weight, and a ``layout``
+    (shapes and counts: ``value_params``, ``ratio``)."""
+
+    layout: Any
+
+    def reconstruct(self) -> torch.Tensor:
+        """The ``(out, in)`` weight these factors represent."""
+        raise NotImplementedError
+
+    def support(self) -> torch.Tensor | None:
+        """The discrete pattern as a boolean mask (STF reports how much of it moves); None: no pattern."""
+        return None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors that store the weight, by field name."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        return {name: value for name, value in values.items() if isinstance(value, torch.Tensor)}
+
+    def with_tensors(self, tensors: dict[str, torch.Tensor]) -> Factors:
+        """A copy holding ``tensors`` in place of the fields of those names."""
+        return dataclasses.replace(self, **tensors)  # type: ignore[type-var]
+
+
+class Structure:
+    """A structure's config: which layouts fit a shape at the asked budget, and how to fit them.
+
+    Subclasses are dataclasses with a ``name`` and the ``layer`` class that holds their factors.
+    """
+
+    name: ClassVar[str]
+    layer: ClassVar[type[CompactLinear]]
+
+    def candidates(self, out_features: int, in_features: int) -> list[Any]:
+        """The layouts a fit may choose for this shape; raises InfeasibleRatioError where none fits."""
+        raise NotImplementedError
+
+    def fit(
+        self,
+        weights: list[torch.Tensor],
+        warm: list[Factors | None] | None = None,
+        importance: list[torch.Tensor | None] | None = None,
+    ) -> list[Factors]:
+        """Factorize each ``(out, in)`` weight. ``warm``: earlier factors to start from (their layouts are
+        kept); ``importance[i]``: positive weights of the output rows (Fisher information)."""
+        raise NotImplementedError
+
+    def with_rounds(self, iters: int) -> Structure:
+        """The config for a warm-started refit of ``iters`` rounds (STF's projections); itself where a
+        fit has no rounds."""
+        return self
+
+    def tie(self, layers: list[CompactLinear]) -> None:
+        """Make the layers of one joint fit share what the fit shared (nothing, unless the config says so)."""
 
 
 class CompactLinear(nn.Module):
     """A layer that computes ``x @ W.T + bias`` like ``nn.Linear``, with ``W`` held in a compact form.
 
-    Subclasses define ``materialize`` (the dense ``(out, in)`` weight), ``layout`` (a JSON-able
-    dict that rebuilds an empty layer of the same shapes through ``from_layout``) and the counts
-    used by reports. ``merge`` turns the layer back into a plain ``nn.Linear``.
+    Subclasses define ``materialize`` (the dense ``(out, in)`` weight), ``reference`` (the forward in
+    differentiable ops on the factors), ``layout`` (a JSON-able dict that rebuilds an empty layer of
+    the same shapes through ``from_layout``) and ``describe``. At inference the forward runs on
+    ``backend``, looked up in :mod:`dsformer.structures.backends`.
     """
 
     structure: ClassVar[str]
-    # execution path: "reference", "dense", a structure's fast path, or "auto" (see dsformer.kernels)
+    # the execution backend at inference: "reference", "dense", a registered fast one, or "auto"
     backend: str = "reference"
     # "linear", or "conv1d" for a layer that replaced a GPT-2 style Conv1D (merge restores the type)
     source_kind: str = "linear"
     # an activation applied to the output ("gelu"), moved here from the module that follows the layer
-    # by dsformer.kernels.fuse_activations so a fast path can apply it in its kernel; None: none
+    # by dsformer.kernels.fuse_activations so that a backend can apply it in its kernel; None: none
     activation: str | None = None
+    # factor tensors that belong to another layer (a shared basis): stored and counted there
+    borrowed: frozenset[str] = frozenset()
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -62,7 +128,10 @@ class CompactLinear(nn.Module):
     def materialize(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def _cached(self, slot: str, build, *sources: torch.Tensor) -> torch.Tensor:
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def cached(self, slot: str, build, *sources: torch.Tensor) -> Any:
         """``build()``, reused across calls at inference while ``sources`` are unchanged.
 
         While gradients flow (training) it is rebuilt every call, so autograd sees it. Each
@@ -85,50 +154,19 @@ class CompactLinear(nn.Module):
         ):
             name = "reference"  # training (or a gradient to the input) differentiates through the reference ops
         elif name == "auto":
-            from dsformer.kernels import choose
-
             name = choose(self, x)
+        backend = backend_of(self, name)
         if self.activation is None:
-            return self.run(name, x)
-        return self.run_activated(name, x)
-
-    def run_activated(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``activation(run(name, x))``; a path that applies the activation in its own kernel overrides this."""
-        return ACTIVATIONS[self.activation](self.run(name, x))
-
-    def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The forward in plain PyTorch ops on the factors (differentiable; what training uses)."""
-        raise NotImplementedError
-
-    def backends(self) -> tuple[str, ...]:
-        """Execution paths this layer can take (see ``dsformer.kernels``); ``int8`` changes the numerics."""
-        return ("reference", "dense", "int8")
-
-    def unavailable(self) -> dict[str, str]:
-        """Paths this structure has elsewhere but not here, each with what it needs (for error messages)."""
-        return {}
-
-    def cache_slots(self, path: str) -> tuple[str, ...]:
-        """The ``_cached`` slots ``path`` fills (dropped when no choice uses the path)."""
-        return {"dense": ("dense",), "int8": ("int8",)}.get(path, ())
-
-    def work(self, path: str) -> int:
-        """Multiply-adds per token on ``path`` (the dense product's ``out · in`` unless a path saves some)."""
-        return self.out_features * self.in_features
+            return backend.run(self, x)
+        if backend.fused is not None:
+            y = backend.fused(self, x, self.activation)
+            if y is not None:
+                return y
+        return ACTIVATIONS[self.activation](backend.run(self, x))
 
     def run(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``x (..., in) -> (..., out)`` on the named path (inference; the result may be a strided view)."""
-        if name == "dense":  # the materialized weight: the dense cost, kept as a fallback
-            weight = self._cached("dense", self.materialize, *self.factor_tensors())
-            return nn.functional.linear(x, weight, self.bias)
-        if name == "reference":
-            return self.reference(x)
-        if name == "int8":  # the materialized weight as int8; structures with GEMM stages override it
-            from dsformer.kernels.int8 import int8_linear, int8_weight
-
-            weight8 = self._cached("int8", lambda: int8_weight(self.materialize()), *self.factor_tensors())
-            return int8_linear(x, weight8, None if self.bias is None else self.bias.detach())
-        raise ValueError(f"{type(self).__name__} has no backend {name!r}; it has {', '.join(self.backends())}")
+        """``x (..., in) -> (..., out)`` on the named backend, without a fused activation (timing, tests)."""
+        return backend_of(self, name).run(self, x)
 
     def layout(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -139,32 +177,43 @@ class CompactLinear(nn.Module):
     ) -> CompactLinear:
         raise NotImplementedError
 
-    def index_bits(self) -> int | None:
-        """Bits each stored index needs (compact int8 storage packs them); None: no index tensor."""
-        limit = self.index_limit()
-        return None if limit is None else max(1, (limit - 1).bit_length())
-
-    def index_limit(self) -> int | None:
-        """Every stored index is below this (checked at load: kernels trust them); None: no index tensor."""
-        return None
+    def index_bounds(self) -> dict[str, int]:
+        """Each index buffer's name and the bound all its entries are below (checked at load: kernels
+        trust them; int8 storage packs them to the bits the bound needs)."""
+        return {}
 
     def factor_tensors(self) -> list[torch.Tensor]:
-        """The tensors that store the weight (bias excluded)."""
+        """The tensors that store the weight (bias excluded), borrowed ones included."""
         return [t for name, t in self.state_dict().items() if name != "bias"]
+
+    def own_factor_tensors(self) -> list[torch.Tensor]:
+        return [t for name, t in self.state_dict().items() if name != "bias" and name not in self.borrowed]
 
     def value_params(self) -> int:
         """Stored weight values (indices excluded): the parameter count that ratios use."""
-        return sum(t.numel() for t in self.factor_tensors() if t.is_floating_point())
+        return sum(t.numel() for t in self.own_factor_tensors() if t.is_floating_point())
 
     def weight_bytes(self) -> int:
         """Bytes of the stored weight, indices included."""
-        return tensor_bytes(*self.factor_tensors())
+        return tensor_bytes(*self.own_factor_tensors())
+
+    def borrow(self, owner: CompactLinear, name: str) -> None:
+        """Use ``owner``'s factor tensor ``name`` instead of this layer's own (of the same shape and type)."""
+        mine, theirs = getattr(self, name), getattr(owner, name)
+        if mine.shape != theirs.shape or mine.dtype != theirs.dtype:
+            raise ValueError(
+                f"cannot share {name}: this layer's is {tuple(mine.shape)} {mine.dtype}, "
+                f"the owner's {tuple(theirs.shape)} {theirs.dtype}"
+            )
+        setattr(self, name, theirs)
+        self.borrowed = self.borrowed | {name}
 
     def describe(self) -> str:
         """A short human description of the layout, e.g. ``k=128 s=64``."""
         raise NotImplementedError
 
     def merge(self) -> nn.Linear:
+        """The plain linear this layer computes."""
         dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         w = self.materialize().detach()
         dense = dense.to(dtype=w.dtype, device=w.device)
@@ -176,3 +225,13 @@ class CompactLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.describe()}"
+
+
+def _dense(layer: CompactLinear, x: torch.Tensor) -> torch.Tensor:
+    """The materialized weight in one GEMM: the dense cost, kept as a fallback."""
+    weight = layer.cached("dense", layer.materialize, *layer.factor_tensors())
+    return nn.functional.linear(x, weight, layer.bias)
+
+
+register_backend(CompactLinear, Backend("reference", run=lambda layer, x: layer.reference(x)))
+register_backend(CompactLinear, Backend("dense", run=_dense, slots=("dense",)))

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from dsformer.errors import InfeasibleRatioError
-from dsformer.structures.base import CompactLinear, check_ratio, infeasible
+from dsformer.structures.backends import Backend, register_backend
+from dsformer.structures.base import CompactLinear, Factors, Structure, check_ratio, infeasible
+from dsformer.structures.registry import register
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class LowRankLayout:
 
 
 @dataclass
-class LowRankFactors:
+class LowRankFactors(Factors):
     """``left (out, r)`` and ``right (r, in)``, with the singular values split evenly between them."""
 
     layout: LowRankLayout
@@ -51,14 +53,65 @@ class LowRankFactors:
         return self.left @ self.right
 
 
+class LowRankLinear(CompactLinear):
+    """``nn.Linear`` with a rank-``r`` weight: two thin matrix products."""
+
+    structure: ClassVar[str] = "svd"
+
+    def __init__(self, factors: LowRankFactors, bias: torch.Tensor | None = None) -> None:
+        lay = factors.layout
+        super().__init__(lay.in_features, lay.out_features, bias)
+        self.left = nn.Parameter(factors.left.detach().clone())
+        self.right = nn.Parameter(factors.right.detach().clone())
+
+    def materialize(self) -> torch.Tensor:
+        return self.left @ self.right
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        y = (x @ self.right.mT) @ self.left.mT
+        return y + self.bias if self.bias is not None else y
+
+    @property
+    def rank(self) -> int:
+        return int(self.right.shape[0])
+
+    def layout(self) -> dict[str, Any]:
+        return {"rank": self.rank}
+
+    @classmethod
+    def from_layout(cls, shape: tuple[int, int], layout: dict[str, Any], bias: bool, dtype: torch.dtype):
+        rank = int(layout["rank"])
+        lay = LowRankLayout(shape[0], shape[1], rank)
+        factors = LowRankFactors(
+            lay, torch.zeros(shape[0], rank, dtype=dtype), torch.zeros(rank, shape[1], dtype=dtype)
+        )
+        return cls(factors, torch.zeros(shape[0], dtype=dtype) if bias else None)
+
+    def describe(self) -> str:
+        return f"rank={self.rank}"
+
+
+# the reference is already the fast backend: two thin GEMMs, r (out + in) multiply-adds per token
+register_backend(
+    LowRankLinear,
+    Backend(
+        "reference",
+        run=lambda layer, x: layer.reference(x),
+        work=lambda layer: layer.rank * (layer.out_features + layer.in_features),
+    ),
+)
+
+
+@register
 @dataclass
-class LowRankConfig:
+class LowRankConfig(Structure):
     """Truncated SVD at the rank that the ratio's budget allows (or a fixed ``rank``)."""
 
     ratio: float | None = 2.0
     rank: int | None = None
 
-    name = "svd"
+    name: ClassVar[str] = "svd"
+    layer: ClassVar[type[CompactLinear]] = LowRankLinear
 
     def candidates(self, out_features: int, in_features: int) -> list[LowRankLayout]:
         full = min(out_features, in_features)
@@ -80,7 +133,7 @@ class LowRankConfig:
     def fit(
         self,
         weights: list[torch.Tensor],
-        warm: list[Any] | None = None,
+        warm: list[Factors | None] | None = None,
         importance: list[torch.Tensor | None] | None = None,
     ) -> list[LowRankFactors]:
         """Factorize each weight; ``importance[i]`` (shape ``(out,)``, positive) weights its rows."""
@@ -100,54 +153,3 @@ class LowRankConfig:
         if importance is not None:
             left = left / scale[:, None]
         return LowRankFactors(layout, left.to(w.dtype).contiguous(), right.to(w.dtype).contiguous())
-
-
-class LowRankLinear(CompactLinear):
-    """``nn.Linear`` with a rank-``r`` weight: two thin matrix products."""
-
-    structure = "svd"
-
-    def __init__(self, factors: LowRankFactors, bias: torch.Tensor | None = None) -> None:
-        lay = factors.layout
-        super().__init__(lay.in_features, lay.out_features, bias)
-        self.left = nn.Parameter(factors.left.detach().clone())
-        self.right = nn.Parameter(factors.right.detach().clone())
-
-    def materialize(self) -> torch.Tensor:
-        return self.left @ self.right
-
-    def reference(self, x: torch.Tensor) -> torch.Tensor:
-        y = (x @ self.right.mT) @ self.left.mT
-        return y + self.bias if self.bias is not None else y
-
-    def work(self, path: str) -> int:
-        rank = int(self.right.shape[0])
-        return rank * (self.out_features + self.in_features) if path in ("reference", "int8") else super().work(path)
-
-    def cache_slots(self, path: str) -> tuple[str, ...]:
-        return ("int8_factors",) if path == "int8" else super().cache_slots(path)
-
-    def run(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        if name != "int8":
-            return super().run(name, x)
-        from dsformer.kernels.int8 import int8_linear, int8_weight
-
-        right8, left8 = self._cached(
-            "int8_factors", lambda: (int8_weight(self.right), int8_weight(self.left)), self.left, self.right
-        )
-        return int8_linear(int8_linear(x, right8), left8, None if self.bias is None else self.bias.detach())
-
-    def layout(self) -> dict[str, Any]:
-        return {"rank": int(self.right.shape[0])}
-
-    @classmethod
-    def from_layout(cls, shape: tuple[int, int], layout: dict[str, Any], bias: bool, dtype: torch.dtype):
-        rank = int(layout["rank"])
-        lay = LowRankLayout(shape[0], shape[1], rank)
-        factors = LowRankFactors(
-            lay, torch.zeros(shape[0], rank, dtype=dtype), torch.zeros(rank, shape[1], dtype=dtype)
-        )
-        return cls(factors, torch.zeros(shape[0], dtype=dtype) if bias else None)
-
-    def describe(self) -> str:
-        return f"rank={self.right.shape[0]}"

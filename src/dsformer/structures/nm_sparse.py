@@ -14,13 +14,15 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from dsformer.errors import InfeasibleRatioError
-from dsformer.structures.base import CompactLinear, check_ratio, infeasible
+from dsformer.structures.backends import Backend, register_backend
+from dsformer.structures.base import CompactLinear, Factors, Structure, check_ratio, infeasible
+from dsformer.structures.registry import register
 
 # Group sizes tried when only a ratio is given, smallest first (smaller groups run faster on hardware).
 MAX_GROUP = 32
@@ -43,7 +45,7 @@ class NMLayout:
 
 
 @dataclass
-class NMFactors:
+class NMFactors(Factors):
     """Kept ``values (out, in/m, n)`` and their positions ``indices (out, in/m, n)`` inside each group."""
 
     layout: NMLayout
@@ -56,16 +58,68 @@ class NMFactors:
         grouped.scatter_(-1, self.indices.long(), self.values)
         return grouped.view(lay.out_features, lay.in_features)
 
+    def support(self) -> torch.Tensor:
+        mask = torch.zeros(*self.indices.shape[:-1], self.layout.m, dtype=torch.bool, device=self.indices.device)
+        return mask.scatter_(-1, self.indices.long(), True)
 
+
+class NMLinear(CompactLinear):
+    """``nn.Linear`` with an N:M-sparse weight (reference execution: scatter to dense, then GEMM)."""
+
+    structure: ClassVar[str] = "nm"
+
+    def __init__(self, factors: NMFactors, bias: torch.Tensor | None = None) -> None:
+        lay = factors.layout
+        super().__init__(lay.in_features, lay.out_features, bias)
+        self.m = lay.m
+        self.values = nn.Parameter(factors.values.detach().clone())
+        self.register_buffer("indices", factors.indices.detach().to(torch.uint8))
+
+    @property
+    def factors(self) -> NMFactors:
+        lay = NMLayout(self.out_features, self.in_features, self.values.shape[-1], self.m)
+        return NMFactors(lay, self.values, self.indices)
+
+    def materialize(self) -> torch.Tensor:
+        return self.factors.reconstruct()
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        # no CPU kernel gains from N:M sparsity, so the reference is the dense product
+        weight = self.cached("dense", self.materialize, self.values, self.indices)
+        return nn.functional.linear(x, weight, self.bias)
+
+    def index_bounds(self) -> dict[str, int]:
+        return {"indices": self.m}  # a position in a group of m
+
+    def layout(self) -> dict[str, Any]:
+        return {"n": int(self.values.shape[-1]), "m": self.m}
+
+    @classmethod
+    def from_layout(cls, shape: tuple[int, int], layout: dict[str, Any], bias: bool, dtype: torch.dtype):
+        n, m = int(layout["n"]), int(layout["m"])
+        lay = NMLayout(shape[0], shape[1], n, m)
+        groups = (shape[0], shape[1] // m, n)
+        factors = NMFactors(lay, torch.zeros(groups, dtype=dtype), torch.zeros(groups, dtype=torch.uint8))
+        return cls(factors, torch.zeros(shape[0], dtype=dtype) if bias else None)
+
+    def describe(self) -> str:
+        return f"{self.values.shape[-1]}:{self.m}"
+
+
+register_backend(NMLinear, Backend("reference", run=lambda layer, x: layer.reference(x), slots=("dense",)))
+
+
+@register
 @dataclass
-class NMConfig:
+class NMConfig(Structure):
     """N:M sparsity; with only a ratio, the (n, m) whose ``m/n`` is the smallest ratio at or above it."""
 
     ratio: float | None = 2.0
     n: int | None = None
     m: int | None = None
 
-    name = "nm"
+    name: ClassVar[str] = "nm"
+    layer: ClassVar[type[CompactLinear]] = NMLinear
 
     def candidates(self, out_features: int, in_features: int) -> list[NMLayout]:
         if self.n is not None and self.m is not None:
@@ -88,7 +142,14 @@ class NMConfig:
         _, _, m, n = min((r, m != 4, m, n) for r, m, n in options)
         return [NMLayout(out_features, in_features, n, m)]
 
-    def fit(self, weights: list[torch.Tensor], warm: list[Any] | None = None) -> list[NMFactors]:
+    def fit(
+        self,
+        weights: list[torch.Tensor],
+        warm: list[Factors | None] | None = None,
+        importance: list[torch.Tensor | None] | None = None,
+    ) -> list[NMFactors]:
+        """Keep the ``n`` largest magnitudes of every group. A group lies within one row, so weights of
+        the rows (``importance``) leave the choice as it is; a warm start has no state worth keeping."""
         out = []
         for w in weights:
             (lay,) = self.candidates(*w.shape)
@@ -96,49 +157,3 @@ class NMConfig:
             indices = grouped.abs().topk(lay.n, dim=-1).indices.sort(dim=-1).values
             out.append(NMFactors(lay, grouped.gather(-1, indices).contiguous(), indices.to(torch.uint8)))
         return out
-
-
-class NMLinear(CompactLinear):
-    """``nn.Linear`` with an N:M-sparse weight (reference execution: scatter to dense, then GEMM)."""
-
-    structure = "nm"
-
-    def __init__(self, factors: NMFactors, bias: torch.Tensor | None = None) -> None:
-        lay = factors.layout
-        super().__init__(lay.in_features, lay.out_features, bias)
-        self.m = lay.m
-        self.values = nn.Parameter(factors.values.detach().clone())
-        self.register_buffer("indices", factors.indices.detach().to(torch.uint8))
-
-    @property
-    def factors(self) -> NMFactors:
-        lay = NMLayout(self.out_features, self.in_features, self.values.shape[-1], self.m)
-        return NMFactors(lay, self.values, self.indices)
-
-    def materialize(self) -> torch.Tensor:
-        return self.factors.reconstruct()
-
-    def reference(self, x: torch.Tensor) -> torch.Tensor:
-        # no CPU kernel gains from N:M sparsity, so the reference is the dense product
-        weight = self._cached("dense", self.materialize, self.values, self.indices)
-        return nn.functional.linear(x, weight, self.bias)
-
-    def cache_slots(self, path: str) -> tuple[str, ...]:
-        return ("dense",)  # both paths multiply by the materialized weight
-
-    def index_limit(self) -> int:
-        return self.m  # a position in a group of m
-
-    def layout(self) -> dict[str, Any]:
-        return {"n": int(self.values.shape[-1]), "m": self.m}
-
-    @classmethod
-    def from_layout(cls, shape: tuple[int, int], layout: dict[str, Any], bias: bool, dtype: torch.dtype):
-        n, m = int(layout["n"]), int(layout["m"])
-        lay = NMLayout(shape[0], shape[1], n, m)
-        groups = (shape[0], shape[1] // m, n)
-        factors = NMFactors(lay, torch.zeros(groups, dtype=dtype), torch.zeros(groups, dtype=torch.uint8))
-        return cls(factors, torch.zeros(shape[0], dtype=dtype) if bias else None)
-
-    def describe(self) -> str:
-        return f"{self.values.shape[-1]}:{self.m}"

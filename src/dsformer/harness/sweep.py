@@ -30,7 +30,7 @@ Example config (paths are relative to the config file)::
     ratios: [2, 2.8]
     seeds: [0, 1, 2]
 
-    >>> from dsformer.sweep import MethodSpec
+    >>> from dsformer.harness.sweep import MethodSpec
     >>> MethodSpec.parse({"label": "dsformer+kd", "method": "dsformer", "teacher": True}).teacher
     True
 """
@@ -38,16 +38,22 @@ Example config (paths are relative to the config file)::
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from dsformer.errors import DsformerError
-from dsformer.methods import METHODS
+from dsformer.files import atomic_write_text
+from dsformer.harness.finetune import RunConfig, check_run, finetune, has_checkpoint
+from dsformer.harness.methods import COMPRESSION
+from dsformer.harness.tasks import task_spec
+from dsformer.harness.training import TrainConfig
 from dsformer.stf import Schedule
 from dsformer.structures.base import check_ratio
-from dsformer.train import TrainConfig
 
 _TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"seed", "progress"}
 _SCHEDULE_FIELDS = {f.name for f in fields(Schedule)}
@@ -72,7 +78,7 @@ class MethodSpec:
     schedule: dict[str, Any] = field(default_factory=dict)
     ratios: tuple[float, ...] | None = None  # this method's own ratio axis (None: the sweep's)
     seeds: tuple[int, ...] | None = None
-    fisher: bool = False  # weight the fits by Fisher information (dsformer.methods.prepare)
+    fisher: bool = False  # weight the fits by Fisher information (dsformer.harness.prepare)
     tasks: tuple[str, ...] | None = None  # this method's own tasks (None: every task of the sweep)
 
     @classmethod
@@ -85,8 +91,8 @@ class MethodSpec:
         unknown = set(entry) - known
         if unknown:
             raise SweepError(f"methods: unknown key(s) {sorted(unknown)} in {entry!r}")
-        if entry["method"] not in METHODS or entry["method"] == "dense":
-            raise SweepError(f"methods: {entry['method']!r} is not a compression method ({', '.join(METHODS[1:])})")
+        if entry["method"] not in COMPRESSION:
+            raise SweepError(f"methods: {entry['method']!r} is not a compression method ({', '.join(COMPRESSION)})")
         schedule = dict(entry.get("schedule") or {})
         if set(schedule) - _SCHEDULE_FIELDS:
             raise SweepError(f"methods: unknown schedule key(s) {sorted(set(schedule) - _SCHEDULE_FIELDS)}")
@@ -114,7 +120,7 @@ class PlannedRun:
     label: str
     ratio: float
     seed: int
-    config: Any  # RunConfig
+    config: RunConfig
     output: Path
     result: Path
     dense: Path | None  # the dense run this one starts from (None: it is the dense run)
@@ -133,11 +139,10 @@ class Sweep:
     train: dict[str, Any] = field(default_factory=dict)
     dense: dict[str, Any] = field(default_factory=dict)
     keep_models: bool = True
+    source: Path | None = None  # the config file
 
     def plan(self) -> list[PlannedRun]:
         """Every run in order: each task's dense start, then its grid."""
-        from dsformer.pipeline import RunConfig
-
         runs = []
         first = self.seeds[0]
         for task, options in self.tasks.items():
@@ -183,8 +188,6 @@ class Sweep:
 
 def load_sweep(path: str | Path) -> Sweep:
     """Read and check a sweep config; every problem is a :class:`SweepError` naming the key."""
-    import yaml
-
     file = Path(path)
     try:
         raw = yaml.safe_load(file.read_text())
@@ -225,8 +228,6 @@ def load_sweep(path: str | Path) -> Sweep:
         if "data_dir" in options:  # a local folder, relative to the config; anything else names a hub dataset
             options["data_dir"] = _local_or_hub(here, str(options["data_dir"]))
         tasks[str(task)] = options
-    from dsformer.tasks import task_spec
-
     for task in tasks:
         task_spec(task)  # unknown task names fail here
     ratios = _numbers(raw["ratios"], float, f"{file}: ratios")
@@ -260,9 +261,8 @@ def load_sweep(path: str | Path) -> Sweep:
         train=dict(raw.get("train") or {}),
         dense=dict(raw.get("dense") or {}),
         keep_models=bool(raw.get("keep_models", True)),
+        source=file,
     )
-    from dsformer.pipeline import check_run
-
     for planned in sweep.plan():  # every run's options, before the first run trains for an hour
         try:
             check_run(planned.config)
@@ -309,9 +309,6 @@ def run_sweep(
     ``tasks``, ``labels`` and ``ratios`` run part of the grid (a task's dense start always belongs to it),
     to put what matters first; names the config does not have are an error, not an empty selection.
     """
-    from dsformer.io import atomic_write_text
-    from dsformer.pipeline import has_checkpoint, run
-
     planned_runs = _select(sweep, tasks, labels, ratios)
     todo = [r for r in planned_runs if not r.result.exists()]
     echo(f"sweep {sweep.name}: {len(planned_runs) - len(todo)} runs done, {len(todo)} to do")
@@ -338,13 +335,21 @@ def run_sweep(
         resume = has_checkpoint(planned.output)
         echo(f"[{i}/{len(todo)}] {planned.name}" + (" (resuming)" if resume else ""))
         config = replace(planned.config, train=replace(planned.config.train, progress=not quiet))
-        metrics = run(config, planned.output, resume=resume)
+        try:
+            metrics = finetune(config, planned.output, resume=resume)
+        except KeyboardInterrupt as interrupt:
+            only = {"tasks": tasks, "labels": labels, "ratios": ratios}
+            again = ["dsformer", "sweep", "--config", str(sweep.source or sweep.name)]
+            for key, values in only.items():
+                again += [f"--{key}", *(f"{v:g}" if isinstance(v, float) else v for v in values)] if values else []
+            interrupt.hint = f"interrupted; run `{shlex.join(again)}` again to go on where it stopped"
+            raise
         if planned.name in refitted:
             _compare_refit(planned, metrics, echo)
             continue
-        labels = {"sweep": sweep.name, "run": planned.name, "label": planned.label, "seed": planned.seed}
+        names = {"sweep": sweep.name, "run": planned.name, "label": planned.label, "seed": planned.seed}
         planned.result.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(planned.result, json.dumps({**labels, **metrics}, indent=2) + "\n")
+        atomic_write_text(planned.result, json.dumps({**names, **metrics}, indent=2) + "\n")
         if planned.dense is not None and not sweep.keep_models:
             shutil.rmtree(planned.output, ignore_errors=True)
         ratio = "" if planned.dense is None else f" ({metrics.get('ratios', {}).get('ratio_params', 0):.2f}x)"

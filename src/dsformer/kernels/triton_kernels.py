@@ -6,7 +6,7 @@ Module-level, because Triton resolves the helpers a kernel calls among its modul
 import triton
 import triton.language as tl
 
-from dsformer.kernels.triton_ds import interpreting
+from dsformer.hardware import triton_interpreting
 
 TOKEN_BLOCKS = (1, 2, 4, 8, 16)  # tokens per program (triton_ds._token_block)
 
@@ -23,7 +23,7 @@ def configs(tiles: tuple, a: str, b: str) -> list:
     return [triton.Config({a: x, b: y}, num_warps=w) for x, y, w in tiles]
 
 
-if interpreting():  # the interpreter runs every config it is given: one is enough to check results
+if triton_interpreting():  # the interpreter runs every config it is given: one is enough to check results
     row_configs = configs(((16, 8, 1),), "BLOCK_N", "BLOCK_S")
     column_configs = configs(((16, 8, 1),), "BLOCK_A", "BLOCK_B")
 else:

@@ -1,4 +1,11 @@
-"""One compression run end to end: load, apply a method, fine-tune, finalize, save, write metrics.json."""
+"""One fine-tuning run end to end (``dsformer finetune``): load, apply a method, train, finalize, save with
+``metrics.json``. Resumable, and refused where it would overwrite or mix up another run's work.
+
+Example:
+    >>> from dsformer.harness.finetune import RunConfig, check_run
+    >>> check_run(RunConfig(method="dsformer", ratio=2.8))
+    'stf'
+"""
 
 from __future__ import annotations
 
@@ -7,23 +14,25 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dsformer import __version__
-from dsformer.compress import find_targets
+from dsformer.checkpoint import check_model_output, load, read_meta, save
 from dsformer.errors import DsformerError
+from dsformer.files import atomic_write_text
 from dsformer.hardware import describe
-from dsformer.io import atomic_write_text, save
-from dsformer.methods import check_method, make_student, prepare
-from dsformer.models import load_pretrained
+from dsformer.harness.methods import check_method
+from dsformer.harness.models import load_pretrained
+from dsformer.harness.prepare import make_student, prepare
+from dsformer.harness.tasks import load_task
+from dsformer.harness.training import TrainConfig, distributed, latest_checkpoint, train
 from dsformer.report import model_bytes
 from dsformer.stf import Schedule
-from dsformer.tasks import load_task
-from dsformer.train import STATE_FILE, TrainConfig, distributed, train
+from dsformer.surgery import find_targets
+from dsformer.version import __version__
 
 METRICS_FILE = "metrics.json"
 RUN_FILE = "run.json"  # in the work folder: what the checkpoint is a run of, checked on --resume
@@ -41,9 +50,18 @@ class RunConfig:
     reference: str | None = None  # metrics.json of a dense run, for the difference to dense
     teacher: str | None = None
     device: str = "cpu"
-    fisher: bool = False  # weight the structure's fit by Fisher information (dsformer.methods.prepare)
+    fisher: bool = False  # weight the structure's fit by Fisher information (dsformer.harness.prepare)
     train: TrainConfig = field(default_factory=TrainConfig)
     schedule: Schedule = field(default_factory=Schedule)
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> RunConfig:
+        """A config from one flat mapping of its own, ``TrainConfig``'s and ``Schedule``'s fields (others ignored)."""
+
+        def part(kind: type) -> dict[str, Any]:
+            return {f.name: settings[f.name] for f in fields(kind) if f.name in settings}
+
+        return cls(**{**part(cls), "train": TrainConfig(**part(TrainConfig)), "schedule": Schedule(**part(Schedule))})
 
 
 def check_run(config: RunConfig) -> str:
@@ -57,20 +75,20 @@ def check_run(config: RunConfig) -> str:
     return trainer
 
 
-def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> dict[str, Any]:
+def finetune(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> dict[str, Any] | None:
     """Train ``config.method`` on ``config.task`` and save the compact model and ``metrics.json`` to ``output``.
 
-    Training state lives in ``output/work`` (checkpoints for ``resume``); the final model folder
-    is written atomically at the end.
+    Training state lives in ``<output>.work`` (checkpoints for ``resume``); the final model folder
+    is written atomically at the end; returns the metrics. Started by ``torchrun`` or ``accelerate
+    launch``, it trains on every process (DDP); rank 0 writes and returns, the others return None.
     """
-    from dsformer.io import check_output
-
     trainer = check_run(config)  # everything that can be checked before loading is checked first
-    out = check_output(output, source=config.model)
+    out = check_model_output(output, source=config.model)
+    _join_processes(config.device)
     work = work_folder(out)
     interrupted = has_checkpoint(out)
     if resume and not interrupted:
-        raise DsformerError(f"--resume: no checkpoint in {work / 'checkpoint'}; start without --resume")
+        raise DsformerError(f"--resume: no checkpoint in {work}; start without --resume")
     if interrupted and not resume:  # starting over would overwrite it at the first checkpoint
         raise DsformerError(
             f"{work} holds the checkpoint of an interrupted run: continue it with --resume, "
@@ -78,6 +96,15 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
         )
     if resume:
         _check_same_run(work / RUN_FILE, config)
+    try:
+        return _finetune(config, out, work, trainer, resume)
+    except KeyboardInterrupt as interrupt:
+        resumable = f"the checkpoint is in {work}: run the same command with --resume"
+        interrupt.hint = "interrupted; " + (resumable if has_checkpoint(out) else "no checkpoint yet to resume")
+        raise
+
+
+def _finetune(config: RunConfig, out: Path, work: Path, trainer: str, resume: bool) -> dict[str, Any] | None:
     start = time.perf_counter()
     data = load_task(config.task, config.data_dir, seed=config.train.seed, max_train=config.max_train)
     reference = _reference_metric(config.reference, data.spec.metrics[0]) if config.reference else None
@@ -88,15 +115,11 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
     device = torch.device(config.device)
     model.to(device)
     dense_bytes = model_bytes(model)  # the pretrained model's size, the reference of every ratio
-    teacher = None
-    if config.teacher:
-        from dsformer.io import load
-
-        teacher = load(config.teacher, device=device)
+    teacher = load(config.teacher, device=device) if config.teacher else None
     if config.method == "distil":
         if teacher is None:
             raise DsformerError(
-                "--method distil needs --teacher: a fine-tuned model saved by `dsformer compress --method dense`"
+                "--method distil needs --teacher: a fine-tuned model saved by `dsformer finetune --method dense`"
             )
         model = make_student(teacher, config.ratio).to(device)
     prepared = prepare(
@@ -106,7 +129,9 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
         trainer=config.trainer,
         data=data,
         tokenizer=tokenizer,
-        train_config=config.train,
+        max_length=config.train.max_length,
+        batch_size=config.train.batch_size,
+        seed=config.train.seed,
         schedule=config.schedule,
         progress=config.train.progress,
         fisher=config.fisher,
@@ -148,10 +173,20 @@ def run(config: RunConfig, output: str | os.PathLike, resume: bool = False) -> d
     if reference is not None:
         metrics["dense_test"] = reference
         metrics["difference_to_dense"] = result.test[data.spec.metrics[0]] - reference
-    if distributed()[0] == 0:
-        save(model.cpu(), out, tokenizer=tokenizer, report=report, extra_files={METRICS_FILE: metrics})
-        shutil.rmtree(work, ignore_errors=True)  # checkpoints are only needed to resume an unfinished run
+    if distributed()[0] != 0:
+        return None
+    save(model.cpu(), out, tokenizer=tokenizer, report=report, extra_files={METRICS_FILE: metrics})
+    shutil.rmtree(work, ignore_errors=True)  # checkpoints are only needed to resume an unfinished run
     return metrics
+
+
+def default_output(config: RunConfig) -> Path:
+    """``outputs/<task>-<method>[-<ratio>x][-<trainer>][-fisher][-s<seed>]``: whatever tells two runs apart."""
+    parts = [config.task, config.method] + ([] if config.method == "dense" else [f"{config.ratio:g}x"])
+    parts += [config.trainer] if config.trainer else []
+    parts += ["fisher"] if config.fisher else []
+    parts += [f"s{config.train.seed}"] if config.train.seed else []
+    return Path("outputs") / "-".join(parts)
 
 
 def work_folder(output: str | os.PathLike) -> Path:
@@ -162,12 +197,21 @@ def work_folder(output: str | os.PathLike) -> Path:
 
 def has_checkpoint(output: str | os.PathLike) -> bool:
     """Whether the run writing ``output`` was interrupted and left a checkpoint to resume."""
-    return (work_folder(output) / "checkpoint" / STATE_FILE).exists()
+    work = work_folder(output)
+    return work.is_dir() and latest_checkpoint(work) is not None
+
+
+def _join_processes(device: str) -> None:
+    """Join the process group when started by torchrun or ``accelerate launch`` (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState(cpu=device == "cpu")
 
 
 def _run_identity(config: RunConfig) -> dict[str, Any]:
     """What a checkpoint belongs to, besides the training settings and STF schedule (which
-    :func:`dsformer.train.train` checks): the start, data, method and its options. The device and
+    :func:`dsformer.harness.training.train` checks): the start, data, method and its options. The device and
     the reference may change."""
     return {k: v for k, v in asdict(config).items() if k not in ("train", "schedule", "device", "reference")}
 
@@ -193,8 +237,6 @@ def _check_same_run(record: Path, config: RunConfig) -> None:
 def _start_checksum(model: str | None) -> str | None:
     """The SHA-256 of the start's weight file when it is a saved dsformer folder (a fine-tuned dense
     start): runs that share it started from the same weights. None for other starts."""
-    from dsformer.io import read_meta
-
     if model is None or not Path(model).is_dir():
         return None
     try:

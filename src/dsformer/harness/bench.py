@@ -11,7 +11,7 @@ what bounds one token).
 Example:
     >>> import torch
     >>> from transformers import BertConfig, BertModel
-    >>> from dsformer.bench import latency_ms
+    >>> from dsformer.harness.bench import latency_ms
     >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
     ...                              intermediate_size=64, vocab_size=100))
     >>> latency_ms(model, batch=1, seq=8, repeats=3) > 0
@@ -23,15 +23,21 @@ from __future__ import annotations
 import copy
 import functools
 import statistics
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from dsformer.compress import compact_layers, merge
-from dsformer.hardware import describe
+from dsformer.checkpoint import META_FILE, load, read_meta
+from dsformer.errors import DsformerError
+from dsformer.harness.models import load_pretrained, resolve
 from dsformer.kernels import calibrate, choose, seconds, use_backend
 from dsformer.kernels.int8 import int8_linears
+from dsformer.structures import backends
+from dsformer.structures.base import check_ratio
+from dsformer.structures.registry import structure_config
+from dsformer.surgery import CompressConfig, compact_layers, compress, merge
 
 
 def _inputs(model: nn.Module, batch: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -82,7 +88,7 @@ def bench_model(
     """End-to-end and per-layer speed of ``model`` (with compact layers) against its merged dense copy.
 
     Returns a JSON-able dict: ``end_to_end`` (median ms, tokens per second, ``speedup``),
-    ``layers`` (per compact layer: the path ``auto`` chose, ms, speedup, limits) and ``parts``
+    ``layers`` (per compact layer: the backend ``auto`` chose, ms, speedup, limits) and ``parts``
     (attention and FFN linears summed).
     """
     model.eval()
@@ -125,19 +131,19 @@ def bench_model(
         # a narrowing layer gets its input as the compact layer before it leaves it (token-minor, see
         # dsformer.kernels.gather); the dense one gets it as a dense model would (token-major)
         xc = x.mT.contiguous().mT if layer.in_features > layer.out_features else x
-        path = layer.backend if layer.backend != "auto" else choose(layer, xc)
-        # the path alone: an activation fused into the layer (kernels.fuse_activations) is not part of the linear
-        compact_call = functools.partial(layer.run, path, xc)
+        backend = layer.backend if layer.backend != "auto" else choose(layer, xc)
+        # the backend alone: an activation fused into the layer (surgery.fuse_activations) is not part of the linear
+        compact_call = functools.partial(layer.run, backend, xc)
         t = alternate({"dense": functools.partial(linear, x), "compact": compact_call}, device, repeats)
         dense_bytes = layer.out_features * layer.in_features * linear.weight.element_size()
         row = {
             "shape": [layer.out_features, layer.in_features],
             "layout": layer.describe(),
-            "path": path,
+            "backend": backend,
             "dense_ms": 1000 * t["dense"],
             "compact_ms": 1000 * t["compact"],
             "speedup": t["dense"] / t["compact"],
-            "flop_limit": layer.out_features * layer.in_features / layer.work(path),
+            "flop_limit": layer.out_features * layer.in_features / backends.backend_of(layer, backend).work_for(layer),
             "byte_limit": dense_bytes / layer.weight_bytes(),
         }
         row["of_flop_limit"] = row["speedup"] / row["flop_limit"]
@@ -174,16 +180,43 @@ def bench_table(result: dict[str, Any]) -> str:
             f"-> {p['speedup']:.2f}x"
         )
     if result.get("layers"):
-        head = f"  {'layer':<44} {'layout':<12} {'path':<9} {'dense ms':>8} {'ms':>7} {'speedup':>7} {'flop lim':>8}"
+        head = f"  {'layer':<44} {'layout':<12} {'backend':<9} {'dense ms':>8} {'ms':>7} {'speedup':>7} {'flop lim':>8}"
         lines += [head + f" {'byte lim':>8}"]
         for name, r in result["layers"].items():
             lines.append(
-                f"  {name[-44:]:<44} {r['layout']:<12} {r['path']:<9} {r['dense_ms']:>8.2f} {r['compact_ms']:>7.2f} "
+                f"  {name[-44:]:<44} {r['layout']:<12} {r['backend']:<9} {r['dense_ms']:>8.2f} {r['compact_ms']:>7.2f} "
                 f"{r['speedup']:>6.2f}x {r['flop_limit']:>7.2f}x {r['byte_limit']:>7.2f}x"
             )
     return "\n".join(lines)
 
 
-def bench_record(results: list[dict[str, Any]], command: str, source: str) -> dict[str, Any]:
-    """What ``dsformer bench --output`` stores: the runs, the command, the model and the hardware."""
-    return {"command": command, "model": source, "runs": results, "hardware": describe()}
+def paired(batches: list[int], seqs: list[int]) -> list[tuple[int, int]]:
+    """``--batch 32 1 --seq 128 64`` -> ``[(32, 128), (1, 64)]``; a single value pairs with every other."""
+    if len(batches) == 1:
+        batches = batches * len(seqs)
+    if len(seqs) == 1:
+        seqs = seqs * len(batches)
+    if len(batches) != len(seqs):
+        raise DsformerError(f"--batch and --seq pair up: give as many of each, or one (got {batches} and {seqs})")
+    if min(batches + seqs) < 1:
+        raise DsformerError(f"--batch and --seq must be at least 1 (got {batches} and {seqs})")
+    return list(zip(batches, seqs, strict=True))
+
+
+def bench_subject(
+    path: str | None, structure: str = "ds", ratio: float = 2.8, device: str = "cpu", dtype: str = "float32",
+    **options,
+) -> tuple[nn.Module, str]:  # fmt: skip
+    """What ``dsformer bench`` times: a saved compact model as it is, or a dense model (a folder or hub name,
+    a saved dense run, the embedded default) factorized with ``structure`` at ``ratio`` (fit only; the
+    structure's ``options`` too); and a description of it."""
+    if path is not None and (Path(path) / META_FILE).exists() and read_meta(path)["layers"]:
+        model, source = load(path, device=device), path
+    else:
+        config = structure_config(structure, ratio=check_ratio(ratio), **options)
+        model, _ = load_pretrained(path)
+        model = model.to(device).float().eval()  # a half-precision checkpoint is fitted in float32
+        print(f"factorizing {resolve(path)} with {structure} at {ratio:g}x (fit only, no training)")
+        compress(model, CompressConfig(config), progress=True)
+        source = f"{resolve(path)} factorized with {structure} at {ratio:g}x"
+    return model.to(getattr(torch, dtype)), source  # factorized in float32 first: the fit wants the precision

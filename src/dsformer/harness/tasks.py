@@ -5,7 +5,7 @@ which selects checkpoints; and ``test``, the split that results report (GLUE's d
 the paper; for MR a fixed seeded tenth). Nothing is ever selected on ``test``.
 
 Example:
-    >>> from dsformer.tasks import TASKS
+    >>> from dsformer.harness.tasks import TASKS
     >>> TASKS["cola"].metrics, TASKS["stsb"].labels
     (('matthews',), None)
 """
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsformer.errors import DsformerError
+from dsformer.harness.data.mr import mr_path
 
 
 class DataError(DsformerError, ValueError):
@@ -213,8 +214,6 @@ def load_task(
 
 def _load_mr(data_dir: Path | None) -> tuple[list[Example], list[Example]]:
     """MR, with a fixed seeded tenth held out as the test split (independent of the training seed)."""
-    from dsformer.data.mr import mr_path
-
     path = (data_dir / "mr.tsv") if data_dir else mr_path()
     if not path.exists():
         raise DataError(f"{path} is missing; run `dsformer data mr` (or `make setup`) to prepare the MR data")

@@ -1,8 +1,11 @@
-"""Model surgery: find the target linears of any model, fit a structure to each, swap them in place.
+"""Model surgery: find the target linears of any model, fit a structure to each, swap compact layers in.
+
+Every replacement of layers in dsformer goes through here: :func:`compress` (find, plan, fit,
+build, swap, report), STF's wrap and finalize (:mod:`dsformer.stf`), :func:`merge` back to dense.
 
 Example:
     >>> from transformers import BertConfig, BertModel
-    >>> from dsformer import CompressConfig, compress
+    >>> from dsformer.surgery import CompressConfig, compress
     >>> from dsformer.structures import LowRankConfig
     >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
     ...                              intermediate_size=64, vocab_size=100))
@@ -14,10 +17,10 @@ Example:
 from __future__ import annotations
 
 import re
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -25,13 +28,7 @@ from tqdm.auto import tqdm
 
 from dsformer.errors import TargetError
 from dsformer.report import LayerReport, Report, model_bytes
-from dsformer.structures import CompactLinear, DenseSparseConfig, StructureConfig, compact_layer
-from dsformer.structures.dense_sparse import share_bases
-
-try:  # GPT-2 style models use a transposed linear
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency, but keep surgery usable without it
-    Conv1D = ()  # type: ignore[assignment,misc]
+from dsformer.structures import CompactLinear, DenseSparseConfig, Factors, Structure
 
 Patterns = str | Iterable[str] | None
 
@@ -48,19 +45,40 @@ class CompressConfig:
     match wins); every other target gets ``structure``.
     """
 
-    structure: StructureConfig = field(default_factory=DenseSparseConfig)
+    structure: Structure = field(default_factory=DenseSparseConfig)
     target_modules: Patterns = None
     exclude_modules: Patterns = None
-    overrides: dict[str, StructureConfig] = field(default_factory=dict)
+    overrides: dict[str, Structure] = field(default_factory=dict)
+
+
+def _conv1d() -> type | None:
+    """transformers' ``Conv1D`` (GPT-2's transposed linear) where transformers is loaded; a model can hold
+    one only then, so surgery never imports transformers itself."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    conv1d = _conv1d()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like ``module``'s weight (or its gradient), as ``(out, in)``: ``Conv1D`` stores it transposed."""
+    return tensor.T if _is_conv1d(module) else tensor
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The ``(out, in)`` weight of a linear layer (``Conv1D`` stores it transposed)."""
-    return module.weight.T if not isinstance(module, nn.Linear) else module.weight
+    """The ``(out, in)`` weight of a linear layer."""
+    return out_in(module, module.weight)
+
+
+def source_kind(module: nn.Module) -> str:
+    """What a compact layer replaces: ``"conv1d"`` or ``"linear"`` (a module that already says, as STF's do)."""
+    return getattr(module, "source_kind", "conv1d" if _is_conv1d(module) else "linear")
 
 
 def _as_list(patterns: Patterns) -> list[str]:
@@ -131,12 +149,7 @@ def _examples(names: list[str], limit: int = 4) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "") if names else "none"
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-def plan(model: nn.Module, config: CompressConfig) -> dict[str, StructureConfig]:
+def plan(model: nn.Module, config: CompressConfig) -> dict[str, Structure]:
     """Each target layer's structure config, checked to be feasible for its shape (nothing is changed)."""
     targets = find_targets(model, config.target_modules, config.exclude_modules)
     for pattern in config.overrides:
@@ -145,15 +158,72 @@ def plan(model: nn.Module, config: CompressConfig) -> dict[str, StructureConfig]
     chosen = {}
     for name in targets:
         structure = next((cfg for pat, cfg in config.overrides.items() if matches(name, pat)), config.structure)
-        out_features, in_features = linear_weight(model.get_submodule(name)).shape
         try:
-            structure.candidates(out_features, in_features)
+            structure.candidates(*linear_weight(model.get_submodule(name)).shape)
         except ValueError as err:
             raise type(err)(f"layer {name}: {err}") from None
         chosen[name] = structure
     return chosen
 
 
+def fit_groups(weights: dict[str, torch.Tensor], structures: dict[str, Structure]) -> list[list[str]]:
+    """Layers fitted together: those with one structure config and one weight shape (a fit batches them;
+    with a shared basis they share one)."""
+    groups: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+    for name, structure in structures.items():
+        groups.setdefault((id(structure), tuple(weights[name].shape)), []).append(name)
+    return list(groups.values())
+
+
+def fit(
+    weights: dict[str, torch.Tensor],
+    structures: dict[str, Structure],
+    importance: dict[str, torch.Tensor] | None = None,
+    warm: dict[str, Factors] | None = None,
+    progress: bool = False,
+) -> dict[str, Factors]:
+    """Fit each named ``(out, in)`` weight with its structure, group by group (see :func:`fit_groups`)."""
+    fitted: dict[str, Factors] = {}
+    bar = tqdm(total=len(weights), desc="factorizing", unit="layer", disable=not progress)
+    with torch.no_grad():
+        for names in fit_groups(weights, structures):
+            structure, shape = structures[names[0]], tuple(weights[names[0]].shape)
+            bar.set_postfix_str(f"{structure.name} {len(names)}x{shape[0]}x{shape[1]}")
+            factors = structure.fit(
+                [weights[name] for name in names],
+                warm=None if warm is None else [warm[name] for name in names],
+                importance=None if not importance else [importance.get(name) for name in names],
+            )
+            fitted.update(zip(names, factors, strict=True))
+            bar.update(len(names))
+    bar.close()
+    return fitted
+
+
+def build(
+    factors: dict[str, Factors], structures: dict[str, Structure], sources: dict[str, nn.Module]
+) -> dict[str, CompactLinear]:
+    """The compact layers holding ``factors``, each with its source linear's bias, device and kind; the layers
+    of one fit group are tied as their structure says (a shared basis)."""
+    layers = {}
+    for name, module in sources.items():
+        weight = linear_weight(module)
+        layer = structures[name].layer(factors[name], module.bias).to(weight.device)
+        layer.source_kind = source_kind(module)
+        layers[name] = layer
+    shapes = {name: linear_weight(module) for name, module in sources.items()}
+    for names in fit_groups(shapes, structures):
+        structures[names[0]].tie([layers[name] for name in names])
+    return layers
+
+
+def swap(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Put each module at its name in ``model``, in place."""
+    for name, module in modules.items():
+        model.set_submodule(name, module)
+
+
+@torch.no_grad()
 def compress(
     model: nn.Module,
     config: CompressConfig | None = None,
@@ -163,45 +233,18 @@ def compress(
     """Replace the target linears of ``model`` by compact layers, in place, and report per layer.
 
     Every layer is checked before any is replaced, so a bad config leaves the model untouched.
-    ``importance`` maps layer names to per-output-row weights for structures that use them (FWSVD,
+    ``importance`` maps layer names to per-output-row weights (Fisher information: FWSVD,
     Fisher-weighted DS).
     """
-    config = config or CompressConfig()
     start = time.perf_counter()
     bytes_before = model_bytes(model)
-    chosen = plan(model, config)
-    groups: dict[tuple[int, tuple[int, ...]], list[str]] = {}
-    for name, structure in chosen.items():
-        shape = tuple(linear_weight(model.get_submodule(name)).shape)
-        groups.setdefault((id(structure), shape), []).append(name)
-
-    layers: list[LayerReport] = []
-    bar = tqdm(total=len(chosen), desc="factorizing", unit="layer", disable=not progress)
-    for (_, shape), names in groups.items():
-        structure = chosen[names[0]]
-        bar.set_postfix_str(f"{structure.name} {len(names)}x{shape[0]}x{shape[1]}")
-        modules = [model.get_submodule(name) for name in names]
-        weights = [linear_weight(mod) for mod in modules]
-        options: dict[str, Any] = {}
-        if importance is not None and structure.name in ("svd", "ds"):
-            options["importance"] = [importance.get(name) for name in names]
-        with torch.no_grad():
-            fitted = structure.fit(weights, **options)
-            built = []
-            for mod, w, factors in zip(modules, weights, fitted, strict=True):
-                layer = compact_layer(structure, factors, mod.bias).to(device=w.device)
-                layer.source_kind = "linear" if isinstance(mod, nn.Linear) else "conv1d"
-                built.append(layer)
-            if getattr(structure, "share_basis", False):
-                share_bases(built)
-            for name, w, layer in zip(names, weights, built, strict=True):
-                _set_module(model, name, layer)
-                layers.append(layer_report(name, w, layer))
-        bar.update(len(names))
-    bar.close()
-    order = list(chosen)
-    layers.sort(key=lambda r: order.index(r.name))
-    return Report(layers, time.perf_counter() - start, bytes_before, model_bytes(model))
+    structures = plan(model, config or CompressConfig())
+    sources = {name: model.get_submodule(name) for name in structures}
+    weights = {name: linear_weight(module) for name, module in sources.items()}
+    layers = build(fit(weights, structures, importance, progress=progress), structures, sources)
+    swap(model, layers)
+    rows = [layer_report(name, weights[name], layer) for name, layer in layers.items()]
+    return Report(rows, time.perf_counter() - start, bytes_before, model_bytes(model))
 
 
 def layer_report(name: str, weight: torch.Tensor, layer: CompactLinear) -> LayerReport:
@@ -225,21 +268,58 @@ def compact_layers(model: nn.Module) -> dict[str, CompactLinear]:
     return {name: mod for name, mod in model.named_modules() if isinstance(mod, CompactLinear)}
 
 
+def fuse_activations(model: nn.Module) -> int:
+    """Move the exact GELU after each compact up-projection into the layer; returns how many moved.
+
+    A module with a compact ``dense`` layer followed by ``intermediate_act_fn`` (BERT, MPNet and
+    their kin) gets ``dense.activation = "gelu"`` and an identity in place of the activation, so
+    a backend that can (DS's gather kernel) applies GELU before it stores each output instead of a
+    separate pass. Every backend still computes ``gelu(layer(x))``; the module keeps its parameters
+    and its saved form. :func:`unfuse_activations` (and :func:`merge`) put the activation back.
+    """
+    moved = 0
+    for module in model.modules():
+        layer, act = getattr(module, "dense", None), getattr(module, "intermediate_act_fn", None)
+        if isinstance(layer, CompactLinear) and layer.activation is None and _is_exact_gelu(act):
+            layer.activation = "gelu"
+            layer.__dict__["_fused_from"] = act  # a plain attribute, not a submodule: restored by unfuse
+            module.intermediate_act_fn = nn.Identity()
+            moved += 1
+    return moved
+
+
+def _is_exact_gelu(act: object) -> bool:
+    if isinstance(act, nn.GELU):
+        return act.approximate == "none"
+    return type(act).__name__ == "GELUActivation"  # transformers' exact GELU (erf form)
+
+
+def unfuse_activations(model: nn.Module) -> int:
+    """Undo :func:`fuse_activations`; returns how many activations were put back."""
+    restored = 0
+    for module in model.modules():
+        layer = getattr(module, "dense", None)
+        if isinstance(layer, CompactLinear) and "_fused_from" in layer.__dict__:
+            module.intermediate_act_fn = layer.__dict__.pop("_fused_from")
+            layer.activation = None
+            restored += 1
+    return restored
+
+
+@torch.no_grad()
 def merge(model: nn.Module) -> nn.Module:
     """Replace every compact layer by the plain linear it computes (``Conv1D`` where it came from one)."""
-    from dsformer.kernels import unfuse_activations
-
     unfuse_activations(model)  # a fused activation goes back to the module it came from
+    dense = {}
     for name, layer in compact_layers(model).items():
-        dense = layer.merge()
+        linear = layer.merge()
         if layer.source_kind == "conv1d":
-            conv = Conv1D(layer.out_features, layer.in_features).to(dense.weight)
-            with torch.no_grad():
-                conv.weight.copy_(dense.weight.T)
-                if layer.bias is not None:
-                    conv.bias.copy_(layer.bias)
-                else:
-                    conv.bias.zero_()
-            dense = conv
-        _set_module(model, name, dense)
+            from transformers.pytorch_utils import Conv1D
+
+            conv = Conv1D(layer.out_features, layer.in_features).to(linear.weight)
+            conv.weight.copy_(linear.weight.T)
+            conv.bias.copy_(linear.bias if linear.bias is not None else torch.zeros_like(conv.bias))
+            linear = conv
+        dense[name] = linear
+    swap(model, dense)
     return model

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dsformer.checkpoint import load, load_tokenizer, read_meta
 from dsformer.errors import DsformerError
 
 DEFAULT_MODEL = "minilm"
@@ -55,13 +56,11 @@ def load_pretrained(model: str | None, task_head: bool = False, num_labels: int 
 
 
 def _load_dense_run(folder: Path, task_head: bool, num_labels: int | None) -> tuple[Any, Any]:
-    """A dense model saved by dsformer (``dsformer compress --method dense``): the usual start for compression."""
-    from dsformer.io import load, read_meta
-
+    """A dense model saved by dsformer (``dsformer finetune --method dense``): the usual start for compression."""
     if read_meta(folder)["layers"]:
         raise DsformerError(
             f"{folder} is a compressed dsformer model; compress its dense original, or export a dense copy "
-            "with `dsformer merge` and pass that"
+            "with `dsformer export` and pass that"
         )
     model = load(folder).train()
     if task_head and not hasattr(model, "classifier") and not hasattr(model, "score"):
@@ -71,32 +70,3 @@ def _load_dense_run(folder: Path, task_head: bool, num_labels: int | None) -> tu
             f"{folder} was fine-tuned with {model.config.num_labels} labels; this task has {num_labels}"
         )
     return model, load_tokenizer(str(folder))
-
-
-# Any of these in a local folder means it carries a tokenizer.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.txt",
-    "vocab.json",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "tokenizer.model",
-)
-
-
-def load_tokenizer(source: str) -> Any:
-    """The tokenizer of a local folder or hub name, or ``None`` when there is none.
-
-    A local folder without tokenizer files gets ``None``: transformers 5 would otherwise build an
-    empty tokenizer that maps every word to ``[UNK]``.
-    """
-    from transformers import AutoTokenizer
-
-    folder = Path(source).expanduser()
-    if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, TypeError):
-        return None

@@ -21,14 +21,9 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +32,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file, save_model
 from torch import nn
 
-from dsformer import __version__
-from dsformer.compress import _set_module, compact_layers, merge
-from dsformer.errors import CheckpointError
+from dsformer import structures
+from dsformer.errors import CheckpointError, DsformerError
+from dsformer.files import atomic_folder, check_output, sha256, write_json
+from dsformer.quantize import from_int8, index_tensors, int8_targets, pack_bits, packed_size, to_int8, unpack_bits
 from dsformer.report import Report
-from dsformer.structures import STRUCTURES
-from dsformer.structures.dense_sparse import share_bases
+from dsformer.structures import CompactLinear
+from dsformer.surgery import compact_layers, is_linear, linear_weight, merge, swap
+from dsformer.version import __version__
 
 FORMAT_VERSION = 2  # the newest format this version reads; folders with int8 weights are 2, others 1
 INT8_SCALE = ".int8_scale"  # suffix of the per-row scales stored beside an int8 tensor
@@ -51,121 +48,12 @@ PACKED = ".packed"  # suffix of an index tensor stored bit-packed (format 2: its
 META_FILE = "dsformer.json"
 EXPORT_FILE = "dsformer-export.json"
 WEIGHTS_FILE = "model.safetensors"
+MARKERS = (META_FILE, EXPORT_FILE)  # a folder holding one of these was written by dsformer: an output may replace it
 
 
-def check_output(
-    path: str | os.PathLike,
-    source: str | os.PathLike | None = None,
-    markers: tuple[str, ...] = (META_FILE, EXPORT_FILE),
-) -> Path:
-    """Refuse an output that would destroy anything but an earlier dsformer output.
-
-    ``path`` may be absent, an empty folder, or a folder that dsformer wrote before (it holds one
-    of ``markers``: ``dsformer.json`` or ``dsformer-export.json`` by default), which is then replaced. ``source``, the
-    folder being read, is never a valid output.
-    """
-    dest = Path(path)
-    if source is not None and Path(source).exists() and dest.exists() and dest.resolve() == Path(source).resolve():
-        raise CheckpointError(f"output {dest} is the input folder; choose another --output")
-    if dest.exists():
-        if not dest.is_dir():
-            raise CheckpointError(f"output {dest} exists and is not a folder; choose another --output")
-        ours = any((dest / name).exists() for name in markers)
-        if any(dest.iterdir()) and not ours:
-            raise CheckpointError(
-                f"output folder {dest} is not empty and was not written by dsformer; choose another --output"
-            )
-    return dest
-
-
-@contextlib.contextmanager
-def atomic_folder(path: str | os.PathLike, markers: tuple[str, ...] = (META_FILE, EXPORT_FILE)) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one atomic swap.
-
-    The destination is checked by :func:`check_output` first, so a mistyped path never deletes a
-    user's files.
-    """
-    dest = check_output(path, markers=markers)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
-        yield tmp
-        _usual_permissions(tmp)
-        if not dest.exists():
-            tmp.rename(dest)
-        elif not _exchange(tmp, dest):  # no atomic swap here: two renames, the old folder set aside first
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-            dest.rename(old)  # onto the empty folder mkdtemp made: a name no other writer holds
-            tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # after a swap it holds the replaced folder
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one step (Linux ``renameat2`` with ``RENAME_EXCHANGE``), so no reader or crash ever
-    finds ``b`` missing; False where the system or file system cannot."""
-    import ctypes
-    import errno
-
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # not Linux, or a C library from before glibc 2.28
-        return False
-    at_cwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
-    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EPERM, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a file beside ``path`` and move it into place in one rename, so readers never see half of it."""
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        # mkstemp makes the file owner-only: keep the mode of the file it replaces, else a normal file's
-        os.chmod(tmp, dest.stat().st_mode & 0o777 if dest.exists() else 0o666 & ~_umask())
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dest
-
-
-def _usual_permissions(folder: Path) -> None:
-    """mkdtemp and some writers create owner-only files; give them the permissions of a normal save."""
-    umask = _umask()
-    os.chmod(folder, 0o777 & ~umask)
-    for file in folder.iterdir():
-        os.chmod(file, 0o666 & ~umask)
-
-
-def _umask() -> int:
-    umask = os.umask(0)  # the only way to read it is to set it
-    os.umask(umask)
-    return umask
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+def check_model_output(path: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
+    """Refuse an output that would destroy anything but an earlier dsformer folder (``files.check_output``)."""
+    return check_output(path, MARKERS, source)
 
 
 def save(
@@ -184,21 +72,8 @@ def save(
     is stored exactly, any other is rounded on the way (the model in memory is left as it is).
     """
     compact = compact_layers(model)
-    layers = {
-        name: {
-            "structure": layer.structure,
-            "shape": [layer.out_features, layer.in_features],
-            "bias": layer.bias is not None,
-            "source": layer.source_kind,
-            "layout": layer.layout(),
-        }
-        for name, layer in compact.items()
-    }
-    owners = {layer.basis.data_ptr(): name for name, layer in compact.items() if getattr(layer, "basis_owner", False)}
-    for name, layer in compact.items():
-        if getattr(layer, "basis_owner", True) is False:  # a shared basis is stored once, with its owner
-            layers[name]["basis_from"] = owners[layer.basis.data_ptr()]
-    with atomic_folder(path) as tmp:
+    layers = {name: _layer_spec(layer, compact) for name, layer in compact.items()}
+    with atomic_folder(path, MARKERS) as tmp:
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -219,17 +94,38 @@ def save(
             "weights": {
                 "file": WEIGHTS_FILE,
                 "bytes": (tmp / WEIGHTS_FILE).stat().st_size,
-                "sha256": _sha256(tmp / WEIGHTS_FILE),
+                "sha256": sha256(tmp / WEIGHTS_FILE),
             },
             "report": report.to_json() if report is not None else None,
         }
         if int8:
             meta["int8"] = int8_keys
             meta["packed"] = packed
-        _write_json(tmp / META_FILE, meta)
+        write_json(tmp / META_FILE, meta)
         for name, data in (extra_files or {}).items():
-            _write_json(tmp / name, data)
+            write_json(tmp / name, data)
     return Path(path)
+
+
+def _layer_spec(layer: CompactLinear, compact: dict[str, CompactLinear]) -> dict[str, Any]:
+    """What rebuilds ``layer`` at load: structure, shape, bias, source kind, layout, and the layer that owns
+    each tensor it borrows (stored once, with its owner)."""
+    spec = {
+        "structure": layer.structure,
+        "shape": [layer.out_features, layer.in_features],
+        "bias": layer.bias is not None,
+        "source": layer.source_kind,
+        "layout": layer.layout(),
+    }
+    owners = {
+        id(getattr(other, tensor)): name
+        for tensor in layer.borrowed
+        for name, other in compact.items()
+        if tensor not in other.borrowed and hasattr(other, tensor)
+    }
+    if layer.borrowed:
+        spec["tied"] = {tensor: owners[id(getattr(layer, tensor))] for tensor in sorted(layer.borrowed)}
+    return spec
 
 
 _MODEL_DTYPES = ("float32", "float16", "bfloat16", "float64")  # what a saved model's parameters may be
@@ -296,7 +192,7 @@ def _check_weights(folder: Path, meta: dict[str, Any]) -> Path:
             f"{weights} has {size} bytes but {meta['weights']['bytes']} were saved: "
             "the file is truncated or was replaced"
         )
-    if _sha256(weights) != meta["weights"]["sha256"]:
+    if sha256(weights) != meta["weights"]["sha256"]:
         raise CheckpointError(f"{weights} does not match its saved checksum: the file is corrupt or was changed")
     return weights
 
@@ -304,8 +200,6 @@ def _check_weights(folder: Path, meta: dict[str, Any]) -> Path:
 def _int8_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str], dict[str, Any]]:
     """The state dict with every tied tensor once, the int8 targets as int8 plus their row scales, and
     the index tensors bit-packed; returns the tensors, the int8 keys and the packed keys' specs."""
-    from dsformer.quantize import index_tensors, int8_targets, pack_bits, to_int8
-
     targets = {t.data_ptr() for t in int8_targets(model)}
     indices = index_tensors(model)
     tensors: dict[str, torch.Tensor] = {}
@@ -346,33 +240,47 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Modu
         raise CheckpointError(f"{folder / 'config.json'} cannot be read: {err}") from None
     dtype = getattr(torch, meta.get("dtype", "float32"))
     model = model_cls(config).to(dtype)
-    for name, spec in meta["layers"].items():
-        try:
-            model.get_submodule(name)
-            layer_cls = STRUCTURES[spec["structure"]][1]
-            layer = layer_cls.from_layout(tuple(spec["shape"]), spec["layout"], spec["bias"], dtype)
-        except (AttributeError, KeyError, ValueError, TypeError) as err:
-            raise CheckpointError(f"{META_FILE} layer {name!r} does not fit {meta['model_class']}: {err}") from None
-        layer.source_kind = spec.get("source", "linear")
-        _set_module(model, name, layer)
-    for name, spec in meta["layers"].items():
-        if "basis_from" in spec:
-            try:
-                owner = model.get_submodule(spec["basis_from"])
-                share_bases([owner, model.get_submodule(name)])
-            except AttributeError as err:
-                raise CheckpointError(f"{META_FILE} layer {name!r}: its shared basis cannot be found: {err}") from None
+    swap(model, _compact_layers(model, meta["layers"], dtype, meta["model_class"]))
     _load_tensors(model, weights, meta.get("int8", []), dtype, meta.get("packed", {}))
     for name, layer in compact_layers(model).items():  # the kernels index with them unchecked
-        limit, indices = layer.index_limit(), getattr(layer, "indices", None)
-        if limit is not None and indices is not None and indices.numel():
-            low, high = int(indices.min()), int(indices.max())
-            if low < 0 or high >= limit:
+        for key, bound in layer.index_bounds().items():
+            indices = getattr(layer, key)
+            low, high = (int(indices.min()), int(indices.max())) if indices.numel() else (0, 0)
+            if low < 0 or high >= bound:
                 raise CheckpointError(
-                    f"{weights}: {name}.indices holds {low if low < 0 else high}, outside 0..{limit - 1}: "
+                    f"{weights}: {name}.{key} holds {low if low < 0 else high}, outside 0..{bound - 1}: "
                     "the file is corrupt or does not belong to this layout"
                 )
     return model.to(device).eval()
+
+
+def _compact_layers(
+    model: nn.Module, specs: dict[str, Any], dtype: torch.dtype, model_class: str
+) -> dict[str, CompactLinear]:
+    """Empty compact layers of the recorded layouts, each checked against the linear it replaces, with
+    borrowed tensors tied to their owners (of the same shape)."""
+    layers = {}
+    for name, spec in specs.items():
+        try:
+            module = model.get_submodule(name)
+            shape = tuple(int(n) for n in spec["shape"])
+            if not is_linear(module) or tuple(linear_weight(module).shape) != shape:
+                raise ValueError(f"it records a {shape[0]}x{shape[1]} linear where the model has {module}")
+            layer = structures.get(spec["structure"]).layer.from_layout(shape, spec["layout"], spec["bias"], dtype)
+        except (AttributeError, KeyError, ValueError, TypeError, DsformerError) as err:
+            raise CheckpointError(f"{META_FILE} layer {name!r} does not fit {model_class}: {err}") from None
+        layer.source_kind = spec.get("source", "linear")
+        layers[name] = layer
+    for name, spec in specs.items():
+        legacy = {"basis": spec["basis_from"]} if "basis_from" in spec else {}  # how 0.1 recorded a shared basis
+        for tensor, owner in spec.get("tied", legacy).items():
+            try:
+                layers[name].borrow(layers[owner], tensor)
+            except (KeyError, AttributeError, ValueError, TypeError) as err:
+                raise CheckpointError(
+                    f"{META_FILE} layer {name!r}: its {tensor} cannot be shared with {owner!r}: {err}"
+                ) from None
+    return layers
 
 
 def _load_tensors(
@@ -382,8 +290,6 @@ def _load_tensors(
     dtype: torch.dtype = torch.float32,
     packed: dict[str, Any] | None = None,
 ) -> None:
-    from dsformer.quantize import from_int8, packed_size, unpack_bits
-
     expected = model.state_dict()
     try:
         with safe_open(str(weights), framework="pt") as f:
@@ -424,14 +330,42 @@ def _load_tensors(
 
 def export_dense(path: str | os.PathLike, output: str | os.PathLike) -> Path:
     """Write a plain dense Hugging Face folder (loadable without dsformer) from a saved compact model."""
-    from dsformer.models import load_tokenizer
-
     folder = Path(path)
+    check_model_output(output, source=folder)
     model = merge(load(folder))
-    tokenizer = load_tokenizer(str(folder))
-    with atomic_folder(output) as tmp:
+    tokenizer = load_tokenizer(folder)
+    with atomic_folder(output, MARKERS) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _write_json(tmp / EXPORT_FILE, {"exported_from": str(folder.resolve()), "dsformer_version": __version__})
+        write_json(tmp / EXPORT_FILE, {"exported_from": str(folder.resolve()), "dsformer_version": __version__})
     return Path(output)
+
+
+# Any of these in a local folder means it carries a tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+
+
+def load_tokenizer(source: str | os.PathLike) -> Any:
+    """The tokenizer of a local folder or hub name, or ``None`` when there is none.
+
+    A local folder without tokenizer files gets ``None``: transformers 5 would otherwise build an
+    empty tokenizer that maps every word to ``[UNK]``.
+    """
+    from transformers import AutoTokenizer
+
+    folder = Path(source).expanduser()
+    if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError, TypeError):
+        return None

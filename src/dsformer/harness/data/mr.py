@@ -6,7 +6,7 @@ sdist with pip (or takes a local copy), and writes ``mr.tsv`` (``sentence``, ``s
 1 for a positive score, 0 for a negative one; zero scores are dropped) into the data home.
 
 Example:
-    >>> from dsformer.data.mr import parse_ground_truth
+    >>> from dsformer.harness.data.mr import parse_ground_truth
     >>> rows = parse_ground_truth(["1\\t2.27\\tA splash of fun.", "2\\t0\\tMeh.", "3\\t-0.6\\tToo tepid."])
     >>> [(r.label, r.sentence) for r in rows]
     [(1, 'A splash of fun.'), (0, 'Too tepid.')]
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsformer.errors import DsformerError
+from dsformer.files import atomic_write_text
 
 SDIST = "vadersentiment==3.3.2"
 SDIST_FILE = "vaderSentiment-3.3.2.tar.gz"
@@ -112,7 +113,5 @@ def prepare(sdist: str | os.PathLike | None = None, force: bool = False) -> Path
     if len(lines) != EXPECTED_SENTENCES:
         raise DsformerError(f"{MEMBER} has {len(lines)} lines, expected {EXPECTED_SENTENCES}: not the known release")
     rows = parse_ground_truth(lines)
-    from dsformer.io import atomic_write_text
-
     lines_out = ["sentence\tscore\tlabel\n"] + [f"{r.sentence}\t{r.score}\t{r.label}\n" for r in rows]
     return atomic_write_text(target, "".join(lines_out))

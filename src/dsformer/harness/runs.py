@@ -1,0 +1,191 @@
+"""What the command line does with models and saved runs: compress a pretrained model, evaluate a saved run,
+store one as int8, summarize several, and record a result with its command and hardware.
+
+Each function is what one verb does (``compress``, ``evaluate``, ``quantize``, ``summary``); the verb
+only prints its result.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from dsformer.checkpoint import check_model_output, load, load_tokenizer, read_meta, save
+from dsformer.errors import DsformerError
+from dsformer.files import atomic_write_text
+from dsformer.hardware import check_device, describe
+from dsformer.harness.bench import latency_ms
+from dsformer.harness.evaluation import evaluate
+from dsformer.harness.finetune import METRICS_FILE
+from dsformer.harness.models import load_pretrained, resolve
+from dsformer.harness.tasks import TaskData, load_task
+from dsformer.kernels import use_backend
+from dsformer.kernels.int8 import int8_linears
+from dsformer.quantize import quantize_int8
+from dsformer.report import Report, format_table
+from dsformer.structures import structure_config
+from dsformer.structures.base import check_ratio
+from dsformer.surgery import CompressConfig, compress, find_targets
+
+
+def write_record(path: str | Path, command: str, result: dict[str, Any]) -> None:
+    """A result as JSON, with the command that made it and the machine it ran on."""
+    atomic_write_text(path, json.dumps({"command": command, **result, "hardware": describe()}, indent=2) + "\n")
+
+
+def compress_pretrained(
+    model: str | None, structure: str, ratio: float, options: dict[str, Any], targets: Any = None,
+    exclude: Any = None, device: str = "cpu", output: str | None = None, save_model: bool = True,
+    progress: bool = True,
+) -> tuple[Report, Path | None]:  # fmt: skip
+    """``dsformer compress``: fit ``structure`` at ``ratio`` to a pretrained model's target linears and save
+    the compact model (to ``output``, default ``outputs/<model>-<structure>-<ratio>x``); every input is
+    checked before the model loads."""
+    config = CompressConfig(structure_config(structure, ratio=check_ratio(ratio), **options), targets, exclude)
+    folder = None
+    if save_model:
+        name = Path(model.rstrip("/")).name if model else "minilm"
+        folder = check_model_output(output or Path("outputs") / f"{name}-{structure}-{ratio:g}x", source=resolve(model))
+    check_device(device)
+    loaded, tokenizer = load_pretrained(model)
+    loaded = loaded.to(device).eval()
+    report = compress(loaded, config, progress=progress)
+    if folder is not None:
+        save(loaded.cpu(), folder, tokenizer=tokenizer, report=report)
+    return report, folder
+
+
+def read_metrics(file: Path) -> dict[str, Any]:
+    """A run's metrics.json; a damaged one is a one-line error."""
+    try:
+        metrics = json.loads(file.read_text())
+        metrics["task"], metrics["metric"], metrics["test"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DsformerError(f"{file} is not a run's metrics.json ({type(err).__name__}: {err})") from None
+    return metrics
+
+
+def _task_of(folder: Path, task: str | None, data_dir: str | None) -> tuple[str | None, str | None, dict | None]:
+    """The task and data of a saved run: as given, else from its metrics.json; and that file's content."""
+    metrics_file = folder / METRICS_FILE
+    saved = read_metrics(metrics_file) if metrics_file.exists() else None
+    if task is None and saved is not None:
+        task, data_dir = saved["task"], data_dir or saved["config"].get("data_dir")
+    return task, data_dir, saved
+
+
+def _test_metrics(model: nn.Module, tokenizer: Any, task: str, data_dir: str | None) -> tuple[TaskData, dict]:
+    if not type(model).__name__.endswith("ForSequenceClassification"):
+        raise DsformerError(
+            f"this {type(model).__name__} has no task head (a `dsformer compress` output?): it cannot be evaluated "
+            "on a task; train one with `dsformer finetune`"
+        )
+    data = load_task(task, data_dir)
+    return data, evaluate(model, tokenizer, data.test, data.spec)
+
+
+def evaluate_run(
+    folder: Path, task: str | None = None, data_dir: str | None = None, int8: bool = False, backend: str = "reference"
+) -> dict[str, Any]:
+    """Test metrics of a saved model on its task (or ``task``), optionally with int8 weights or on ``backend``."""
+    model = load(folder)
+    tokenizer = load_tokenizer(folder)
+    if tokenizer is None:
+        raise DsformerError(f"{folder} holds no tokenizer; it cannot be evaluated on text")
+    task, data_dir, _ = _task_of(folder, task, data_dir)
+    if task is None:
+        raise DsformerError(f"{folder} has no metrics.json naming its task; pass --task")
+    quant = quantize_int8(model) if int8 else None
+    if not use_backend(model, backend) and backend == "int8":  # a dense model: its block linears
+        int8_linears(model, find_targets(model))
+    data, result = _test_metrics(model, tokenizer, task, data_dir)
+    line = f"{folder}: {data.spec.name} test ({len(data.test)} examples)"
+    line += f", {backend} backend" if backend != "reference" else ""
+    line += f", int8 weights ({quant.model_bytes_after / 2**20:.1f} MiB)" if quant else ""
+    return {
+        "path": str(folder),
+        "task": data.spec.name,
+        "test": result,
+        "backend": backend,
+        "int8": quant.to_json() if quant else None,
+        "line": line + ": " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()),
+    }
+
+
+def quantize_run(
+    folder: Path, output: Path, task: str | None = None, data_dir: str | None = None, command: str = ""
+) -> dict[str, Any]:
+    """Store a saved model's weights as int8 with per-row scales in ``output``, evaluated on its task where
+    it has one; returns the sizes (``int8``), the new ``metrics`` (None without a task) and a ``line`` saying so."""
+    check_model_output(output, source=folder)
+    meta = read_meta(folder)
+    if meta.get("int8"):
+        raise DsformerError(f"{folder} is already stored as int8")
+    model = load(folder)
+    tokenizer = load_tokenizer(folder)
+    quant = quantize_int8(model)
+    task, data_dir, saved = _task_of(folder, task, data_dir)
+    metrics = None
+    if task is not None and tokenizer is not None:
+        data, result = _test_metrics(model, tokenizer, task, data_dir)
+        metrics = {
+            **(saved or {"task": data.spec.name, "metric": data.spec.metrics[0], "config": {"data_dir": data_dir}}),
+            "command": command,
+            "test": result,
+            "test_before_int8": (saved or {}).get("test"),
+            "model_bytes": quant.model_bytes_after,
+            "int8": {**quant.to_json(), "quantized_from": str(folder.resolve())},
+        }
+        if saved is not None and saved.get("dense_test") is not None:
+            metrics["difference_to_dense"] = result[saved["metric"]] - saved["dense_test"]
+    report = Report.from_json(meta["report"]) if meta.get("report") else None
+    extra = {METRICS_FILE: metrics} if metrics else None
+    save(model, output, tokenizer=tokenizer, report=report, extra_files=extra, int8=True)
+    mib = f"{quant.bytes_before / 2**20:.1f} -> {quant.bytes_after / 2**20:.1f} MiB"
+    line = f"int8 model written to {output}: weights {mib}"
+    if metrics is not None:
+        key, before = metrics["metric"], (metrics["test_before_int8"] or {}).get(metrics["metric"])
+        line += f"; test {key} {metrics['test'][key]:.4f}" + (f" (before: {before:.4f})" if before is not None else "")
+    return {"int8": quant.to_json(), "metrics": metrics, "line": line}
+
+
+def summarize(folders: list[Path], latency: bool = True) -> list[dict[str, Any]]:
+    """Each saved run's metrics.json, with its CPU latency at batch 1 on the fastest backends (``auto``)."""
+    runs = []
+    for folder in folders:
+        metrics_file = folder / METRICS_FILE
+        if not metrics_file.exists():
+            raise DsformerError(f"{folder} has no metrics.json; give folders written by dsformer finetune")
+        metrics = read_metrics(metrics_file)
+        if latency:
+            model = load(folder)
+            use_backend(model, "auto")
+            seq = min(64, getattr(model.config, "max_position_embeddings", 64))  # a tiny model may allow fewer
+            metrics["latency_ms"], metrics["latency_tokens"] = latency_ms(model, batch=1, seq=seq), seq
+        runs.append(metrics)
+    return runs
+
+
+def summary_table(runs: list[dict]) -> str:
+    """Method, ratio, test metric, difference to dense, model size, latency, wall time."""
+    head = ("method", "ratio", "metric", "test", "vs dense", "model MiB", "latency ms", "minutes")
+    rows = []
+    for m in runs:
+        key = m["metric"]
+        diff = m.get("difference_to_dense")
+        rows.append(
+            (
+                f"{m['method']} ({m['trainer']})" if m["method"] != "dense" else "dense",
+                f"{m['ratios']['ratio_params']:.2f}x" if m.get("ratios") else "1.00x",
+                key,
+                f"{100 * m['test'][key]:.2f}",
+                "" if diff is None else f"{100 * diff:+.2f}",
+                f"{m['model_bytes'] / 2**20:.1f}",
+                f"{m['latency_ms']:.1f}" if "latency_ms" in m else "",
+                f"{m['wall_seconds'] / 60:.1f}",
+            )
+        )
+    return format_table(head, rows, left=3)

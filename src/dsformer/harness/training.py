@@ -1,0 +1,509 @@
+"""Fine-tuning on ``transformers.Trainer``, for every method: warm-up and linear decay, dynamic padding,
+validation at each epoch end with best-checkpoint selection, exact resume, KD, STF and its hand-over.
+
+What is ours on top of the Trainer: the task's own evaluation (:mod:`dsformer.harness.evaluation`),
+a KD loss, STF through :class:`dsformer.STFCallback`, Ctrl-C/SIGTERM finishing the step and saving a
+checkpoint, a refusal to resume a checkpoint into other settings, and ``Schedule.polish``'s
+hand-over from STF to the compact factors (two Trainer runs joined at one checkpoint).
+
+Example (a tiny model on a few made-up sentences):
+    >>> import tempfile
+    >>> from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    >>> from dsformer.harness.tasks import TASKS, Example, TaskData
+    >>> from dsformer.harness.training import TrainConfig, train
+    >>> vocab = tempfile.mktemp()
+    >>> _ = open(vocab, "w").write("\\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad", "film"]))
+    >>> tok = BertTokenizerFast(vocab=vocab)
+    >>> model = BertForSequenceClassification(BertConfig(vocab_size=7, hidden_size=16, num_hidden_layers=1,
+    ...                                                  num_attention_heads=2, intermediate_size=32))
+    >>> ex = [Example("good film", None, 1.0), Example("bad film", None, 0.0)] * 8
+    >>> result = train(model, tok, TaskData(TASKS["mr"], ex, ex[:4], ex[:4]), TrainConfig(epochs=1, batch_size=4,
+    ...                progress=False), output_dir=tempfile.mkdtemp())
+    >>> sorted(result.test)
+    ['accuracy']
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import (
+    DataCollatorWithPadding,
+    PrinterCallback,
+    ProgressCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from dsformer.callbacks import STFCallback
+from dsformer.errors import DsformerError, Interrupted
+from dsformer.files import atomic_folder, atomic_write_text
+from dsformer.harness.evaluation import encode, evaluate
+from dsformer.harness.tasks import TaskData
+from dsformer.report import Report
+from dsformer.stf import STF
+
+STATE_FILE = "trainer_state.json"  # the Trainer's, in every checkpoint folder
+SETTINGS_FILE = "training.json"  # the run's settings, checked on resume
+HANDOVER_FILE = "handover.json"  # the report of STF's hand-over to the compact factors (Schedule.polish)
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class TrainingError(DsformerError, RuntimeError):
+    """Training cannot go on (non-finite loss, a checkpoint that does not fit the run)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 3.0
+    batch_size: int = 32  # the global batch: processes of a distributed run share each one
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.06  # fraction of all steps
+    max_length: int = 128
+    seed: int = 0
+    grad_clip: float = 1.0
+    checkpoint_every: int = 200  # steps; 0 = only at epoch ends
+    eval_batch_size: int = 128
+    kd_temperature: float = 2.0
+    kd_alpha: float = 0.5  # weight of the KD term when a teacher is given
+    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or fp32, bf16
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise TrainingError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        limits = {  # setting: (lowest, highest) allowed, both included
+            "epochs": (1e-9, math.inf),
+            "batch_size": (1, math.inf),
+            "eval_batch_size": (1, math.inf),
+            "lr": (1e-12, math.inf),
+            "max_length": (2, math.inf),  # room for the special tokens
+            "weight_decay": (0.0, math.inf),
+            "warmup": (0.0, 1.0),
+            "grad_clip": (0.0, math.inf),
+            "checkpoint_every": (0, math.inf),
+            "kd_temperature": (1e-6, math.inf),
+            "kd_alpha": (0.0, 1.0),
+        }
+        for name, (low, high) in limits.items():
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not low <= value <= high:
+                above = f"at least {low:g}" if low >= 1 or low == 0 else "positive"
+                bound = above if high == math.inf else f"in [{low:g}, {high:g}]"
+                raise TrainingError(f"{name} must be {bound} (got {value!r})")
+
+    def bf16(self, device: torch.device) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda")
+
+
+@dataclass
+class TrainResult:
+    validation: dict[str, float]
+    test: dict[str, float]
+    best_step: int
+    steps: int
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    mean_step_seconds: float = 0.0
+
+
+def distributed() -> tuple[int, int]:
+    """This process's rank and the number of processes (``(0, 1)`` without torch.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def train(
+    model: nn.Module,
+    tokenizer: Any,
+    data: TaskData,
+    config: TrainConfig,
+    output_dir: str | os.PathLike,
+    stf: STF | None = None,
+    teacher: nn.Module | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Fine-tune ``model`` on ``data``; end in the state with the best validation metric; report validation
+    and test metrics.
+
+    ``output_dir`` holds the Trainer's checkpoints (``checkpoint-<step>``: every ``checkpoint_every``
+    steps, at epoch ends and on Ctrl-C/SIGTERM); ``resume=True`` continues from the latest exactly
+    (same batches, dropout and metric). With ``stf``, the model trains straight-through; with
+    ``stf.schedule.polish``, its compact factors train for the last steps.
+    """
+    out = Path(output_dir)
+    checkpoint = latest_checkpoint(out)
+    if resume and checkpoint is None:
+        raise TrainingError(f"--resume: no checkpoint in {out}; start without --resume")
+    settings = {"config": _settings(config), "schedule": asdict(stf.schedule) if stf is not None else None}
+    if resume:
+        _check_settings(out, settings)
+    else:
+        atomic_write_text(out / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
+        checkpoint = None
+    features = encode(tokenizer, data.train, config.max_length, data.spec)
+    total = max(1, math.ceil(config.epochs * math.ceil(len(features) / config.batch_size)))
+    handover = stf.schedule.polish_step(total) if stf is not None else None
+    run = _Run(model, tokenizer, data, config, out, features, total, teacher)
+    with _StopRequest() as stop:
+        if stf is not None and handover is not None:
+            if checkpoint is None or _holds_stf(checkpoint):
+                run.fit(checkpoint, stf=stf, stop=stop, stop_at=handover)
+                checkpoint = run.hand_over(stf, handover)
+            else:  # resumed after the hand-over: compact layers of the recorded layouts take the checkpoint
+                stf.finalize(iters=0)
+                stf.report = Report.from_json(json.loads((out / HANDOVER_FILE).read_text()))
+            stf = None
+        run.fit(checkpoint, stf=stf, stop=stop)
+    validation = _evaluate(model, tokenizer, data.validation, data, config)
+    test = _evaluate(model, tokenizer, data.test, data, config)
+    return run.result(validation, test)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint in ``folder`` (the Trainer writes ``trainer_state.json`` last)."""
+    found = [p for p in folder.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+    complete = [p for p in found if (p / STATE_FILE).exists()]
+    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _settings(config: TrainConfig) -> dict[str, Any]:
+    return {key: value for key, value in asdict(config).items() if key != "progress"}
+
+
+def _check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Refuse to resume into other training settings or another STF schedule (a field the record predates
+    counts as its default)."""
+    try:
+        saved = json.loads((out / SETTINGS_FILE).read_text())
+        defaults = _settings(TrainConfig())
+        changed = [k for k, v in settings["config"].items() if saved["config"].get(k, defaults[k]) != v]
+        if settings["schedule"] is not None or saved.get("schedule") is not None:
+            mine, theirs = settings["schedule"] or {}, saved.get("schedule") or {}
+            changed += [f"schedule.{k}" for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        reason = f"{type(err).__name__}: {err}"
+        raise TrainingError(f"checkpoint in {out} cannot be resumed into this run ({reason})") from None
+    if changed:
+        raise TrainingError(
+            f"--resume: {out} was written with other settings ({', '.join(changed)}); "
+            "use the same ones or a new --output"
+        )
+
+
+def _holds_stf(checkpoint: Path) -> bool:
+    """Whether a checkpoint was written before STF's hand-over (its model has STF layers' projections)."""
+    with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
+        return any(key.endswith(".projected") for key in f.keys())
+
+
+def _evaluate(model, tokenizer, examples, data: TaskData, config: TrainConfig) -> dict[str, float]:
+    device = next(model.parameters()).device
+    return evaluate(
+        model, tokenizer, examples, data.spec, config.max_length, config.eval_batch_size, config.bf16(device)
+    )
+
+
+class _Run:
+    """One fine-tuning run: the Trainers it takes (two with a hand-over) and what they leave."""
+
+    def __init__(self, model, tokenizer, data, config, out, features, total, teacher) -> None:
+        self.model, self.tokenizer, self.data, self.config, self.out = model, tokenizer, data, config, out
+        self.features, self.total, self.teacher = features, total, teacher
+        self.trainer: _TaskTrainer | None = None
+        self.step_times: list[float] = []
+
+    def trainer_for(self, stf: STF | None, stop: _StopRequest | None, stop_at: int | None = None) -> _TaskTrainer:
+        config, device = self.config, next(self.model.parameters()).device
+        world = distributed()[1]
+        args = TrainingArguments(
+            output_dir=str(self.out),
+            max_steps=self.total,
+            per_device_train_batch_size=config.batch_size,
+            learning_rate=config.lr,
+            weight_decay=config.weight_decay,
+            warmup_steps=max(1, round(config.warmup * self.total)),
+            lr_scheduler_type="linear",
+            max_grad_norm=config.grad_clip,
+            seed=config.seed,
+            bf16=config.bf16(device),
+            use_cpu=device.type == "cpu",
+            eval_strategy="epoch",
+            save_strategy="epoch",
+            save_total_limit=2,  # the latest, and the best (kept while it is)
+            load_best_model_at_end=stop_at is None,
+            metric_for_best_model=self.data.spec.metrics[0],
+            greater_is_better=True,
+            logging_strategy="steps",
+            logging_steps=1,
+            report_to="none",
+            disable_tqdm=True,
+            remove_unused_columns=False,
+            # each process takes its share of every global batch, so any number of processes trains alike
+            accelerator_config={"split_batches": world > 1},
+            ddp_broadcast_buffers=False,  # STF's buffers are computed alike on every process
+        )
+        callbacks: list[TrainerCallback] = [_Progress(self, stf, config.progress and distributed()[0] == 0)]
+        if stf is not None:
+            callbacks.append(STFCallback(stf))
+        callbacks.append(_Checkpoints(config.checkpoint_every, stop, stop_at))
+        trainer = _TaskTrainer(
+            self,
+            stf,
+            model=self.model,
+            args=args,
+            train_dataset=self.features,
+            eval_dataset=self.features[:1],  # evaluation runs on the task's validation split (evaluate below)
+            data_collator=DataCollatorWithPadding(self.tokenizer),
+            callbacks=callbacks,
+        )
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        return trainer
+
+    def fit(self, checkpoint: Path | None, stf: STF | None, stop: _StopRequest, stop_at: int | None = None) -> None:
+        if checkpoint is not None:
+            _check_checkpoint(checkpoint, self.model)
+        self.trainer = self.trainer_for(stf, stop, stop_at)
+        self.trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+        if stop.signum:
+            raise Interrupted(stop.signum)
+
+    def hand_over(self, stf: STF, step: int) -> Path:
+        """End STF at ``step`` (``Schedule.polish``): compact layers with the support frozen train from here.
+
+        The checkpoint of ``step`` is rewritten for them: the compact model, an optimizer that keeps
+        the moments of every parameter that survives (embeddings, norms, the head, untouched
+        linears) and starts the factors', and the best-checkpoint selection restarted, so the run
+        ends in a compact model. The Trainer then resumes from it.
+        """
+        old = self.trainer.optimizer.state
+        report = stf.finalize(iters=0)
+        if distributed()[0] == 0:
+            atomic_write_text(self.out / HANDOVER_FILE, json.dumps(report.to_json(), indent=2) + "\n")
+        successor = self.trainer_for(None, None)
+        successor.create_optimizer()
+        for group in successor.optimizer.param_groups:
+            for param in group["params"]:
+                if param in old:
+                    successor.optimizer.state[param] = old[param]
+        checkpoint = self.out / f"checkpoint-{step}"
+        if distributed()[0] == 0:
+            state = json.loads((checkpoint / STATE_FILE).read_text())
+            state.update(best_metric=None, best_global_step=None, best_model_checkpoint=None)
+            with atomic_folder(checkpoint, markers=(STATE_FILE,)) as tmp:
+                successor.save_model(str(tmp))
+                torch.save(successor.optimizer.state_dict(), tmp / "optimizer.pt")
+                for kept in checkpoint.iterdir():
+                    if kept.name.startswith(("rng_state", "scheduler")):
+                        (tmp / kept.name).write_bytes(kept.read_bytes())
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        if distributed()[1] > 1:
+            torch.distributed.barrier()
+        return checkpoint
+
+    def result(self, validation: dict[str, float], test: dict[str, float]) -> TrainResult:
+        state = self.trainer.state
+        losses = {entry["step"]: entry["loss"] for entry in state.log_history if "loss" in entry}
+        history = []
+        for entry in state.log_history:
+            metrics = {k.removeprefix("eval_"): v for k, v in entry.items() if k.startswith("eval_")}
+            if metrics:
+                history.append({"step": entry["step"], "loss": losses.get(entry["step"]), **metrics})
+        timed = self.step_times[1:] or self.step_times
+        return TrainResult(
+            validation=validation,
+            test=test,
+            best_step=state.best_global_step or state.global_step,
+            steps=state.global_step,
+            seconds=sum(self.step_times),
+            history=history,
+            mean_step_seconds=sum(timed) / max(1, len(timed)),
+        )
+
+
+class _TaskTrainer(Trainer):
+    """The Trainer with the task's evaluation, a KD loss, a stop on a non-finite loss and STF's support-change
+    rate in the log."""
+
+    def __init__(self, run: _Run, stf: STF | None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.job, self.stf = run, stf
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        loss = outputs.loss
+        teacher, config = self.job.teacher, self.job.config
+        if teacher is not None:
+            with torch.no_grad():
+                target = teacher.eval()(**{k: v for k, v in inputs.items() if k != "labels"}).logits.float()
+            logits = outputs.logits.float()
+            if self.job.data.spec.is_regression:
+                kd = nn.functional.mse_loss(logits, target)
+            else:
+                t = config.kd_temperature
+                log_p, q = nn.functional.log_softmax(logits / t, -1), nn.functional.softmax(target / t, -1)
+                kd = nn.functional.kl_div(log_p, q, reduction="batchmean") * (t * t)
+            loss = (1 - config.kd_alpha) * loss + config.kd_alpha * kd
+        shown = loss.detach().clone()
+        if distributed()[1] > 1:  # every process must see the same loss to stop together
+            torch.distributed.all_reduce(shown)
+        if not torch.isfinite(shown):
+            last = latest_checkpoint(self.job.out)
+            raise TrainingError(
+                f"loss became {shown.item()} at step {self.state.global_step + 1}; training stopped. The last good "
+                f"checkpoint is {last or 'not written yet'}; resume with --resume, perhaps with a lower --lr"
+            )
+        return (loss, outputs) if return_outputs else loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        job = self.job
+        metrics = _evaluate(self.model, job.tokenizer, job.data.validation, job.data, job.config)
+        metrics = {f"{metric_key_prefix}_{key}": value for key, value in metrics.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.stf is not None and self.stf.layers and "loss" in logs:
+            logs["support_change"] = self.stf.support_change
+        super().log(logs, start_time)
+
+
+class _Checkpoints(TrainerCallback):
+    """Checkpoints every ``every`` steps besides the epoch ends; a stop request (Ctrl-C, SIGTERM) or the step
+    ``stop_at`` ends training after the step with a checkpoint."""
+
+    def __init__(self, every: int, stop: _StopRequest | None, stop_at: int | None) -> None:
+        self.every, self.stop, self.stop_at = every, stop, stop_at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stopping = self.stop is not None and self.stop.agreed(args.device)
+        if stopping or state.global_step == self.stop_at:
+            control.should_training_stop = True
+            control.should_save = True
+        elif self.every and state.global_step % self.every == 0:
+            control.should_save = True
+
+
+class _Progress(TrainerCallback):
+    """One line that moves: steps, loss, seconds per step, STF's support-change rate; a line per validation."""
+
+    def __init__(self, run: _Run, stf: STF | None, show: bool) -> None:
+        self.run, self.stf, self.show = run, stf, show
+        self.bar = None
+        self.started = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.show:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=f"train {self.run.data.spec.name}")
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.run.step_times.append(time.perf_counter() - self.started)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            shown = {"loss": f"{logs['loss']:.4f}", "step_s": f"{self.run.step_times[-1]:.2f}"}
+            if "support_change" in logs:
+                shown["support_change"] = f"{logs['support_change']:.4f}"
+            self.bar.set_postfix(shown, refresh=False)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.bar is not None:
+            shown = {k.removeprefix("eval_"): round(v, 4) for k, v in (metrics or {}).items()}
+            self.bar.write(f"step {state.global_step}: validation {shown}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _check_checkpoint(checkpoint: Path, model: nn.Module) -> None:
+    """Read every file of a checkpoint before the Trainer loads it, so a damaged or foreign one is one clear
+    error rather than a failure part-way through loading."""
+    try:
+        json.loads((checkpoint / STATE_FILE).read_text())
+        with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
+            stored = set(f.keys())
+        expected = set(model.state_dict())
+        if stored - expected or expected - stored - _tied(model):
+            differ = sorted((stored - expected) | (expected - stored - _tied(model)))
+            raise KeyError(f"its model holds other tensors than this one's, e.g. {differ[0]!r}")
+        for name in ("optimizer.pt", "scheduler.pt"):
+            torch.load(checkpoint / name, weights_only=True)
+        for rng in checkpoint.glob("rng_state*.pth"):
+            torch.load(rng, weights_only=True)
+        if not any(checkpoint.glob("rng_state*.pth")):
+            raise FileNotFoundError("it holds no generator state")
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, SafetensorError, pickle.UnpicklingError) as err:
+        raise TrainingError(
+            f"checkpoint {checkpoint} cannot be resumed into this run ({type(err).__name__}: {err})"
+        ) from None
+
+
+def _tied(model: nn.Module) -> set[str]:
+    """State keys whose tensor another key shares (a checkpoint stores tied weights once, under either)."""
+    state = model.state_dict()
+    counts: dict[int, int] = {}
+    for tensor in state.values():
+        counts[tensor.data_ptr()] = counts.get(tensor.data_ptr(), 0) + 1
+    return {key for key, tensor in state.items() if counts[tensor.data_ptr()] > 1}
+
+
+class _StopRequest:
+    """Ctrl-C and SIGTERM during training finish the current step, checkpoint, then stop.
+
+    An interruption in the middle of a step (after the optimizer moved the weights, during a
+    re-projection) would leave a checkpoint that does not resume exactly; a second Ctrl-C stops at
+    once (the last checkpoint stays).
+    """
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._request)
+        return self
+
+    def _request(self, signum: int, frame) -> None:
+        if self.signum:
+            raise Interrupted(signum)
+        self.signum = signum
+
+    def agreed(self, device: torch.device) -> bool:
+        """Whether to stop now; every process stops at the same step (one may have got the signal first)."""
+        if distributed()[1] > 1:
+            flag = torch.tensor([self.signum], dtype=torch.long, device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.signum = int(flag.item())
+        return bool(self.signum)
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
