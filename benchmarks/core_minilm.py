@@ -3,7 +3,7 @@
 Measures what the core issue asks for, on all 36 encoder linears:
 - median over layers of DS relative error / SVD relative error at an equal value-parameter
   budget, at each ratio (N:M beside them);
-- wall time of ``dsformer factorize --ratio 2`` (a subprocess, model loading and saving included);
+- wall time of ``dsformer compress --ratio 2`` (a subprocess, model loading and saving included);
 - that the saved folder loads back with identical outputs, and that its weight file shrinks by
   the reported whole-model bytes ratio.
 
@@ -59,7 +59,7 @@ def errors_by_structure(model, ratio: float) -> dict[str, dict]:
 
 def cli_time(ratio: float, folder: Path) -> float:
     start = time.perf_counter()
-    cmd = [sys.executable, "-m", "dsformer.cli", "factorize", "--ratio", str(ratio), "--output", str(folder), "--quiet"]
+    cmd = [sys.executable, "-m", "dsformer", "compress", "--ratio", str(ratio), "--output", str(folder), "--quiet"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
 
@@ -179,8 +179,8 @@ def main() -> None:
         )
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "minilm-ds-2x"
-        results["cli_factorize_ratio2_seconds"] = cli_time(2.0, folder)
-        print(f"dsformer factorize --ratio 2: {results['cli_factorize_ratio2_seconds']:.1f} s")
+        results["cli_compress_ratio2_seconds"] = cli_time(2.0, folder)
+        print(f"dsformer compress --ratio 2: {results['cli_compress_ratio2_seconds']:.1f} s")
         results["round_trip"] = round_trip(model, tokenizer, folder)
         print(json.dumps(results["round_trip"], indent=2))
     out = Path(args.out)

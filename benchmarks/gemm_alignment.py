@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from dsformer.files import atomic_write_text
 from dsformer.hardware import describe
-from dsformer.checkpoint import atomic_write_text
 
 # k the default search picked for MiniLM at 2x and 2.8x, each beside the nearest multiples of 16
 PAIRS = [(97, 96), (107, 112), (266, 256), (266, 272), (305, 304), (351, 352)]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5's GPU measurements, as one script for a lent GPU machine (see the device tool's README).
+# The GPU measurements, as one script for a machine with a GPU.
 # Here, once:  bash benchmarks/gpu.sh prepare   (an fp16 copy of MiniLM under outputs/, 45 MB, to carry)
 # There:       bash benchmarks/gpu.sh run       (PyTorch, Triton and transformers are installed there)
 # Results: results/bench/gpu-layer-*.json and results/bench/minilm-ds-2.8x-cuda-fp16.json.
@@ -27,7 +27,7 @@ PY
     timeout 180 "$py" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_kernels.py -k "cuda or triton" \
       2>&1 | tee "$out/pytest.log" || rc=1
     timeout 180 "$py" benchmarks/gpu_layer.py --output "$out/gpu-layer-11008x4096-2x.json" 2>&1 | tee "$out/gpu-layer.log" || rc=1
-    timeout 200 "$py" -m dsformer.cli bench "$MODEL" --device cuda --dtype float16 --ratio 2.8 \
+    timeout 200 "$py" -m dsformer bench "$MODEL" --device cuda --dtype float16 --ratio 2.8 \
       --batch 1 1 8 32 --seq 1 64 128 128 --output "$out/minilm-ds-2.8x-cuda-fp16.json" 2>&1 | tee "$out/minilm.log" || rc=1
     exit $rc ;;
   *) echo "usage: bash benchmarks/gpu.sh prepare|run" >&2; exit 2 ;;

@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from dsformer.files import atomic_write_text
 from dsformer.hardware import describe
-from dsformer.checkpoint import atomic_write_text
 from dsformer.kernels import seconds
-from dsformer.structures.dense_sparse import DenseSparseFactors, DenseSparseLinear, _spread, budget_layouts
+from dsformer.structures.dense_sparse import DenseSparseFactors, DenseSparseLinear, budget_layouts
+from dsformer.structures.dense_sparse.layout import spread
 
 
 def random_layer(layout, dtype: torch.dtype, device: str, seed: int = 0) -> DenseSparseLinear:
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     rows = []
-    for layout in _spread(budget_layouts(args.out, args.inp, args.ratio), args.layouts):
+    for layout in spread(budget_layouts(args.out, args.inp, args.ratio), args.layouts):
         layer = random_layer(layout, dtype, args.device)
         weight = layer.materialize().contiguous()
         dense_bytes = weight.numel() * weight.element_size()
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "dense_us": 1e6 * statistics.median(dense),
                 "ds_us": 1e6 * statistics.median(compact),
                 "byte_limit": dense_bytes / layer.weight_bytes(),
-                "flop_limit": layout.out_features * layout.in_features / layer.work("triton"),
+                "flop_limit": layout.out_features * layout.in_features / layout.value_params,
                 "relative_error": float(error),
             }
             row["speedup"] = row["dense_us"] / row["ds_us"]

@@ -10,7 +10,7 @@ B=${DSFORMER:-.venv/bin/dsformer}
 START=${1:-outputs/sweeps/mr/mr-dense-s0}
 OUT=${2:-outputs/int8-sizes}
 for s in ds svd; do
-  [ -d "$OUT/$s-2x" ] || $B factorize --model "$START" --structure "$s" --ratio 2 --output "$OUT/$s-2x" --quiet
+  [ -d "$OUT/$s-2x" ] || $B compress --model "$START" --structure "$s" --ratio 2 --output "$OUT/$s-2x" --quiet
   [ -d "$OUT/$s-2x-int8" ] || $B quantize "$OUT/$s-2x" "$OUT/$s-2x-int8" --task mr
 done
 [ -d "$OUT/dense-int8" ] || $B quantize "$START" "$OUT/dense-int8"

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from dsformer.hardware import describe
+from dsformer.harness.evaluation import encode
 from dsformer.harness.models import load_pretrained
+from dsformer.harness.tasks import load_task
 from dsformer.stf import STF, Schedule
 from dsformer.structures import DenseSparseConfig
-from dsformer.harness.tasks import load_task
-from dsformer.harness.training import TrainConfig, _batch, encode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def time_steps(model, batches, steps: int, stf: STF | None) -> list[float]:
         loss.backward()
         optimizer.step()
         if stf is not None:
-            stf.maybe_refresh(step)
+            stf.step(step)
         times.append(time.perf_counter() - start)
     return times
 
@@ -57,12 +57,8 @@ def main() -> None:
     torch.manual_seed(0)
     data = load_task("mr")
     model, tokenizer = load_pretrained(None, task_head=True, num_labels=2)
-    config = TrainConfig()
-    features = encode(tokenizer, data.train[: 32 * 8], config.max_length)
-    batches = [
-        _batch(tokenizer, features[i : i + 32], [e.label for e in data.train[i : i + 32]], False)
-        for i in range(0, len(features), 32)
-    ]
+    features = encode(tokenizer, data.train[: 32 * 8], 128, data.spec)
+    batches = [dict(tokenizer.pad(features[i : i + 32], return_tensors="pt")) for i in range(0, len(features), 32)]
     dense = time_steps(copy.deepcopy(model), batches, args.steps, None)
     stf_model = copy.deepcopy(model)
     stf = STF.wrap(stf_model, DenseSparseConfig(ratio=args.ratio), schedule=Schedule(args.refresh_every, args.iters))

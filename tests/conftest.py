@@ -30,8 +30,8 @@ from transformers import (  # noqa: E402
     MPNetModel,
 )
 
-from dsformer.structures import DenseSparseConfig, LowRankConfig, NMConfig  # noqa: E402
 from dsformer.harness.tasks import Example  # noqa: E402
+from dsformer.structures import DenseSparseConfig, LowRankConfig, NMConfig  # noqa: E402
 
 # The tests run tiny matrices: one thread avoids the oversubscription that makes small
 # GEMMs 100x slower when the 2 cores are shared with another process.

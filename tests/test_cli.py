@@ -16,8 +16,8 @@ from transformers import BertModel
 
 from dsformer import load
 from dsformer.cli import main
-from dsformer.surgery import compact_layers
 from dsformer.harness.models import load_pretrained
+from dsformer.surgery import compact_layers
 
 ERROR = "dsformer: error:"
 
@@ -49,10 +49,12 @@ BAD_INPUTS = {
     "unknown target": (["--targets", "nosuchlayer"], ["nosuchlayer", "matches no module"]),
     "non-linear target": (["--targets", "LayerNorm"], ["LayerNorm", "not a linear layer"]),
     "unknown exclusion": (["--exclude", "nosuchlayer"], ["exclusion", "nosuchlayer"]),
-    "k out of range": (["--k", "1000"], ["k must be in"]),
-    "k with svd": (["--structure", "svd", "--k", "4"], ["--k"]),
-    "k multiple with nm": (["--structure", "nm", "--k-multiple", "16"], ["--k-multiple", "ds only"]),
-    "k multiple 0": (["--k-multiple", "0"], ["k_multiple must be at least 1"]),
+    "k out of range": (["--option", "k=1000"], ["k must be in"]),
+    "k with svd": (["--structure", "svd", "--option", "k=4"], ["structure svd has no option k", "rank"]),
+    "k multiple with nm": (["--structure", "nm", "--option", "k_multiple=16"], ["nm has no option k_multiple"]),
+    "k multiple 0": (["--option", "k_multiple=0"], ["k_multiple must be at least 1"]),
+    "option without a value": (["--option", "k"], ["option 'k'", "KEY=VALUE"]),
+    "unknown structure": (["--structure", "xyz"], ["unknown structure 'xyz'", "ds, svd, nm"]),
     "model missing": (["--model", "/nonexistent"], ["/nonexistent", "config.json"]),
     "model folder empty": (["--model", "{empty}"], ["config.json"]),
     "output is a file": (["--output", "{file}"], ["not a folder"]),
@@ -62,7 +64,7 @@ BAD_INPUTS = {
 def _args(extra, tiny_bert_folder, empty_folder, tmp_path):
     file = tmp_path / "a-file"
     file.write_text("keep")
-    args = ["factorize", "--model", tiny_bert_folder, "--quiet"]
+    args = ["compress", "--model", tiny_bert_folder, "--quiet"]
     for a in extra:
         args.append(str(a).format(empty=empty_folder, file=file))
     if "--output" not in extra:
@@ -97,14 +99,14 @@ def test_bad_input_stderr_is_exactly_one_line(capsys, tiny_bert_folder, empty_fo
 @pytest.mark.parametrize("value", ["abc", "", "2x"])
 def test_ratio_not_a_number_is_an_argparse_error(capsys, tiny_bert_folder, tmp_path, value):
     with pytest.raises(SystemExit) as info:
-        main(["factorize", "--model", str(tiny_bert_folder), "--ratio", value, "--output", str(tmp_path / "out")])
+        main(["compress", "--model", str(tiny_bert_folder), "--ratio", value, "--output", str(tmp_path / "out")])
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "--ratio" in err and f"expected a number, got {value!r}" in err
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("argv", [[], ["nosuchverb"], ["factorize", "--structure", "xyz"], ["merge", "only-one"]])
+@pytest.mark.parametrize("argv", [[], ["nosuchverb"], ["finetune", "--method", "xyz"], ["export", "only-one"]])
 def test_bad_command_lines_exit_2(capsys, argv):
     with pytest.raises(SystemExit) as info:
         main(argv)
@@ -113,7 +115,7 @@ def test_bad_command_lines_exit_2(capsys, argv):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_device_cuda_without_cuda(capsys, tiny_bert_folder, tmp_path):
-    code, _, err = run(capsys, "factorize", "--model", tiny_bert_folder, "--device", "cuda", "--output", tmp_path / "o")
+    code, _, err = run(capsys, "compress", "--model", tiny_bert_folder, "--device", "cuda", "--output", tmp_path / "o")
     assert code == 2
     assert err.strip().splitlines() == [err.strip()] and "no CUDA device" in err
     assert not (tmp_path / "o").exists()
@@ -123,7 +125,9 @@ def test_refused_output_folder_is_left_untouched(capsys, tiny_bert_folder, tmp_p
     dest = tmp_path / "mine"
     dest.mkdir()
     (dest / "notes.txt").write_text("precious")
-    code, _, err = run(capsys, "factorize", "--model", tiny_bert_folder, "--quiet", "--iters", "1", "--output", dest)
+    code, _, err = run(
+        capsys, "compress", "--model", tiny_bert_folder, "--quiet", "--option", "iters=1", "--output", dest
+    )
     assert code == 2
     assert len(error_lines(err)) == 1 and "not empty" in error_lines(err)[0]
     assert [p.name for p in dest.iterdir()] == ["notes.txt"] and (dest / "notes.txt").read_text() == "precious"
@@ -136,12 +140,12 @@ def test_refused_output_folder_writes_no_report(capsys, tiny_bert_folder, tmp_pa
     (dest / "notes.txt").write_text("precious")
     code, out, _ = run(
         capsys,
-        "factorize",
+        "compress",
         "--model",
         tiny_bert_folder,
         "--quiet",
-        "--iters",
-        "1",
+        "--option",
+        "iters=1",
         "--output",
         dest,
         "--json",
@@ -157,12 +161,12 @@ def test_refused_output_folder_writes_no_report(capsys, tiny_bert_folder, tmp_pa
 
 @pytest.fixture(scope="module", params=["ds", "svd", "nm"])
 def factorized(request, tiny_bert_folder, tmp_path_factory):
-    """One successful ``dsformer factorize`` run per structure: (structure, output folder, report, stdout)."""
+    """One successful ``dsformer compress`` run per structure: (structure, output folder, report, stdout)."""
     root = tmp_path_factory.mktemp(f"cli-{request.param}")
-    argv = ["factorize", "--model", str(tiny_bert_folder), "--structure", request.param, "--ratio", "2"]
+    argv = ["compress", "--model", str(tiny_bert_folder), "--structure", request.param, "--ratio", "2"]
     argv += ["--output", str(root / "out"), "--json", str(root / "report.json"), "--quiet"]
     if request.param == "ds":
-        argv += ["--iters", "2"]
+        argv += ["--option", "iters=2"]
     stdout = io.StringIO()  # a module-scoped fixture cannot use capsys
     with contextlib.redirect_stdout(stdout):
         code = main(argv)
@@ -170,7 +174,7 @@ def factorized(request, tiny_bert_folder, tmp_path_factory):
     return request.param, root / "out", json.loads((root / "report.json").read_text()), stdout.getvalue()
 
 
-def test_factorize_writes_folder_and_report(factorized):
+def test_compress_writes_folder_and_report(factorized):
     structure, out, report, stdout = factorized
     assert {"config.json", "model.safetensors", "dsformer.json"} <= {p.name for p in out.iterdir()}
     assert len(report["layers"]) == 12
@@ -179,7 +183,7 @@ def test_factorize_writes_folder_and_report(factorized):
         assert {"name", "shape", "structure", "params", "bytes", "rel_error"} <= set(row)
     assert {"ratio_params", "ratio_bytes", "ratio_model_bytes", "seconds"} <= set(report["totals"])
     assert report["totals"]["ratio_params"] >= 2.0
-    assert report["command"].startswith("dsformer factorize") and report["hardware"]["cores"] >= 1
+    assert report["command"].startswith("dsformer compress") and report["hardware"]["cores"] >= 1
     meta = json.loads((out / "dsformer.json").read_text())
     assert meta["report"]["totals"]["ratio_params"] == pytest.approx(report["totals"]["ratio_params"])
     assert "encoder.layer.0.attention.self.query" in stdout and f"saved to {out}" in stdout
@@ -199,9 +203,9 @@ def test_info(capsys, factorized):
     assert all(row["name"] in stdout for row in report["layers"])
 
 
-def test_merge(capsys, factorized, tmp_path, tiny_bert_folder):
+def test_export(capsys, factorized, tmp_path, tiny_bert_folder):
     _, out, _, _ = factorized
-    code, stdout, _ = run(capsys, "merge", out, tmp_path / "dense")
+    code, stdout, _ = run(capsys, "export", out, tmp_path / "dense")
     assert code == 0 and "dense Hugging Face model written to" in stdout
     dense = BertModel.from_pretrained(tmp_path / "dense")
     assert not (tmp_path / "dense" / "dsformer.json").exists()
@@ -214,7 +218,7 @@ def test_no_save_writes_only_the_report(capsys, tiny_bert_folder, tmp_path, monk
     monkeypatch.chdir(tmp_path)
     code, stdout, _ = run(
         capsys,
-        "factorize",
+        "compress",
         "--model",
         tiny_bert_folder,
         "--structure",
@@ -231,13 +235,13 @@ def test_no_save_writes_only_the_report(capsys, tiny_bert_folder, tmp_path, monk
 
 def test_default_output_folder_name(capsys, tiny_bert_folder, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, _, _ = run(capsys, "factorize", "--model", tiny_bert_folder, "--structure", "nm", "--ratio", "2", "--quiet")
+    code, _, _ = run(capsys, "compress", "--model", tiny_bert_folder, "--structure", "nm", "--ratio", "2", "--quiet")
     assert code == 0
     assert (tmp_path / "outputs" / "tiny-bert-nm-2x" / "dsformer.json").exists()
 
 
-@pytest.mark.parametrize("verb", [["info", "{missing}"], ["info", "{plain}"], ["merge", "{missing}", "{out}"]])
-def test_info_and_merge_of_a_bad_folder(capsys, tmp_path, tiny_bert_folder, verb):
+@pytest.mark.parametrize("verb", [["info", "{missing}"], ["info", "{plain}"], ["export", "{missing}", "{out}"]])
+def test_info_and_export_of_a_bad_folder(capsys, tmp_path, tiny_bert_folder, verb):
     argv = [a.format(missing=tmp_path / "missing", plain=tiny_bert_folder, out=tmp_path / "out") for a in verb]
     code, _, err = run(capsys, *argv)
     assert code == 2
@@ -249,7 +253,7 @@ def test_output_equal_to_model_keeps_the_source(capsys, tiny_bert_folder, tmp_pa
     source = tmp_path / "my-model"
     shutil.copytree(tiny_bert_folder, source)
     (source / "README.md").write_text("my notes")
-    run(capsys, "factorize", "--model", source, "--output", source, "--structure", "svd", "--quiet")
+    run(capsys, "compress", "--model", source, "--output", source, "--structure", "svd", "--quiet")
     assert (source / "README.md").read_text() == "my notes"
     assert not (source / "dsformer.json").exists()
 
@@ -272,13 +276,13 @@ def _console_script() -> Path:
 def test_console_script_help():
     done = subprocess.run([_console_script(), "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0
-    for verb in ("factorize", "merge", "info", "data"):
+    for verb in ("compress", "export", "info", "data"):
         assert verb in done.stdout
 
 
 def test_console_script_error_is_one_line(tmp_path):
     done = subprocess.run(
-        [_console_script(), "factorize", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "out")],
+        [_console_script(), "compress", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "out")],
         capture_output=True,
         text=True,
         timeout=120,
@@ -290,9 +294,9 @@ def test_console_script_error_is_one_line(tmp_path):
 
 def test_a_compressed_folder_is_not_taken_for_a_pretrained_model(capsys, tiny_bert_folder, tmp_path):
     out = tmp_path / "compact"
-    code, _, _ = run(capsys, "factorize", "--model", tiny_bert_folder, "--structure", "svd", "--output", out, "--quiet")
+    code, _, _ = run(capsys, "compress", "--model", tiny_bert_folder, "--structure", "svd", "--output", out, "--quiet")
     assert code == 0
-    code, _, err = run(capsys, "factorize", "--model", out, "--output", tmp_path / "again", "--quiet")
+    code, _, err = run(capsys, "compress", "--model", out, "--output", tmp_path / "again", "--quiet")
     assert code == 2 and "compressed dsformer model" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "again").exists()
 
@@ -303,7 +307,7 @@ def test_bench_writes_ratios_against_the_dense_original(capsys, tiny_bert_folder
     model = tiny_bert_folder
     if source == "compact":
         model = tmp_path / "compact"
-        argv = ["factorize", "--model", tiny_bert_folder, "--quiet", "--iters", "2", "--output", model]
+        argv = ["compress", "--model", tiny_bert_folder, "--quiet", "--option", "iters=2", "--output", model]
         assert run(capsys, *argv)[0] == 0
     out = tmp_path / "bench.json"
     argv = ["bench", model, "--batch", "2", "1", "--seq", "8", "4", "--repeats", "2", "--output", out]
@@ -317,10 +321,10 @@ def test_bench_writes_ratios_against_the_dense_original(capsys, tiny_bert_folder
         assert e["speedup"] == pytest.approx(e["dense_ms"] / e["compact_ms"])
         assert len(result["layers"]) == 12
         for row in result["layers"].values():
-            assert row["path"] in ("reference", "dense", "gather")
+            assert row["backend"] in ("reference", "dense", "gather")
             assert row["speedup"] == pytest.approx(row["dense_ms"] / row["compact_ms"])
             assert row["of_flop_limit"] == pytest.approx(row["speedup"] / row["flop_limit"])
-            assert (row["flop_limit"] == 1) == (row["path"] == "dense")
+            assert (row["flop_limit"] == 1) == (row["backend"] == "dense")
         assert sum(p["layers"] for p in result["parts"].values()) == 12
     assert "end to end" in stdout and "ffn linears" in stdout
 
@@ -335,7 +339,7 @@ def test_bench_int8_faces_dense_fp32_and_dense_int8(capsys, tiny_bert_folder, tm
     (result,) = json.loads(out.read_text())["runs"]
     e = result["end_to_end"]
     assert e["speedup_vs_dense_int8"] == pytest.approx(e["dense_int8_ms"] / e["compact_ms"])
-    assert {row["path"] for row in result["layers"].values()} == {"int8"}
+    assert {row["backend"] for row in result["layers"].values()} == {"int8"}
     assert "against the dense model with int8 linears" in stdout
 
 
@@ -346,6 +350,7 @@ def test_bench_int8_faces_dense_fp32_and_dense_int8(capsys, tiny_bert_folder, tm
         (["--device", "cuda"], ["no CUDA device"]),
         (["--device", "gpu"], ["give cpu, cuda or cuda:N"]),
         (["--output", "{folder}"], ["is a folder; give a file name"]),
+        (["--backend", "int4"], ["unknown backend 'int4'", "int8"]),
     ],
 )
 def test_bench_bad_input(capsys, tiny_bert_folder, tmp_path, extra, words):
@@ -359,7 +364,6 @@ def test_bench_bad_input(capsys, tiny_bert_folder, tmp_path, extra, words):
 @pytest.mark.parametrize(
     "extra, words",
     [
-        (["--backend", "int4"], ["invalid choice", "int8"]),
         (["--batch", "0"], ["at least 1"]),
         (["--repeats", "0"], ["at least 1"]),
         (["--seq", "two"], ["whole number"]),
@@ -382,7 +386,9 @@ def test_bench_bad_flags_are_argparse_errors(capsys, tiny_bert_folder, extra, wo
         (["--fisher", "--seed", "1"], "mr-dsformer-2x-fisher-s1"),
     ],
 )
-def test_compress_default_output_tells_runs_apart(argv, name):
-    from dsformer.cli import _run_name, build_parser
+def test_finetune_default_output_tells_runs_apart(argv, name):
+    from dsformer.cli import build_parser
+    from dsformer.harness.finetune import RunConfig, default_output
 
-    assert _run_name(build_parser().parse_args(["compress", *argv])) == name
+    args = build_parser().parse_args(["finetune", *argv])
+    assert default_output(RunConfig.from_settings(vars(args))) == Path("outputs") / name

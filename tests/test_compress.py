@@ -28,8 +28,8 @@ from dsformer import (
     find_targets,
     merge,
 )
-from dsformer.surgery import compact_layers
 from dsformer.structures import CompactLinear, DenseSparseLinear, LowRankConfig, LowRankLinear, NMConfig
+from dsformer.surgery import compact_layers
 
 MODELS = list(TINY_MODELS)
 

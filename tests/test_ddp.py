@@ -1,8 +1,10 @@
-"""Two CPU processes on gloo train exactly like one process on the whole batch (no dropout, so no noise)."""
+"""Two CPU processes on gloo (the Trainer's DDP through accelerate) train like one process on the whole batch
+(no dropout, so no noise), and a run that one process stops resumes exactly."""
 
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from conftest import TOY_WORDS, toy_examples, toy_tokenizer
 from transformers import BertConfig, BertForSequenceClassification
 
 from dsformer.harness.tasks import TASKS, TaskData
-from dsformer.harness.training import TrainConfig, train
+from dsformer.harness.training import TrainConfig, latest_checkpoint, train
 
 
 def _setup(folder: Path, dropout: float = 0.0):
@@ -36,9 +38,22 @@ def _setup(folder: Path, dropout: float = 0.0):
     return model, tokenizer, data
 
 
-def _worker(rank: int, world: int, folder: str) -> None:
+def _join(rank: int, world: int, port: int) -> None:
+    """What torchrun sets for each process; accelerate (inside the Trainer) joins the group from it."""
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    os.environ.update({key: str(value) for key, value in env.items()})
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, folder: str, port: int) -> None:
+    _join(rank, world, port)
     try:
         model, tokenizer, data = _setup(Path(folder))
         config = TrainConfig(epochs=2, batch_size=8, lr=1e-3, progress=False, checkpoint_every=0)
@@ -52,7 +67,7 @@ def _worker(rank: int, world: int, folder: str) -> None:
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_two_gloo_processes_match_one_process():
     with tempfile.TemporaryDirectory() as folder:
-        mp.spawn(_worker, args=(2, folder), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, folder, _free_port()), nprocs=2, join=True)
         ddp = torch.load(Path(folder) / "ddp.pt", weights_only=True)
         model, tokenizer, data = _setup(Path(folder))
         config = TrainConfig(epochs=2, batch_size=8, lr=1e-3, progress=False, checkpoint_every=0)
@@ -63,16 +78,14 @@ def test_two_gloo_processes_match_one_process():
         assert not any(p.name.startswith(".") for p in (Path(folder) / "run").iterdir())
 
 
-def _resume_worker(rank: int, world: int, folder: str, run: str, interrupt_at: int, resume: bool) -> None:
+def _resume_worker(rank: int, world: int, folder: str, run: str, interrupt_at: int, resume: bool, port: int) -> None:
     """Train with dropout; with ``interrupt_at``, only rank 1 gets SIGTERM at that training forward."""
     import signal
 
     from dsformer.errors import Interrupted
 
-    torch.set_num_threads(1)
+    _join(rank, world, port)
     torch.manual_seed(1000 + rank)  # what each process's generator holds before train() seeds it
-    rendezvous = f"file://{folder}/rendezvous-{run}-{int(resume)}"
-    torch.distributed.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
     try:
         model, tokenizer, data = _setup(Path(folder), dropout=0.3)
         config = TrainConfig(epochs=2, batch_size=8, lr=1e-3, progress=False, checkpoint_every=0)
@@ -100,22 +113,11 @@ def _resume_worker(rank: int, world: int, folder: str, run: str, interrupt_at: i
 def test_ddp_run_stopped_by_one_process_resumes_exactly():
     """SIGTERM to one process: both stop at the same step; resuming restores each process's own dropout stream."""
     with tempfile.TemporaryDirectory() as folder:
-        mp.spawn(_resume_worker, args=(2, folder, "whole", 0, False), nprocs=2, join=True)
-        mp.spawn(_resume_worker, args=(2, folder, "cut", 5, False), nprocs=2, join=True)
-        state = (Path(folder) / "cut" / "checkpoint" / "trainer_state.json").read_text()
-        assert '"step": 5' in state
-        mp.spawn(_resume_worker, args=(2, folder, "cut", 0, True), nprocs=2, join=True)
+        mp.spawn(_resume_worker, args=(2, folder, "whole", 0, False, _free_port()), nprocs=2, join=True)
+        mp.spawn(_resume_worker, args=(2, folder, "cut", 5, False, _free_port()), nprocs=2, join=True)
+        assert latest_checkpoint(Path(folder) / "cut").name == "checkpoint-5"  # both stopped after step 5
+        mp.spawn(_resume_worker, args=(2, folder, "cut", 0, True, _free_port()), nprocs=2, join=True)
         whole = torch.load(Path(folder) / "whole.pt", weights_only=True)
         cut = torch.load(Path(folder) / "cut.pt", weights_only=True)
         for name, tensor in whole.items():
             assert torch.equal(cut[name], tensor), name
-
-
-def test_torchrun_environment_is_detected(monkeypatch):
-    """Without WORLD_SIZE the CLI stays single-process (rank 0) and starts no process group."""
-    from dsformer.cli import _init_distributed
-
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert _init_distributed("cpu") == 0
-    assert not torch.distributed.is_initialized()
-    assert os.environ.get("WORLD_SIZE") is None

@@ -81,7 +81,7 @@ def test_saved_size_ratio_matches_report(minilm):
 
 
 def test_cli_ratio_below_one_on_default_model(capsys, tmp_path):
-    code = main(["factorize", "--ratio", "0.9", "--output", str(tmp_path / "out"), "--quiet"])
+    code = main(["compress", "--ratio", "0.9", "--output", str(tmp_path / "out"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("dsformer: error:")]
@@ -107,8 +107,8 @@ def test_dense_then_dsformer_on_real_mr(capsys, tmp_path):
         pytest.skip(f"MR is not prepared ({mr_path()}); run `dsformer data mr`")
     small = ["--max-train", "96", "--batch-size", "32", "--max-length", "32", "--epochs", "1", "--quiet"]
     dense, ds = tmp_path / "dense", tmp_path / "ds"
-    assert main(["compress", "--method", "dense", "--output", str(dense), *small]) == 0
-    argv = ["compress", "--model", str(dense), "--method", "dsformer", "--output", str(ds), *small]
+    assert main(["finetune", "--method", "dense", "--output", str(dense), *small]) == 0
+    argv = ["finetune", "--model", str(dense), "--method", "dsformer", "--output", str(ds), *small]
     assert main([*argv, "--reference", str(dense / "metrics.json")]) == 0
     metrics = json.loads((ds / "metrics.json").read_text())
     assert metrics["ratios"]["ratio_params"] == pytest.approx(2.0, rel=0.01)

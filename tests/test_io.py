@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 import dsformer.checkpoint
 import dsformer.files
 from dsformer import CheckpointError, CompressConfig, compress, export_dense, load, save
-from dsformer.surgery import compact_layers
 from dsformer.checkpoint import FORMAT_VERSION, META_FILE, WEIGHTS_FILE, read_meta
+from dsformer.surgery import compact_layers
 
 MODELS = list(TINY_MODELS)
 AUTO = {"bert": transformers.AutoModel, "mpnet": transformers.AutoModel, "gpt2": transformers.AutoModelForCausalLM}

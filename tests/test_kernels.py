@@ -12,9 +12,8 @@ from torch.nn import functional as F
 import dsformer
 from dsformer import kernels
 from dsformer.errors import DsformerError
-from dsformer.kernels import native
+from dsformer.kernels import choice, native
 from dsformer.kernels.gather import column_plan
-from dsformer.kernels import choice
 from dsformer.structures import backends, structure_config
 
 SHAPES = {"rows": (96, 64), "columns": (64, 96), "square": (48, 48)}
@@ -141,7 +140,9 @@ def test_dense_path_follows_edited_factors():
 
 
 def test_unknown_backend_is_refused():
-    with pytest.raises(DsformerError, match="unknown backend 'fast'; choose one of auto, dense, gather, int8, reference"):
+    with pytest.raises(
+        DsformerError, match="unknown backend 'fast'; choose one of auto, dense, gather, int8, reference"
+    ):
         kernels.use_backend(layer_of("ds", (96, 64)), "fast")
     with pytest.raises(DsformerError, match="has no backend 'gather'"):
         layer_of("svd", (96, 64)).run("gather", torch.ones(1, 64))

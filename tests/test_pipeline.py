@@ -1,12 +1,14 @@
-"""``dsformer compress`` / ``evaluate`` / ``summary`` end to end, in-process, on a tiny saved BERT (with its
+"""``dsformer finetune`` / ``evaluate`` / ``summary`` end to end, in-process, on a tiny saved BERT (with its
 tokenizer) and tiny GLUE-format task folders: every method, trainer crossing, distillation, the dense
 reference, the summary table, bad input, and a regression task."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,22 +18,16 @@ from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 import dsformer
 from dsformer.cli import main
-from dsformer.surgery import compact_layers
 from dsformer.errors import DsformerError
+from dsformer.harness.methods import METHODS as REGISTRY
 from dsformer.harness.prepare import make_student
+from dsformer.harness.training import _TaskTrainer, latest_checkpoint
+from dsformer.surgery import compact_layers
 
 ERROR = "dsformer: error:"
-METHODS = ["dense", "svd", "fwsvd", "nm", "ds-conventional", "dsformer", "ds-shared"]
-DEFAULT_TRAINER = {
-    "dense": "-",
-    "svd": "conventional",
-    "fwsvd": "conventional",
-    "nm": "stf",
-    "ds-conventional": "conventional",
-    "dsformer": "stf",
-    "ds-shared": "stf",
-}
-STRUCTURE = {"svd": "svd", "fwsvd": "svd", "nm": "nm", "ds-conventional": "ds", "dsformer": "ds", "ds-shared": "ds"}
+METHODS = [name for name in REGISTRY if name != "distil"]  # distil needs a teacher: tested on its own
+DEFAULT_TRAINER = {name: (m.trainers or ("-",))[0] for name, m in REGISTRY.items()}
+STRUCTURE = {name: m.structure for name, m in REGISTRY.items()}
 METRICS_KEYS = {
     "method",
     "trainer",
@@ -113,7 +109,7 @@ def stsb_dir(root: Path) -> Path:
 
 
 def _compress_args(model_dir: Path, data_dir: Path, output: Path, *extra, task: str = "sst2") -> list[str]:
-    args = ["compress", "--model", model_dir, "--task", task, "--data-dir", data_dir, "--output", output]
+    args = ["finetune", "--model", model_dir, "--task", task, "--data-dir", data_dir, "--output", output]
     args += ["--quiet", "--epochs", "1", "--batch-size", "8", "--refresh-every", "3", "--max-length", "16"]
     return [str(a) for a in [*args, *extra]]
 
@@ -137,6 +133,19 @@ def run_cli(capsys, argv: list[str]) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def interrupt_at(monkeypatch, k: int) -> None:
+    """Ctrl-C during the k-th training step of this process (counting across runs)."""
+    real, calls = _TaskTrainer.compute_loss, [0]
+
+    def compute_loss(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == k:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(_TaskTrainer, "compute_loss", compute_loss)
 
 
 def work_folder(output: Path) -> Path:
@@ -221,7 +230,7 @@ def test_method_runs_saves_and_evaluates(capsys, tmp_path, model_dir, sst2_dir, 
     assert f"accuracy {metrics['test']['accuracy']:.4f}" in evaluate_line(capsys, output)
     # int8 products (compact layers, or a dense model's block linears): a close score
     record = tmp_path / "int8-path.json"
-    assert "int8 path" in evaluate_line(capsys, output, "--backend", "int8", "--json", str(record))
+    assert "int8 backend" in evaluate_line(capsys, output, "--backend", "int8", "--json", str(record))
     saved = json.loads(record.read_text())
     assert saved["backend"] == "int8" and abs(saved["test"]["accuracy"] - metrics["test"]["accuracy"]) <= 0.25
 
@@ -458,7 +467,7 @@ def test_summary_of_a_damaged_metrics_json_exits_2(capsys, tmp_path, dense_run):
 
 def test_evaluate_of_a_model_without_a_task_head_exits_2(capsys, tmp_path, model_dir, sst2_dir):
     fitted = tmp_path / "fitted"
-    assert run_cli(capsys, ["factorize", "--model", model_dir, "--ratio", "2", "--output", fitted, "--quiet"])[0] == 0
+    assert run_cli(capsys, ["compress", "--model", model_dir, "--ratio", "2", "--output", fitted, "--quiet"])[0] == 0
     argv = ["evaluate", fitted, "--task", "sst2", "--data-dir", sst2_dir]
     line = assert_one_error_line(*run_cli(capsys, argv))
     assert "no task head" in line and "dsformer compress" in line
@@ -511,7 +520,6 @@ def _bad_train(folder: Path, bad_row: str) -> Path:
 
 # name: (extra arguments, data folder kind, words the error line must contain)
 BAD_INPUTS = {
-    "unknown method": (["--method", "prune"], "sst2", ["prune", "dsformer"]),
     "unknown task": (["--task", "nosuchtask"], "sst2", ["nosuchtask", "sst2"]),
     "data dir missing": ([], "missing", ["--data-dir", "not a folder"]),
     "malformed row": ([], "malformed", ["train.tsv:6", "columns"]),
@@ -603,35 +611,25 @@ def test_regression_task_with_dsformer(capsys, tmp_path, model_dir, stsb_dir):
 @pytest.mark.parametrize("method", ["dense", "dsformer"])
 def test_interrupted_run_resumes_to_the_same_result(capsys, tmp_path, model_dir, sst2_dir, monkeypatch, method):
     """Ctrl-C mid-epoch: exit 130 with the resume hint; --resume ends exactly where an uninterrupted run does."""
-    import dsformer.harness.training as train_module
 
     extra = ["--method", method, "--epochs", "2"]
     whole = tmp_path / "whole"
     assert run_cli(capsys, _compress_args(model_dir, sst2_dir, whole, *extra))[0] == 0
 
-    calls = {"n": 0}
-    real_loss = train_module._loss
-
-    def interrupting_loss(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 11:  # in the second epoch
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
+    interrupt_at(monkeypatch, 11)  # Ctrl-C in the second epoch
     cut = tmp_path / "cut"
-    monkeypatch.setattr(train_module, "_loss", interrupting_loss)
     code, _, err = run_cli(capsys, _compress_args(model_dir, sst2_dir, cut, *extra))
     assert code == 130 and "--resume" in err and len(err.strip().splitlines()) == 1
-    assert (work_folder(cut) / "checkpoint").is_dir() and not cut.exists()
-    monkeypatch.setattr(train_module, "_loss", real_loss)
-    state = (work_folder(cut) / "checkpoint" / "trainer_state.json").read_bytes()
+    assert latest_checkpoint(work_folder(cut)).name == "checkpoint-11" and not cut.exists()
+    monkeypatch.undo()
+    state = (latest_checkpoint(work_folder(cut)) / "trainer_state.json").read_bytes()
     # the checkpoint is not lost to a rerun that forgot --resume, nor resumed into another run
     line = assert_one_error_line(*run_cli(capsys, _compress_args(model_dir, sst2_dir, cut, *extra)))
     assert "interrupted run" in line and "--resume" in line
     other = ["--method", "svd" if method == "dsformer" else "dsformer", "--epochs", "2", "--resume"]
     line = assert_one_error_line(*run_cli(capsys, _compress_args(model_dir, sst2_dir, cut, *other)))
     assert "of another run (method" in line
-    assert (work_folder(cut) / "checkpoint" / "trainer_state.json").read_bytes() == state
+    assert (latest_checkpoint(work_folder(cut)) / "trainer_state.json").read_bytes() == state
     assert run_cli(capsys, _compress_args(model_dir, sst2_dir, cut, *extra, "--resume"))[0] == 0
 
     a, b = metrics_of(whole), metrics_of(cut)
@@ -669,24 +667,14 @@ def _sweep_config(folder: Path, model_dir: Path, sst2_dir: Path, **changes) -> P
 
 
 def test_sweep_runs_the_grid_skips_what_is_done_and_reports(capsys, tmp_path, model_dir, sst2_dir, monkeypatch):
-    import dsformer.harness.training as train_module
 
     config = _sweep_config(tmp_path, model_dir, sst2_dir)
-    calls = {"n": 0}
-    real_loss = train_module._loss
-
-    def interrupting_loss(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 8 + 12:  # the dense run takes 8 steps; this is inside the second run
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "_loss", interrupting_loss)
+    interrupt_at(monkeypatch, 8 + 12)  # the dense run takes 8 steps; this is inside the second run
     code, _, err = run_cli(capsys, ["sweep", "--config", config, "--quiet"])
     assert code == 130
     results = tmp_path / "results"
     assert sorted(p.name for p in results.glob("*.json")) == ["sst2-dense-s0.json", "sst2-svd-2x-s0.json"]
-    monkeypatch.setattr(train_module, "_loss", real_loss)
+    monkeypatch.undo()
     code, out, err = run_cli(capsys, ["sweep", "--config", config, "--quiet"])
     assert code == 0, err
     assert "2 runs done, 4 to do" in out and "(resuming)" in out
@@ -711,7 +699,7 @@ def test_sweep_runs_the_grid_skips_what_is_done_and_reports(capsys, tmp_path, mo
     md = tmp_path / "docs" / "results.md"
     notes = tmp_path / "notes.md"
     notes.write_text("Runs of this grid started from one dense model.\n")
-    code, out, err = run_cli(capsys, ["report", results, "--output", md, "--notes", notes])
+    code, out, err = run_cli(capsys, ["results", results, "--output", md, "--notes", notes])
     assert code == 0, err
     text = md.read_text()
     assert "Runs of this grid started from one dense model." in text.split("###")[0]  # under the heading
@@ -824,7 +812,7 @@ def test_report_of_a_folder_without_runs_exits_2(capsys, tmp_path):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "x.json").write_text("{}")
     for folder in ("empty", "broken"):
-        assert_one_error_line(*run_cli(capsys, ["report", tmp_path / folder, "--output", tmp_path / "r.md"]))
+        assert_one_error_line(*run_cli(capsys, ["results", tmp_path / folder, "--output", tmp_path / "r.md"]))
     assert not (tmp_path / "r.md").exists()
 
 
@@ -832,7 +820,7 @@ def test_report_with_missing_notes_exits_2(capsys, tmp_path):
     (tmp_path / "runs").mkdir()
     run = {"task": "mr", "label": "svd", "method": "svd", "ratio": 2.0, "metric": "accuracy", "test": {"accuracy": 0.8}}
     (tmp_path / "runs" / "a.json").write_text(json.dumps(run))
-    argv = ["report", tmp_path / "runs", "--output", tmp_path / "r.md", "--notes", tmp_path / "none.md"]
+    argv = ["results", tmp_path / "runs", "--output", tmp_path / "r.md", "--notes", tmp_path / "none.md"]
     assert "none.md" in assert_one_error_line(*run_cli(capsys, argv))
     assert not (tmp_path / "r.md").exists() and not list(tmp_path.glob("*.png"))
 
@@ -857,7 +845,7 @@ def test_report_sets_the_labels_of_ours_against_the_baselines(capsys, tmp_path, 
     ]:
         run = {"task": "mr", "label": label, "method": method, "ratio": ratio, "metric": "accuracy"}
         (tmp_path / "runs" / f"{label}.json").write_text(json.dumps(run | {"test": {"accuracy": accuracy}}))
-    argv = ["report", tmp_path / "runs", "--output", tmp_path / "r.md"] + (["--ours", *ours] if ours else [])
+    argv = ["results", tmp_path / "runs", "--output", tmp_path / "r.md"] + (["--ours", *ours] if ours else [])
     if error:
         assert error in assert_one_error_line(*run_cli(capsys, argv))
         assert not (tmp_path / "r.md").exists()
@@ -1050,27 +1038,25 @@ def test_compression_within_one_point_against_the_baselines(curves, expected):
 
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, model_dir, sst2_dir):
     """What a scheduler's stop (or `kill`) does to a real process: exit 143, checkpoint kept, --resume finishes."""
-    import os
-    import signal
     import subprocess
     import sys
     import time
 
     output = tmp_path / "run"
-    argv = [sys.executable, "-m", "dsformer.cli", *_compress_args(model_dir, sst2_dir, output, "--method", "dsformer")]
+    argv = [sys.executable, "-m", "dsformer", *_compress_args(model_dir, sst2_dir, output, "--method", "dsformer")]
     argv[argv.index("--epochs") + 1] = "40"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    state = work_folder(output) / "checkpoint" / "trainer_state.json"
     deadline = time.monotonic() + 240
-    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not list(work_folder(output).glob("checkpoint-*/trainer_state.json")) and proc.poll() is None:
+        assert time.monotonic() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 143, err
     assert "--resume" in err and len(err.strip().splitlines()) == 1
-    assert state.exists() and not output.exists()
-    steps = json.loads(state.read_text())["step"]
+    assert latest_checkpoint(work_folder(output)) is not None and not output.exists()
+    steps = json.loads((latest_checkpoint(work_folder(output)) / "trainer_state.json").read_text())["global_step"]
     assert 0 < steps < 320
     done = subprocess.run([*argv, "--resume"], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr

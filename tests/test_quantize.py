@@ -9,10 +9,10 @@ import torch
 from conftest import TINY_MODELS, fast_structure, model_output, relative_error
 
 import dsformer
-from dsformer.surgery import compact_layers
-from dsformer.errors import CheckpointError
 from dsformer.checkpoint import read_meta
+from dsformer.errors import CheckpointError
 from dsformer.quantize import int8_rows, pack_bits, packed_size, quantize_int8, unpack_bits
+from dsformer.surgery import compact_layers
 
 
 @pytest.mark.parametrize("shape", [(8, 5), (3, 4, 2), (1, 7)])

@@ -8,11 +8,11 @@ from conftest import TINY_MODELS, model_output, relative_error
 
 import dsformer
 from dsformer import kernels
-from dsformer.surgery import compact_layers
 from dsformer.quantize import quantize_int8
 from dsformer.stf import STF
 from dsformer.structures import DenseSparseConfig
 from dsformer.structures.dense_sparse import DenseSparseLinear
+from dsformer.surgery import compact_layers
 
 
 def shared(ratio: float = 2.0) -> DenseSparseConfig:

@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dsformer import InfeasibleRatioError
-from dsformer.surgery import linear_weight
 from dsformer.report import model_bytes
 from dsformer.stf import STF, Schedule, STFLinear
 from dsformer.structures import (
@@ -23,6 +22,7 @@ from dsformer.structures import (
     NMConfig,
     NMLinear,
 )
+from dsformer.surgery import linear_weight
 
 STRUCTURES = {
     # on the tiny random weights the k search picks s == k (low rank); ds-sparse fixes k=32, s=16

@@ -530,5 +530,7 @@ def test_ds_search_cut_short_keeps_each_layers_best():
     config = DenseSparseConfig(ratio=2.0, iters=3, search_iters=3, search_points=4)
     (chosen,) = config.fit([w])
     V = weight_vectors(w)[None]
-    errors = {lay.k: float(alternate(V, initial_state(V, lay.k, lay.s), 3).error[0]) for lay in config.candidates(96, 64)}
+    errors = {
+        lay.k: float(alternate(V, initial_state(V, lay.k, lay.s), 3).error[0]) for lay in config.candidates(96, 64)
+    }
     assert chosen.layout.k == min(errors, key=errors.get)

@@ -13,9 +13,10 @@ from torch.nn import functional as F
 
 from dsformer import kernels
 from dsformer.errors import DsformerError
+from dsformer.hardware import triton_installed, triton_interpreting
 from dsformer.kernels import triton_ds
 from dsformer.kernels.gather import column_plan
-from dsformer.structures import DenseSparseLinear
+from dsformer.structures import DenseSparseLinear, backends
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # float16 stores Z (rows) or the output in half precision: about 1e-3 relative
@@ -24,8 +25,8 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3}
 
 # conftest sets TRITON_INTERPRET=1 on machines without a GPU, before anything imports Triton
 pytestmark = [
-    pytest.mark.skipif(not triton_ds.installed(), reason="Triton is not installed"),
-    pytest.mark.skipif(DEVICE == "cpu" and not triton_ds.interpreting(), reason="no GPU and no Triton interpreter"),
+    pytest.mark.skipif(not triton_installed(), reason="Triton is not installed"),
+    pytest.mark.skipif(DEVICE == "cpu" and not triton_interpreting(), reason="no GPU and no Triton interpreter"),
 ]
 
 
@@ -99,8 +100,8 @@ def test_layer_triton_path_matches_its_reference(shape):
     x = torch.randn(2, 3, shape[1], generator=gen).to(DEVICE)
     want = layer.reference(x)
     assert relative_error(layer.run("triton", x), want) < 1e-5
-    layer.activation = "gelu"
-    assert relative_error(layer.run_activated("triton", x), F.gelu(want)) < 1e-5
+    layer.activation, layer.backend = "gelu", "triton"  # the kernel applies it before storing each output
+    assert relative_error(layer(x), F.gelu(want)) < 1e-5
 
 
 def test_triton_path_is_refused_where_it_cannot_run(monkeypatch):
@@ -108,7 +109,7 @@ def test_triton_path_is_refused_where_it_cannot_run(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     (factors,) = fast_structure("ds", 2.0).fit([torch.randn(96, 64)])
     layer = DenseSparseLinear(factors).requires_grad_(False)
-    assert "triton" not in layer.backends()
+    assert "triton" not in backends.available(layer)
     with pytest.raises(NotImplementedError, match="CUDA"):
         layer.run("triton", torch.randn(2, 64))
     # asked by name: an error that says what the path needs, not a silent reference run
@@ -120,7 +121,7 @@ def test_triton_path_is_refused_where_it_cannot_run(monkeypatch):
 def test_auto_on_cuda_times_the_triton_path():
     (factors,) = fast_structure("ds", 2.0).fit([torch.randn(96, 64)])
     layer = DenseSparseLinear(factors).requires_grad_(False).cuda().half()
-    assert "triton" in layer.backends()
+    assert "triton" in backends.available(layer)
     x = torch.randn(1, 64, device="cuda", dtype=torch.half)
     want = layer.reference(x)
     kernels.use_backend(layer, "auto")
@@ -149,7 +150,7 @@ def test_gpu_layer_benchmark_runs(tmp_path):
     [("rows", 1, 6), ("rows", 4, 6), ("rows", 8, 4), ("rows", 16, 5), ("columns", 1, 8), ("columns", 16, 3)],
 )
 def test_each_token_block_tunes_over_tiles_that_fit_in_registers(kernel, block_t, kept):
-    from dsformer.kernels import _triton_kernels as tk
+    from dsformer.kernels import triton_kernels as tk
 
     a, b, tiles, select = {
         "rows": ("BLOCK_N", "BLOCK_S", tk.ROW_TILES, tk.for_rows),
@@ -166,4 +167,4 @@ def test_each_token_block_tunes_over_tiles_that_fit_in_registers(kernel, block_t
 
 def test_kernels_are_compiled_where_there_is_a_gpu():
     # the interpreter would pass every test on a GPU too, and measure nothing
-    assert DEVICE == "cpu" or not triton_ds.interpreting()
+    assert DEVICE == "cpu" or not triton_interpreting()

@@ -36,8 +36,7 @@ def _number(text: str, kind: type = float, what: str = "a number") -> float:
     return value
 
 
-def _count(text: str) -> int:
-    return int(_number(text, int, "a whole number"))
+_count = functools.partial(_number, kind=int, what="a whole number")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,9 +201,11 @@ def bench(args: argparse.Namespace) -> None:
     from dsformer.hardware import check_device
     from dsformer.harness.bench import bench_model, bench_subject, bench_table, paired
     from dsformer.harness.runs import write_record
+    from dsformer.kernels import check_backend
     from dsformer.structures.registry import parse_options
 
     check_device(args.device)
+    check_backend(args.backend)
     check_file_output(args.output, "--output")
     shapes = paired(args.batch, args.seq)
     options = parse_options(args.option)
@@ -217,8 +218,10 @@ def bench(args: argparse.Namespace) -> None:
 
 def evaluate(args: argparse.Namespace) -> None:
     from dsformer.harness.runs import evaluate_run, write_record
+    from dsformer.kernels import check_backend
 
     check_file_output(args.json, "--json")
+    check_backend(args.backend)
     result = evaluate_run(Path(args.folder), args.task, args.data_dir, args.int8, args.backend)
     print(result["line"])
     if args.json:
@@ -269,8 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["dsformer", *(sys.argv[1:] if argv is None else argv)])  # stored with results
     # other libraries' notices and progress bars stay off stderr, where our errors go as one line
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported; if it is:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if hf_logging := sys.modules.get("transformers.utils.logging"):
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     try:
@@ -292,7 +298,3 @@ def main(argv: list[str] | None = None) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

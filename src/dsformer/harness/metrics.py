@@ -1,7 +1,7 @@
 """GLUE's official metrics, computed with numpy (no hub download, no extra dependency).
 
 Example:
-    >>> from dsformer.metrics import compute
+    >>> from dsformer.harness.metrics import compute
     >>> compute(("accuracy", "f1"), [1, 0, 1, 1], [1, 0, 0, 1])
     {'accuracy': 0.75, 'f1': 0.8}
 """

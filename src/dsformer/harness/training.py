@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import (
@@ -49,12 +50,13 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
+from transformers.trainer_pt_utils import safe_globals
 
-from dsformer.callbacks import STFCallback
+from dsformer.callbacks import STFCallback, ends_epoch
 from dsformer.errors import DsformerError, Interrupted
 from dsformer.files import atomic_folder, atomic_write_text
 from dsformer.harness.evaluation import encode, evaluate
-from dsformer.harness.tasks import TaskData
+from dsformer.harness.tasks import TaskData, TaskSpec
 from dsformer.report import Report
 from dsformer.stf import STF
 
@@ -165,13 +167,21 @@ def train(
     with _StopRequest() as stop:
         if stf is not None and handover is not None:
             if checkpoint is None or _holds_stf(checkpoint):
-                run.fit(checkpoint, stf=stf, stop=stop, stop_at=handover)
-                checkpoint = run.hand_over(stf, handover)
+                if checkpoint is None or _step(checkpoint) < handover:
+                    run.fit(checkpoint, stf=stf, stop=stop, stop_at=handover)
+                    checkpoint = latest_checkpoint(out)
+                if _step(checkpoint) < handover:  # stopped (Ctrl-C) before the hand-over
+                    raise Interrupted(stop.signum)
+                checkpoint = run.hand_over(stf, checkpoint)
             else:  # resumed after the hand-over: compact layers of the recorded layouts take the checkpoint
                 stf.finalize(iters=0)
                 stf.report = Report.from_json(json.loads((out / HANDOVER_FILE).read_text()))
             stf = None
+        if stop.signum:  # stopped (Ctrl-C) at the hand-over: its checkpoint is the compact model's
+            raise Interrupted(stop.signum)
         run.fit(checkpoint, stf=stf, stop=stop)
+        if stop.signum:
+            raise Interrupted(stop.signum)
     validation = _evaluate(model, tokenizer, data.validation, data, config)
     test = _evaluate(model, tokenizer, data.test, data, config)
     return run.result(validation, test)
@@ -206,6 +216,10 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
             f"--resume: {out} was written with other settings ({', '.join(changed)}); "
             "use the same ones or a new --output"
         )
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[1])
 
 
 def _holds_stf(checkpoint: Path) -> bool:
@@ -283,18 +297,23 @@ class _Run:
             _check_checkpoint(checkpoint, self.model)
         self.trainer = self.trainer_for(stf, stop, stop_at)
         self.trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
-        if stop.signum:
-            raise Interrupted(stop.signum)
 
-    def hand_over(self, stf: STF, step: int) -> Path:
-        """End STF at ``step`` (``Schedule.polish``): compact layers with the support frozen train from here.
+    def hand_over(self, stf: STF, checkpoint: Path) -> Path:
+        """End STF at ``checkpoint``'s step (``Schedule.polish``): compact layers with the support frozen train
+        from here.
 
-        The checkpoint of ``step`` is rewritten for them: the compact model, an optimizer that keeps
-        the moments of every parameter that survives (embeddings, norms, the head, untouched
-        linears) and starts the factors', and the best-checkpoint selection restarted, so the run
-        ends in a compact model. The Trainer then resumes from it.
+        The checkpoint is rewritten for them: the compact model, an optimizer that keeps the moments
+        of every parameter that survives (embeddings, norms, the head, untouched linears) and starts
+        the factors', and the best-checkpoint selection restarted, so the run ends in a compact
+        model. The Trainer then resumes from it.
         """
-        old = self.trainer.optimizer.state
+        _check_checkpoint(checkpoint, self.model)
+        # the weights, projections and moments at the hand-over (this process may have resumed right at it)
+        self.model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), strict=False)
+        predecessor = self.trainer_for(stf, None)
+        predecessor.create_optimizer()
+        predecessor.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+        old = predecessor.optimizer.state
         report = stf.finalize(iters=0)
         if distributed()[0] == 0:
             atomic_write_text(self.out / HANDOVER_FILE, json.dumps(report.to_json(), indent=2) + "\n")
@@ -304,7 +323,6 @@ class _Run:
             for param in group["params"]:
                 if param in old:
                     successor.optimizer.state[param] = old[param]
-        checkpoint = self.out / f"checkpoint-{step}"
         if distributed()[0] == 0:
             state = json.loads((checkpoint / STATE_FILE).read_text())
             state.update(best_metric=None, best_global_step=None, best_model_checkpoint=None)
@@ -349,19 +367,11 @@ class _TaskTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
-        loss = outputs.loss
-        teacher, config = self.job.teacher, self.job.config
+        loss, teacher = outputs.loss, self.job.teacher
         if teacher is not None:
             with torch.no_grad():
                 target = teacher.eval()(**{k: v for k, v in inputs.items() if k != "labels"}).logits.float()
-            logits = outputs.logits.float()
-            if self.job.data.spec.is_regression:
-                kd = nn.functional.mse_loss(logits, target)
-            else:
-                t = config.kd_temperature
-                log_p, q = nn.functional.log_softmax(logits / t, -1), nn.functional.softmax(target / t, -1)
-                kd = nn.functional.kl_div(log_p, q, reduction="batchmean") * (t * t)
-            loss = (1 - config.kd_alpha) * loss + config.kd_alpha * kd
+            loss = distillation_loss(loss, outputs.logits.float(), target, self.job.data.spec, self.job.config)
         shown = loss.detach().clone()
         if distributed()[1] > 1:  # every process must see the same loss to stop together
             torch.distributed.all_reduce(shown)
@@ -387,20 +397,39 @@ class _TaskTrainer(Trainer):
         super().log(logs, start_time)
 
 
+def distillation_loss(
+    task_loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, spec: TaskSpec, config: TrainConfig
+) -> torch.Tensor:
+    """``(1 - α) · task + α · KD``: KD the squared error to the teacher's scores (regression) or
+    ``T² · KL(teacher ‖ student)`` at temperature ``T`` (classification)."""
+    if spec.is_regression:
+        kd = nn.functional.mse_loss(logits, target)
+    else:
+        t = config.kd_temperature
+        log_p, q = nn.functional.log_softmax(logits / t, -1), nn.functional.softmax(target / t, -1)
+        kd = nn.functional.kl_div(log_p, q, reduction="batchmean") * (t * t)
+    return (1 - config.kd_alpha) * task_loss + config.kd_alpha * kd
+
+
 class _Checkpoints(TrainerCallback):
     """Checkpoints every ``every`` steps besides the epoch ends; a stop request (Ctrl-C, SIGTERM) or the step
-    ``stop_at`` ends training after the step with a checkpoint."""
+    ``stop_at`` ends training after the step with a checkpoint (and no evaluation, unless an epoch ends)."""
 
     def __init__(self, every: int, stop: _StopRequest | None, stop_at: int | None) -> None:
         self.every, self.stop, self.stop_at = every, stop, stop_at
+        self.stopping = False
 
     def on_step_end(self, args, state, control, **kwargs):
-        stopping = self.stop is not None and self.stop.agreed(args.device)
-        if stopping or state.global_step == self.stop_at:
+        self.stopping = (self.stop is not None and self.stop.agreed(args.device)) or state.global_step == self.stop_at
+        if self.stopping:
             control.should_training_stop = True
             control.should_save = True
         elif self.every and state.global_step % self.every == 0:
             control.should_save = True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.stopping and not ends_epoch(state):  # the Trainer ends an epoch it leaves early: not a real end
+            control.should_evaluate = False
 
 
 class _Progress(TrainerCallback):
@@ -446,15 +475,18 @@ def _check_checkpoint(checkpoint: Path, model: nn.Module) -> None:
     try:
         json.loads((checkpoint / STATE_FILE).read_text())
         with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
-            stored = set(f.keys())
-        expected = set(model.state_dict())
-        if stored - expected or expected - stored - _tied(model):
-            differ = sorted((stored - expected) | (expected - stored - _tied(model)))
-            raise KeyError(f"its model holds other tensors than this one's, e.g. {differ[0]!r}")
+            stored = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+        differ = [k for k in stored if stored[k] != expected.get(k)] + sorted(
+            set(expected) - set(stored) - _tied(model)
+        )
+        if differ:
+            raise KeyError(f"its model does not match this one (at {differ[0]!r})")
         for name in ("optimizer.pt", "scheduler.pt"):
             torch.load(checkpoint / name, weights_only=True)
-        for rng in checkpoint.glob("rng_state*.pth"):
-            torch.load(rng, weights_only=True)
+        with safe_globals():  # the Trainer's own allowance: numpy's generator state
+            for rng in checkpoint.glob("rng_state*.pth"):
+                torch.load(rng, weights_only=True)
         if not any(checkpoint.glob("rng_state*.pth")):
             raise FileNotFoundError("it holds no generator state")
     except (OSError, ValueError, KeyError, RuntimeError, EOFError, SafetensorError, pickle.UnpicklingError) as err:

@@ -15,6 +15,24 @@ the table that compact layers consult (:mod:`dsformer.structures.backends`):
 """
 
 from dsformer.kernels import dense_sparse, int8  # noqa: F401  (registers their backends)
-from dsformer.kernels.choice import REVISION, cache_dir, calibrate, choose, describe_choices, seconds, use_backend
+from dsformer.kernels.choice import (
+    REVISION,
+    cache_dir,
+    calibrate,
+    check_backend,
+    choose,
+    describe_choices,
+    seconds,
+    use_backend,
+)
 
-__all__ = ["REVISION", "cache_dir", "calibrate", "choose", "describe_choices", "seconds", "use_backend"]
+__all__ = [
+    "REVISION",
+    "cache_dir",
+    "calibrate",
+    "check_backend",
+    "choose",
+    "describe_choices",
+    "seconds",
+    "use_backend",
+]

@@ -55,9 +55,7 @@ def use_backend(model: nn.Module, name: str) -> int:
     layer has here (``triton`` on CPU) is an error rather than a silent reference run. Any backend
     but ``reference`` also fuses activations into the layers before them (``surgery.fuse_activations``).
     """
-    known = backends.names()
-    if name != "auto" and name not in known:
-        raise DsformerError(f"unknown backend {name!r}; choose one of {', '.join(sorted(known | {'auto'}))}")
+    check_backend(name)
     layers = [m for m in model.modules() if isinstance(m, CompactLinear)]
     offered = {layer: available(layer) for layer in layers}
     if name != "auto" and layers and not any(name in names for names in offered.values()):
@@ -75,6 +73,14 @@ def use_backend(model: nn.Module, name: str) -> int:
     else:
         fuse_activations(model)
     return len(layers)
+
+
+def check_backend(name: str) -> str:
+    """``name`` if a backend of that name is registered for some structure (or it is ``auto``)."""
+    known = backends.names() | {"auto"}
+    if name not in known:
+        raise DsformerError(f"unknown backend {name!r}; choose one of {', '.join(sorted(known))}")
+    return name
 
 
 def token_bucket(tokens: int) -> int:
