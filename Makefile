@@ -24,8 +24,8 @@ data: $(STAMP)
 # and compare the two (accuracy, size, CPU latency). About 15 minutes on 2 CPU cores.
 DEMO := outputs/demo
 demo: setup
-	$(BIN)/dsformer compress --method dense --epochs 1 --output $(DEMO)/dense
-	$(BIN)/dsformer compress --model $(DEMO)/dense --method dsformer --ratio 2 --epochs 1 \
+	$(BIN)/dsformer finetune --method dense --epochs 1 --output $(DEMO)/dense
+	$(BIN)/dsformer finetune --model $(DEMO)/dense --method dsformer --ratio 2 --epochs 1 \
 		--output $(DEMO)/dsformer --reference $(DEMO)/dense/metrics.json
 	$(BIN)/dsformer summary $(DEMO)/dense $(DEMO)/dsformer --json $(DEMO)/summary.json
 

@@ -1,6 +1,6 @@
 """Core benchmark on the real all-MiniLM-L6-v2: reconstruction error of every structure, CLI time, save/load.
 
-Measures what the core issue asks for, on all 36 encoder linears:
+Measures the core on all 36 encoder linears:
 - median over layers of DS relative error / SVD relative error at an equal value-parameter
   budget, at each ratio (N:M beside them);
 - wall time of ``dsformer compress --ratio 2`` (a subprocess, model loading and saving included);

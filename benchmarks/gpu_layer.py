@@ -1,4 +1,4 @@
-"""One large DS layer on the GPU against cuBLAS: the decode-shaped check of issue 5.
+"""One large DS layer on the GPU against cuBLAS: the decode-shaped check.
 
 A ``--out x --in`` linear (default 11008 x 4096, a 7B decoder's FFN up-projection) compressed
 ``--ratio`` times with DS, for a spread of the layouts that spend that budget (``k`` from low to

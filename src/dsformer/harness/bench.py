@@ -35,7 +35,7 @@ from dsformer.harness.models import load_pretrained, resolve
 from dsformer.kernels import calibrate, choose, seconds, use_backend
 from dsformer.kernels.int8 import int8_linears
 from dsformer.structures import backends
-from dsformer.structures.base import check_ratio
+from dsformer.structures.budget import check_ratio
 from dsformer.structures.registry import structure_config
 from dsformer.surgery import CompressConfig, compact_layers, compress, merge
 

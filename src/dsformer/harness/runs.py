@@ -27,7 +27,7 @@ from dsformer.kernels.int8 import int8_linears
 from dsformer.quantize import quantize_int8
 from dsformer.report import Report, format_table
 from dsformer.structures import structure_config
-from dsformer.structures.base import check_ratio
+from dsformer.structures.budget import check_ratio
 from dsformer.surgery import CompressConfig, compress, find_targets
 
 

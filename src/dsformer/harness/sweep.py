@@ -53,7 +53,7 @@ from dsformer.harness.methods import COMPRESSION
 from dsformer.harness.tasks import task_spec
 from dsformer.harness.training import TrainConfig
 from dsformer.stf import Schedule
-from dsformer.structures.base import check_ratio
+from dsformer.structures.budget import check_ratio
 
 _TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"seed", "progress"}
 _SCHEDULE_FIELDS = {f.name for f in fields(Schedule)}

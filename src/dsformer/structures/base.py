@@ -8,31 +8,18 @@ A new structure is one module that subclasses these three and registers its conf
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from dsformer.errors import InfeasibleRatioError
 from dsformer.structures.backends import Backend, backend_of, choose, register_backend
 
 
-def check_ratio(ratio: float) -> float:
-    """Validate a compression ratio (dense parameters / compressed parameters)."""
-    if not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 1.0:
-        raise InfeasibleRatioError(
-            f"compression ratio must be a finite number > 1 (got {ratio!r}); "
-            "for example 2.0 keeps half of the weight parameters"
-        )
-    return float(ratio)
-
-
-def infeasible(structure: str, shape: tuple[int, int], ratio: float, lo: float, hi: float) -> InfeasibleRatioError:
-    return InfeasibleRatioError(
-        f"{structure}: ratio {ratio:g} is infeasible for a {shape[0]}x{shape[1]} weight; "
-        f"feasible ratios for this shape are {lo:.3g} to {hi:.3g}"
-    )
+def support_mask(indices: torch.Tensor, width: int) -> torch.Tensor:
+    """The boolean ``(..., width)`` mask of the positions that ``indices (..., s)`` name."""
+    mask = torch.zeros(*indices.shape[:-1], width, dtype=torch.bool, device=indices.device)
+    return mask.scatter_(-1, indices.long(), True)
 
 
 def tensor_bytes(*tensors: torch.Tensor) -> int:
@@ -67,6 +54,12 @@ class Factors:
         return dataclasses.replace(self, **tensors)  # type: ignore[type-var]
 
 
+# what a fit takes: the (out, in) weights, earlier factors to start from, positive weights of their rows
+Weights = list[torch.Tensor]
+Warm = list["Factors | None"] | None
+Importance = list[torch.Tensor | None] | None
+
+
 class Structure:
     """A structure's config: which layouts fit a shape at the asked budget, and how to fit them.
 
@@ -80,12 +73,7 @@ class Structure:
         """The layouts a fit may choose for this shape; raises InfeasibleRatioError where none fits."""
         raise NotImplementedError
 
-    def fit(
-        self,
-        weights: list[torch.Tensor],
-        warm: list[Factors | None] | None = None,
-        importance: list[torch.Tensor | None] | None = None,
-    ) -> list[Factors]:
+    def fit(self, weights: Weights, warm: Warm = None, importance: Importance = None) -> list[Factors]:
         """Factorize each ``(out, in)`` weight. ``warm``: earlier factors to start from (their layouts are
         kept); ``importance[i]``: positive weights of the output rows (Fisher information)."""
         raise NotImplementedError
@@ -119,10 +107,10 @@ class CompactLinear(nn.Module):
     # factor tensors that belong to another layer (a shared basis): stored and counted there
     borrowed: frozenset[str] = frozenset()
 
-    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
+    def __init__(self, layout: Any, bias: torch.Tensor | None) -> None:
         super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
+        self.in_features = layout.in_features
+        self.out_features = layout.out_features
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
 
     def materialize(self) -> torch.Tensor:

@@ -22,7 +22,8 @@ from torch import nn
 
 from dsformer.errors import InfeasibleRatioError
 from dsformer.structures.backends import Backend, register_backend
-from dsformer.structures.base import CompactLinear, Factors, Structure, check_ratio, infeasible
+from dsformer.structures.base import CompactLinear, Factors, Importance, Structure, Warm, Weights
+from dsformer.structures.budget import check_ratio, infeasible
 from dsformer.structures.registry import register
 
 
@@ -59,8 +60,7 @@ class LowRankLinear(CompactLinear):
     structure: ClassVar[str] = "svd"
 
     def __init__(self, factors: LowRankFactors, bias: torch.Tensor | None = None) -> None:
-        lay = factors.layout
-        super().__init__(lay.in_features, lay.out_features, bias)
+        super().__init__(factors.layout, bias)
         self.left = nn.Parameter(factors.left.detach().clone())
         self.right = nn.Parameter(factors.right.detach().clone())
 
@@ -130,12 +130,7 @@ class LowRankConfig(Structure):
             raise infeasible("svd", (out_features, in_features), ratio, 1.0, hi)
         return [LowRankLayout(out_features, in_features, rank)]
 
-    def fit(
-        self,
-        weights: list[torch.Tensor],
-        warm: list[Factors | None] | None = None,
-        importance: list[torch.Tensor | None] | None = None,
-    ) -> list[LowRankFactors]:
+    def fit(self, weights: Weights, warm: Warm = None, importance: Importance = None) -> list[LowRankFactors]:
         """Factorize each weight; ``importance[i]`` (shape ``(out,)``, positive) weights its rows."""
         importance = importance or [None] * len(weights)
         return [self._fit_one(w, imp) for w, imp in zip(weights, importance, strict=True)]

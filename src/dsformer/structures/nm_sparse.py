@@ -21,7 +21,8 @@ from torch import nn
 
 from dsformer.errors import InfeasibleRatioError
 from dsformer.structures.backends import Backend, register_backend
-from dsformer.structures.base import CompactLinear, Factors, Structure, check_ratio, infeasible
+from dsformer.structures.base import CompactLinear, Factors, Importance, Structure, Warm, Weights, support_mask
+from dsformer.structures.budget import check_ratio, infeasible
 from dsformer.structures.registry import register
 
 # Group sizes tried when only a ratio is given, smallest first (smaller groups run faster on hardware).
@@ -59,8 +60,7 @@ class NMFactors(Factors):
         return grouped.view(lay.out_features, lay.in_features)
 
     def support(self) -> torch.Tensor:
-        mask = torch.zeros(*self.indices.shape[:-1], self.layout.m, dtype=torch.bool, device=self.indices.device)
-        return mask.scatter_(-1, self.indices.long(), True)
+        return support_mask(self.indices, self.layout.m)
 
 
 class NMLinear(CompactLinear):
@@ -69,8 +69,8 @@ class NMLinear(CompactLinear):
     structure: ClassVar[str] = "nm"
 
     def __init__(self, factors: NMFactors, bias: torch.Tensor | None = None) -> None:
+        super().__init__(factors.layout, bias)
         lay = factors.layout
-        super().__init__(lay.in_features, lay.out_features, bias)
         self.m = lay.m
         self.values = nn.Parameter(factors.values.detach().clone())
         self.register_buffer("indices", factors.indices.detach().to(torch.uint8))
@@ -142,12 +142,7 @@ class NMConfig(Structure):
         _, _, m, n = min((r, m != 4, m, n) for r, m, n in options)
         return [NMLayout(out_features, in_features, n, m)]
 
-    def fit(
-        self,
-        weights: list[torch.Tensor],
-        warm: list[Factors | None] | None = None,
-        importance: list[torch.Tensor | None] | None = None,
-    ) -> list[NMFactors]:
+    def fit(self, weights: Weights, warm: Warm = None, importance: Importance = None) -> list[NMFactors]:
         """Keep the ``n`` largest magnitudes of every group. A group lies within one row, so weights of
         the rows (``importance``) leave the choice as it is; a warm start has no state worth keeping."""
         out = []

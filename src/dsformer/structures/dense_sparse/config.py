@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from dsformer.errors import InfeasibleRatioError
-from dsformer.structures.base import CompactLinear, Factors, Structure
+from dsformer.structures.base import CompactLinear, Factors, Importance, Structure, Warm, Weights
 from dsformer.structures.dense_sparse.layout import (
     DenseSparseFactors,
     DenseSparseLayout,
@@ -97,12 +97,7 @@ class DenseSparseConfig(Structure):
             for layer in layers[1:]:
                 layer.borrow(layers[0], "basis")
 
-    def fit(
-        self,
-        weights: list[torch.Tensor],
-        warm: list[Factors | None] | None = None,
-        importance: list[torch.Tensor | None] | None = None,
-    ) -> list[DenseSparseFactors]:
+    def fit(self, weights: Weights, warm: Warm = None, importance: Importance = None) -> list[DenseSparseFactors]:
         """Factorize each ``(out, in)`` weight; layers of one shape are fitted together.
 
         ``warm`` gives previous factors to start from (their layouts are kept, no search).

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dsformer.structures.base import Factors, check_ratio, infeasible
+from dsformer.structures.base import Factors, support_mask
+from dsformer.structures.budget import check_ratio, infeasible
 
 
 @dataclass(frozen=True)
@@ -89,11 +90,6 @@ def dense_coefficients(indices: torch.Tensor, values: torch.Tensor, k: int) -> t
     """The dense ``(..., N, k)`` coefficients of ELL ``indices`` and ``values`` ``(..., N, s)``."""
     dense = values.new_zeros(*indices.shape[:-1], k)
     return dense.scatter_(-1, indices, values)
-
-
-def support_mask(indices: torch.Tensor, k: int) -> torch.Tensor:
-    mask = torch.zeros(*indices.shape[:-1], k, dtype=torch.bool, device=indices.device)
-    return mask.scatter_(-1, indices.long(), True)
 
 
 @dataclass

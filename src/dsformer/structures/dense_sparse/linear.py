@@ -22,8 +22,8 @@ class DenseSparseLinear(CompactLinear):
     structure: ClassVar[str] = "ds"
 
     def __init__(self, factors: DenseSparseFactors, bias: torch.Tensor | None = None) -> None:
+        super().__init__(factors.layout, bias)
         lay = factors.layout
-        super().__init__(lay.in_features, lay.out_features, bias)
         self.rows = lay.rows
         self.k = lay.k
         self.basis = nn.Parameter(factors.basis.detach().clone())

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dsformer.structures.dense_sparse.layout import DenseSparseFactors, dense_coefficients, support_mask
+from dsformer.structures.base import support_mask
+from dsformer.structures.dense_sparse.layout import DenseSparseFactors, dense_coefficients
 
 # Ridge of the basis update, relative to the mean diagonal of C^T C: keeps it solvable while atoms go unused.
 _BASIS_RIDGE = 1e-7
