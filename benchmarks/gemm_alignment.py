@@ -2,7 +2,7 @@
 
 The per-layer k search picks k by fit error alone, and lands on sizes such as 97, 266 or 351.
 This measures the multiply-add rate at those k and at their multiples of 16 beside them, which
-is what ``DenseSparseConfig(k_multiple=16)`` (``--k-multiple 16``) would choose instead.
+is what ``DenseSparseConfig(k_multiple=16)`` (``--option k_multiple=16``) would choose instead.
 
     .venv/bin/python benchmarks/gemm_alignment.py --output results/bench/gemm-k-alignment-cpu.json
 """

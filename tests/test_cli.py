@@ -54,6 +54,8 @@ BAD_INPUTS = {
     "k multiple with nm": (["--structure", "nm", "--option", "k_multiple=16"], ["nm has no option k_multiple"]),
     "k multiple 0": (["--option", "k_multiple=0"], ["k_multiple must be at least 1"]),
     "option without a value": (["--option", "k"], ["option 'k'", "KEY=VALUE"]),
+    "option of the wrong type": (["--option", "k=abc"], ["option k must be int or none", "'abc'"]),
+    "ratio as an option": (["--option", "ratio=3"], ["--ratio"]),
     "unknown structure": (["--structure", "xyz"], ["unknown structure 'xyz'", "ds, svd, nm"]),
     "model missing": (["--model", "/nonexistent"], ["/nonexistent", "config.json"]),
     "model folder empty": (["--model", "{empty}"], ["config.json"]),

@@ -21,7 +21,7 @@ from dsformer.cli import main
 from dsformer.errors import DsformerError
 from dsformer.harness.methods import METHODS as REGISTRY
 from dsformer.harness.prepare import make_student
-from dsformer.harness.training import _TaskTrainer, latest_checkpoint
+from dsformer.harness.training import TaskTrainer, latest_checkpoint
 from dsformer.surgery import compact_layers
 
 ERROR = "dsformer: error:"
@@ -137,7 +137,7 @@ def run_cli(capsys, argv: list[str]) -> tuple[int, str, str]:
 
 def interrupt_at(monkeypatch, k: int) -> None:
     """Ctrl-C during the k-th training step of this process (counting across runs)."""
-    real, calls = _TaskTrainer.compute_loss, [0]
+    real, calls = TaskTrainer.compute_loss, [0]
 
     def compute_loss(self, *args, **kwargs):
         calls[0] += 1
@@ -145,7 +145,7 @@ def interrupt_at(monkeypatch, k: int) -> None:
             os.kill(os.getpid(), signal.SIGINT)
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(_TaskTrainer, "compute_loss", compute_loss)
+    monkeypatch.setattr(TaskTrainer, "compute_loss", compute_loss)
 
 
 def work_folder(output: Path) -> Path:
@@ -307,6 +307,7 @@ def test_dense_with_a_trainer_is_rejected(capsys, tmp_path, model_dir, sst2_dir)
         (["--method", "svd", "--polish", "0.3"], "does not train with STF"),
         (["--method", "dsformer", "--polish", "1"], "polish is a fraction"),
         (["--method", "dsformer", "--polish", "-0.2"], "polish is a fraction"),
+        (["--method", "ds-shared", "--polish", "0.3"], "ds-shared cannot polish"),
     ],
 )
 def test_polish_that_cannot_apply_is_rejected(capsys, tmp_path, model_dir, sst2_dir, extra, words):
@@ -533,6 +534,9 @@ BAD_INPUTS = {
     "negative lr": (["--lr", "-1"], "sst2", ["lr must be positive"]),
     "no epochs": (["--epochs", "0"], "sst2", ["epochs must be positive"]),
     "max train 0": (["--max-train", "0"], "sst2", ["max_train must be at least 1"]),
+    "negative seed": (["--seed", "-1"], "sst2", ["seed must be in [0"]),
+    "device gpu": (["--device", "gpu"], "sst2", ["give cpu, cuda or cuda:N"]),
+    "device cuda:1": (["--device", "cuda:1"], "sst2", ["cuda"]),
 }
 
 

@@ -7,10 +7,12 @@ import json
 import pytest
 import torch
 from conftest import TINY_MODELS, fast_structure, model_output, relative_error
+from safetensors.torch import load_file, save_file
 
 import dsformer
 from dsformer.checkpoint import read_meta
 from dsformer.errors import CheckpointError
+from dsformer.files import sha256
 from dsformer.quantize import int8_rows, pack_bits, packed_size, quantize_int8, unpack_bits
 from dsformer.surgery import compact_layers
 
@@ -73,6 +75,24 @@ def test_a_saved_index_out_of_range_is_refused(make_model, tmp_path, structure):
     with pytest.raises(ValueError, match="do not fit"):  # packed storage has no room for it
         dsformer.save(model, tmp_path / "bad-int8", int8=True)
     assert not (tmp_path / "bad-int8").exists()
+
+
+def test_saved_indices_of_another_integer_type_are_refused(make_model, tmp_path):
+    """An index stored wider than the layer holds it would wrap into range on load: refused before."""
+    model = make_model("bert")
+    dsformer.compress(model, dsformer.CompressConfig(fast_structure("ds")), progress=False)
+    folder = dsformer.save(model, tmp_path / "m")
+    name, layer = next(iter(compact_layers(model).items()))
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors[f"{name}.indices"] = layer.indices.long() + 256  # uint8 on the layer: would wrap to the same values
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    meta = json.loads((folder / "dsformer.json").read_text())
+    meta["weights"].update(
+        bytes=(folder / "model.safetensors").stat().st_size, sha256=sha256(folder / "model.safetensors")
+    )
+    (folder / "dsformer.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="is torch.int64 but the model expects torch.uint8"):
+        dsformer.load(folder)
 
 
 @pytest.mark.parametrize("structure, bits", [("ds", 9), ("nm", 2)])

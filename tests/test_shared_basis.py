@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import TINY_MODELS, model_output, relative_error
 
 import dsformer
 from dsformer import kernels
+from dsformer.errors import CheckpointError
 from dsformer.quantize import quantize_int8
 from dsformer.stf import STF
 from dsformer.structures import DenseSparseConfig
@@ -65,6 +68,20 @@ def test_saved_model_loads_with_its_bases_tied(tmp_path, make_model):
     loaded = dsformer.load(tmp_path / "m")
     assert torch.equal(model_output(loaded), model_output(model))
     assert sorted(map(sorted, bases(loaded).values())) == sorted(map(sorted, bases(model).values()))
+
+
+@pytest.mark.parametrize("tied", [["basis"], {"basis": 3}, "encoder.layer.0.attention.self.query", {"basis": "nosuch"}])
+def test_a_damaged_tie_is_refused(tmp_path, make_model, tied):
+    model = make_model("bert")
+    dsformer.compress(model, dsformer.CompressConfig(shared()), progress=False)
+    dsformer.save(model, tmp_path / "m")
+    meta_file = tmp_path / "m" / "dsformer.json"
+    meta = json.loads(meta_file.read_text())
+    name = next(n for n, spec in meta["layers"].items() if "tied" in spec)
+    meta["layers"][name]["tied"] = tied
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="tied|shared"):
+        dsformer.load(tmp_path / "m")
 
 
 def test_stf_trains_a_shared_basis_and_finalizes_it_tied(make_model):

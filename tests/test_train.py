@@ -282,9 +282,11 @@ def test_resume_ignores_the_progress_bar_and_settings_a_record_predates(tokenize
     assert again.test == first.test
 
 
-def test_unknown_precision_is_refused() -> None:
+def test_unknown_precision_and_a_negative_seed_are_refused() -> None:
     with pytest.raises(TrainingError, match="precision 'fp8'"):
         TrainConfig(precision="fp8")
+    with pytest.raises(TrainingError, match="seed must be in"):
+        TrainConfig(seed=-1)
 
 
 def test_bf16_training_runs_on_cpu(tokenizer, tmp_path: Path) -> None:
@@ -456,6 +458,8 @@ def test_polish_hands_over_to_the_compact_factors(
         before = {id(p) for p in model.parameters()}  # the STF model's
         checkpoint = real_hand_over(self, stf, step)
         saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+        scheduler = torch.load(checkpoint / "scheduler.pt", weights_only=True)
+        moments["lr"] = ([g["lr"] for g in saved["param_groups"]], scheduler["_last_lr"])
         moments["kept"] = len(saved["state"])
         moments["surviving"] = sum(id(p) in before for p in model.parameters())
         return checkpoint
@@ -471,6 +475,7 @@ def test_polish_hands_over_to_the_compact_factors(
             assert torch.equal(layer.indices, indices) and torch.equal(f.get_tensor(f"{name}.indices"), indices)
             assert not torch.equal(f.get_tensor(f"{name}.values"), values)  # the values trained
     assert moments["kept"] == moments["surviving"] > 0  # survivors keep their moments; the factors start theirs
+    assert moments["lr"][0] == moments["lr"][1]  # the first compact step takes the schedule's rate, not the peak
     assert result.best_step > handover  # only the compact model's evaluations compete
     assert stf.finalize() is stf.report and stf.report.ratio_params > 1
     assert json.loads((tmp_path / HANDOVER_FILE).read_text()) == stf.report.to_json()

@@ -12,7 +12,9 @@ Wrap the model before building the Trainer, add the callback, finalize after tra
 After every optimizer step the callback calls :meth:`STF.step`; at an epoch end or before an
 evaluation it re-projects first, so evaluation sees the latest latents' projection. The
 projections' factors are buffers of the model, so Trainer's checkpoints, ``resume_from_checkpoint``
-and ``load_best_model_at_end`` carry them with the weights.
+and ``load_best_model_at_end`` carry them with the weights. ``Schedule.polish`` (the compact
+factors training for the last steps) needs a new optimizer mid-run: ``dsformer finetune`` does
+it with two Trainer runs; this callback trains straight-through to the end.
 """
 
 from __future__ import annotations

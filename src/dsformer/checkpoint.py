@@ -135,11 +135,11 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check a saved folder's ``dsformer.json``."""
     folder = Path(path)
     if not folder.is_dir():
-        raise CheckpointError(f"{folder} is not a folder; give the folder that dsformer factorize --output wrote")
+        raise CheckpointError(f"{folder} is not a folder; give a folder that dsformer compress or finetune wrote")
     meta_path = folder / META_FILE
     if not meta_path.exists():
         hint = (
-            " (it looks like a plain Hugging Face model: factorize it first)"
+            " (it looks like a plain Hugging Face model: compress it first)"
             if (folder / "config.json").exists()
             else ""
         )
@@ -273,7 +273,10 @@ def _compact_layers(
         layers[name] = layer
     for name, spec in specs.items():
         legacy = {"basis": spec["basis_from"]} if "basis_from" in spec else {}  # how 0.1 recorded a shared basis
-        for tensor, owner in spec.get("tied", legacy).items():
+        tied = spec.get("tied", legacy)
+        if not isinstance(tied, dict) or not all(isinstance(v, str) for v in (*tied, *tied.values())):
+            raise CheckpointError(f"{META_FILE} layer {name!r}: 'tied' must map tensor names to layer names")
+        for tensor, owner in tied.items():
             try:
                 layers[name].borrow(layers[owner], tensor)
             except (KeyError, AttributeError, ValueError, TypeError) as err:
@@ -320,6 +323,8 @@ def _load_tensors(
             raise CheckpointError(
                 f"{weights}: {key} has shape {tuple(tensor.shape)} but the model expects {tuple(expected[key].shape)}"
             )
+        if not expected[key].is_floating_point() and tensor.dtype != expected[key].dtype:  # indices would wrap
+            raise CheckpointError(f"{weights}: {key} is {tensor.dtype} but the model expects {expected[key].dtype}")
     missing = model.load_state_dict(stored, strict=False).missing_keys
     # Tied weights are stored once (save_model drops the aliases); the rest must all be present.
     shared = {t.data_ptr() for k, t in model.state_dict().items() if k in stored}

@@ -209,7 +209,7 @@ def bench(args: argparse.Namespace) -> None:
     check_file_output(args.output, "--output")
     shapes = paired(args.batch, args.seq)
     options = parse_options(args.option)
-    model, source = bench_subject(args.folder, args.structure, args.ratio, args.device, args.dtype, **options)
+    model, source = bench_subject(args.folder, args.structure, args.ratio, args.device, args.dtype, options)
     runs = [bench_model(model, b, s, args.backend, args.repeats, layers=not args.no_layers) for b, s in shapes]
     print("\n".join(bench_table(run) for run in runs))
     if args.output:

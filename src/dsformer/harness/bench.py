@@ -205,15 +205,18 @@ def paired(batches: list[int], seqs: list[int]) -> list[tuple[int, int]]:
 
 def bench_subject(
     path: str | None, structure: str = "ds", ratio: float = 2.8, device: str = "cpu", dtype: str = "float32",
-    **options,
+    options: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, str]:  # fmt: skip
     """What ``dsformer bench`` times: a saved compact model as it is, or a dense model (a folder or hub name,
     a saved dense run, the embedded default) factorized with ``structure`` at ``ratio`` (fit only; the
     structure's ``options`` too); and a description of it."""
+    options = options or {}
+    if "ratio" in options:
+        raise DsformerError("give the ratio with --ratio, not as an option")
+    config = structure_config(structure, ratio=check_ratio(ratio), **options)  # checked even where unused
     if path is not None and (Path(path) / META_FILE).exists() and read_meta(path)["layers"]:
         model, source = load(path, device=device), path
     else:
-        config = structure_config(structure, ratio=check_ratio(ratio), **options)
         model, _ = load_pretrained(path)
         model = model.to(device).float().eval()  # a half-precision checkpoint is fitted in float32
         print(f"factorizing {resolve(path)} with {structure} at {ratio:g}x (fit only, no training)")

@@ -23,8 +23,8 @@ import torch
 from dsformer.checkpoint import check_model_output, load, read_meta, save
 from dsformer.errors import DsformerError
 from dsformer.files import atomic_write_text
-from dsformer.hardware import describe
-from dsformer.harness.methods import check_method
+from dsformer.hardware import check_device, describe
+from dsformer.harness.methods import check_method, method
 from dsformer.harness.models import load_pretrained
 from dsformer.harness.prepare import make_student, prepare
 from dsformer.harness.tasks import load_task
@@ -70,6 +70,14 @@ def check_run(config: RunConfig) -> str:
     trainer = check_method(config.method, config.ratio, config.trainer, config.fisher)
     if config.schedule.polish and trainer != "stf":
         raise DsformerError(f"--polish ends STF training early; {config.method} does not train with STF")
+    if config.schedule.polish and method(config.method).options.get("share_basis"):
+        raise DsformerError(
+            f"--polish trains the compact factors in transformers.Trainer, whose checkpoints cannot hold one basis "
+            f"shared by several layers; {config.method} cannot polish"
+        )
+    check_device(config.device)
+    if config.device.startswith("cuda:") and config.device != "cuda:0" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        raise DsformerError(f"--device {config.device}: pick the GPU with CUDA_VISIBLE_DEVICES and pass --device cuda")
     if config.max_train is not None and config.max_train < 1:
         raise DsformerError(f"max_train must be at least 1 example (got {config.max_train})")
     return trainer
@@ -86,6 +94,11 @@ def finetune(config: RunConfig, output: str | os.PathLike, resume: bool = False)
     out = check_model_output(output, source=config.model)
     _join_processes(config.device)
     work = work_folder(out)
+    if (work / "checkpoint" / "trainer_state.json").exists():
+        raise DsformerError(
+            f"{work} holds a checkpoint of dsformer 0.1's training loop, which this version cannot resume: "
+            f"delete {work} to start over"
+        )
     interrupted = has_checkpoint(out)
     if resume and not interrupted:
         raise DsformerError(f"--resume: no checkpoint in {work}; start without --resume")

@@ -44,6 +44,8 @@ def compress_pretrained(
     """``dsformer compress``: fit ``structure`` at ``ratio`` to a pretrained model's target linears and save
     the compact model (to ``output``, default ``outputs/<model>-<structure>-<ratio>x``); every input is
     checked before the model loads."""
+    if "ratio" in options:
+        raise DsformerError("give the ratio with --ratio, not as an option")
     config = CompressConfig(structure_config(structure, ratio=check_ratio(ratio), **options), targets, exclude)
     folder = None
     if save_model:

@@ -344,6 +344,8 @@ def run_sweep(
                 again += [f"--{key}", *(f"{v:g}" if isinstance(v, float) else v for v in values)] if values else []
             interrupt.hint = f"interrupted; run `{shlex.join(again)}` again to go on where it stopped"
             raise
+        if metrics is None:  # a process of a distributed run that does not write
+            continue
         if planned.name in refitted:
             _compare_refit(planned, metrics, echo)
             continue

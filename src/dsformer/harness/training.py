@@ -102,6 +102,7 @@ class TrainConfig:
             "checkpoint_every": (0, math.inf),
             "kd_temperature": (1e-6, math.inf),
             "kd_alpha": (0.0, 1.0),
+            "seed": (0, 2**32 - 1),
         }
         for name, (low, high) in limits.items():
             value = getattr(self, name)
@@ -169,13 +170,15 @@ def train(
             if checkpoint is None or _holds_stf(checkpoint):
                 if checkpoint is None or _step(checkpoint) < handover:
                     run.fit(checkpoint, stf=stf, stop=stop, stop_at=handover)
+                    if distributed()[1] > 1:  # rank 0 has written the checkpoint that every process reads next
+                        torch.distributed.barrier()
                     checkpoint = latest_checkpoint(out)
                 if _step(checkpoint) < handover:  # stopped (Ctrl-C) before the hand-over
                     raise Interrupted(stop.signum)
                 checkpoint = run.hand_over(stf, checkpoint)
             else:  # resumed after the hand-over: compact layers of the recorded layouts take the checkpoint
                 stf.finalize(iters=0)
-                stf.report = Report.from_json(json.loads((out / HANDOVER_FILE).read_text()))
+                stf.report = _handover_report(out)
             stf = None
         if stop.signum:  # stopped (Ctrl-C) at the hand-over: its checkpoint is the compact model's
             raise Interrupted(stop.signum)
@@ -218,14 +221,26 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
         )
 
 
+def _handover_report(out: Path) -> Report:
+    try:
+        return Report.from_json(json.loads((out / HANDOVER_FILE).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise TrainingError(f"{out / HANDOVER_FILE} cannot be read ({type(err).__name__}: {err})") from None
+
+
 def _step(checkpoint: Path) -> int:
     return int(checkpoint.name.split("-")[1])
 
 
 def _holds_stf(checkpoint: Path) -> bool:
     """Whether a checkpoint was written before STF's hand-over (its model has STF layers' projections)."""
-    with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
-        return any(key.endswith(".projected") for key in f.keys())
+    try:
+        with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
+            return any(key.endswith(".projected") for key in f.keys())
+    except (OSError, SafetensorError) as err:
+        raise TrainingError(
+            f"checkpoint {checkpoint} cannot be resumed into this run ({type(err).__name__}: {err})"
+        ) from None
 
 
 def _evaluate(model, tokenizer, examples, data: TaskData, config: TrainConfig) -> dict[str, float]:
@@ -241,10 +256,10 @@ class _Run:
     def __init__(self, model, tokenizer, data, config, out, features, total, teacher) -> None:
         self.model, self.tokenizer, self.data, self.config, self.out = model, tokenizer, data, config, out
         self.features, self.total, self.teacher = features, total, teacher
-        self.trainer: _TaskTrainer | None = None
+        self.trainer: TaskTrainer | None = None
         self.step_times: list[float] = []
 
-    def trainer_for(self, stf: STF | None, stop: _StopRequest | None, stop_at: int | None = None) -> _TaskTrainer:
+    def trainer_for(self, stf: STF | None, stop: _StopRequest | None, stop_at: int | None = None) -> TaskTrainer:
         config, device = self.config, next(self.model.parameters()).device
         world = distributed()[1]
         args = TrainingArguments(
@@ -274,11 +289,11 @@ class _Run:
             accelerator_config={"split_batches": world > 1},
             ddp_broadcast_buffers=False,  # STF's buffers are computed alike on every process
         )
-        callbacks: list[TrainerCallback] = [_Progress(self, stf, config.progress and distributed()[0] == 0)]
-        if stf is not None:
-            callbacks.append(STFCallback(stf))
+        callbacks: list[TrainerCallback] = [STFCallback(stf)] if stf is not None else []
+        # the progress line after STF, whose re-projection is part of a step's time
+        callbacks += [_Progress(self, stf, config.progress and distributed()[0] == 0)]
         callbacks.append(_Checkpoints(config.checkpoint_every, stop, stop_at))
-        trainer = _TaskTrainer(
+        trainer = TaskTrainer(
             self,
             stf,
             model=self.model,
@@ -314,15 +329,18 @@ class _Run:
         predecessor.create_optimizer()
         predecessor.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
         old = predecessor.optimizer.state
-        report = stf.finalize(iters=0)
+        report = stf.finalize()  # one more projection of the latents, as finalize makes by default
         if distributed()[0] == 0:
             atomic_write_text(self.out / HANDOVER_FILE, json.dumps(report.to_json(), indent=2) + "\n")
         successor = self.trainer_for(None, None)
         successor.create_optimizer()
-        for group in successor.optimizer.param_groups:
+        for group, before in zip(successor.optimizer.param_groups, predecessor.optimizer.param_groups, strict=True):
+            group.update({key: before[key] for key in ("lr", "initial_lr") if key in before})  # the schedule's place
             for param in group["params"]:
                 if param in old:
                     successor.optimizer.state[param] = old[param]
+        if distributed()[1] > 1:  # every process has read the checkpoint before rank 0 rewrites it
+            torch.distributed.barrier()
         if distributed()[0] == 0:
             state = json.loads((checkpoint / STATE_FILE).read_text())
             state.update(best_metric=None, best_global_step=None, best_model_checkpoint=None)
@@ -357,7 +375,7 @@ class _Run:
         )
 
 
-class _TaskTrainer(Trainer):
+class TaskTrainer(Trainer):
     """The Trainer with the task's evaluation, a KD loss, a stop on a non-finite loss and STF's support-change
     rate in the log."""
 
@@ -429,7 +447,7 @@ class _Checkpoints(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.stopping and not ends_epoch(state):  # the Trainer ends an epoch it leaves early: not a real end
-            control.should_evaluate = False
+            control.should_evaluate = control.should_save = False  # the step's checkpoint is written
 
 
 class _Progress(TrainerCallback):

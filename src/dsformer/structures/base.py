@@ -102,7 +102,7 @@ class CompactLinear(nn.Module):
     # "linear", or "conv1d" for a layer that replaced a GPT-2 style Conv1D (merge restores the type)
     source_kind: str = "linear"
     # an activation applied to the output ("gelu"), moved here from the module that follows the layer
-    # by dsformer.kernels.fuse_activations so that a backend can apply it in its kernel; None: none
+    # by dsformer.surgery.fuse_activations so that a backend can apply it in its kernel; None: none
     activation: str | None = None
     # factor tensors that belong to another layer (a shared basis): stored and counted there
     borrowed: frozenset[str] = frozenset()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from typing import Any
 
 from dsformer.errors import DsformerError
@@ -41,11 +42,31 @@ def get(name: str) -> type[Structure]:
 def structure_config(name: str, **options: Any) -> Structure:
     """Build the config of a structure by name, e.g. ``structure_config("ds", ratio=2.8)``."""
     config_class = get(name)
+    hints = typing.get_type_hints(config_class)
     known = [f.name for f in dataclasses.fields(config_class)]
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise DsformerError(f"structure {name} has no option {', '.join(unknown)}; its options are {', '.join(known)}")
+    for key, value in options.items():
+        if not _fits(value, hints[key]):
+            raise DsformerError(f"structure {name}: option {key} must be {_describe(hints[key])} (got {value!r})")
     return config_class(**options)
+
+
+def _kinds(hint: Any) -> tuple:
+    """The plain types a field's annotation allows (``int | None`` -> ``(int, NoneType)``)."""
+    return typing.get_args(hint) if typing.get_args(hint) else (hint,)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    kinds = _kinds(hint)
+    if isinstance(value, bool):  # a bool is an int to Python, not to a config
+        return bool in kinds
+    return any(isinstance(value, kind) or (kind is float and isinstance(value, int)) for kind in kinds)
+
+
+def _describe(hint: Any) -> str:
+    return " or ".join("none" if kind is type(None) else kind.__name__ for kind in _kinds(hint))
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
