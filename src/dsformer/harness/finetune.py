@@ -24,11 +24,12 @@ from dsformer.checkpoint import check_model_output, load, read_meta, save
 from dsformer.errors import DsformerError
 from dsformer.files import atomic_write_text
 from dsformer.hardware import check_device, describe
+from dsformer.harness.checkpoints import distributed, latest_checkpoint
 from dsformer.harness.methods import check_method, method
 from dsformer.harness.models import load_pretrained
 from dsformer.harness.prepare import make_student, prepare
 from dsformer.harness.tasks import load_task
-from dsformer.harness.training import TrainConfig, distributed, latest_checkpoint, train
+from dsformer.harness.training import TrainConfig, train
 from dsformer.report import model_bytes
 from dsformer.stf import Schedule
 from dsformer.surgery import find_targets

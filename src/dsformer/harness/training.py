@@ -2,9 +2,10 @@
 validation at each epoch end with best-checkpoint selection, exact resume, KD, STF and its hand-over.
 
 What is ours on top of the Trainer: the task's own evaluation (:mod:`dsformer.harness.evaluation`),
-a KD loss, STF through :class:`dsformer.STFCallback`, Ctrl-C/SIGTERM finishing the step and saving a
-checkpoint, a refusal to resume a checkpoint into other settings, and ``Schedule.polish``'s
-hand-over from STF to the compact factors (two Trainer runs joined at one checkpoint).
+a KD loss, STF through :class:`dsformer.STFCallback`, ``Schedule.polish``'s hand-over from STF to
+the compact factors (two Trainer runs joined at one checkpoint), and, in
+:mod:`dsformer.harness.checkpoints`, Ctrl-C/SIGTERM finishing the step with a checkpoint and
+checkpoints checked before they are resumed.
 
 Example (a tiny model on a few made-up sentences):
     >>> import tempfile
@@ -28,17 +29,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
-import re
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -50,24 +46,30 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
-from transformers.trainer_pt_utils import safe_globals
 
-from dsformer.callbacks import STFCallback, ends_epoch
-from dsformer.errors import DsformerError, Interrupted
+from dsformer.callbacks import STFCallback
+from dsformer.errors import Interrupted
 from dsformer.files import atomic_folder, atomic_write_text
+from dsformer.harness.checkpoints import (
+    HANDOVER_FILE,
+    SETTINGS_FILE,
+    STATE_FILE,
+    Checkpoints,
+    StopRequest,
+    TrainingError,
+    check_checkpoint,
+    check_settings,
+    checkpoint_step,
+    distributed,
+    holds_stf,
+    latest_checkpoint,
+    read_handover_report,
+)
 from dsformer.harness.evaluation import encode, evaluate
 from dsformer.harness.tasks import TaskData, TaskSpec
-from dsformer.report import Report
 from dsformer.stf import STF
 
-STATE_FILE = "trainer_state.json"  # the Trainer's, in every checkpoint folder
-SETTINGS_FILE = "training.json"  # the run's settings, checked on resume
-HANDOVER_FILE = "handover.json"  # the report of STF's hand-over to the compact factors (Schedule.polish)
 PRECISIONS = ("auto", "fp32", "bf16")
-
-
-class TrainingError(DsformerError, RuntimeError):
-    """Training cannot go on (non-finite loss, a checkpoint that does not fit the run)."""
 
 
 @dataclass
@@ -126,13 +128,6 @@ class TrainResult:
     mean_step_seconds: float = 0.0
 
 
-def distributed() -> tuple[int, int]:
-    """This process's rank and the number of processes (``(0, 1)`` without torch.distributed)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def train(
     model: nn.Module,
     tokenizer: Any,
@@ -157,7 +152,7 @@ def train(
         raise TrainingError(f"--resume: no checkpoint in {out}; start without --resume")
     settings = {"config": _settings(config), "schedule": asdict(stf.schedule) if stf is not None else None}
     if resume:
-        _check_settings(out, settings)
+        check_settings(out, settings, _settings(TrainConfig()))
     else:
         atomic_write_text(out / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
         checkpoint = None
@@ -165,20 +160,20 @@ def train(
     total = max(1, math.ceil(config.epochs * math.ceil(len(features) / config.batch_size)))
     handover = stf.schedule.polish_step(total) if stf is not None else None
     run = _Run(model, tokenizer, data, config, out, features, total, teacher)
-    with _StopRequest() as stop:
+    with StopRequest() as stop:
         if stf is not None and handover is not None:
-            if checkpoint is None or _holds_stf(checkpoint):
-                if checkpoint is None or _step(checkpoint) < handover:
+            if checkpoint is None or holds_stf(checkpoint):
+                if checkpoint is None or checkpoint_step(checkpoint) < handover:
                     run.fit(checkpoint, stf=stf, stop=stop, stop_at=handover)
                     if distributed()[1] > 1:  # rank 0 has written the checkpoint that every process reads next
                         torch.distributed.barrier()
                     checkpoint = latest_checkpoint(out)
-                if _step(checkpoint) < handover:  # stopped (Ctrl-C) before the hand-over
+                if checkpoint_step(checkpoint) < handover:  # stopped (Ctrl-C) before the hand-over
                     raise Interrupted(stop.signum)
                 checkpoint = run.hand_over(stf, checkpoint)
             else:  # resumed after the hand-over: compact layers of the recorded layouts take the checkpoint
                 stf.finalize(iters=0)
-                stf.report = _handover_report(out)
+                stf.report = read_handover_report(out)
             stf = None
         if stop.signum:  # stopped (Ctrl-C) at the hand-over: its checkpoint is the compact model's
             raise Interrupted(stop.signum)
@@ -190,57 +185,8 @@ def train(
     return run.result(validation, test)
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint in ``folder`` (the Trainer writes ``trainer_state.json`` last)."""
-    found = [p for p in folder.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
-    complete = [p for p in found if (p / STATE_FILE).exists()]
-    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
 def _settings(config: TrainConfig) -> dict[str, Any]:
     return {key: value for key, value in asdict(config).items() if key != "progress"}
-
-
-def _check_settings(out: Path, settings: dict[str, Any]) -> None:
-    """Refuse to resume into other training settings or another STF schedule (a field the record predates
-    counts as its default)."""
-    try:
-        saved = json.loads((out / SETTINGS_FILE).read_text())
-        defaults = _settings(TrainConfig())
-        changed = [k for k, v in settings["config"].items() if saved["config"].get(k, defaults[k]) != v]
-        if settings["schedule"] is not None or saved.get("schedule") is not None:
-            mine, theirs = settings["schedule"] or {}, saved.get("schedule") or {}
-            changed += [f"schedule.{k}" for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        reason = f"{type(err).__name__}: {err}"
-        raise TrainingError(f"checkpoint in {out} cannot be resumed into this run ({reason})") from None
-    if changed:
-        raise TrainingError(
-            f"--resume: {out} was written with other settings ({', '.join(changed)}); "
-            "use the same ones or a new --output"
-        )
-
-
-def _handover_report(out: Path) -> Report:
-    try:
-        return Report.from_json(json.loads((out / HANDOVER_FILE).read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise TrainingError(f"{out / HANDOVER_FILE} cannot be read ({type(err).__name__}: {err})") from None
-
-
-def _step(checkpoint: Path) -> int:
-    return int(checkpoint.name.split("-")[1])
-
-
-def _holds_stf(checkpoint: Path) -> bool:
-    """Whether a checkpoint was written before STF's hand-over (its model has STF layers' projections)."""
-    try:
-        with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
-            return any(key.endswith(".projected") for key in f.keys())
-    except (OSError, SafetensorError) as err:
-        raise TrainingError(
-            f"checkpoint {checkpoint} cannot be resumed into this run ({type(err).__name__}: {err})"
-        ) from None
 
 
 def _evaluate(model, tokenizer, examples, data: TaskData, config: TrainConfig) -> dict[str, float]:
@@ -259,7 +205,7 @@ class _Run:
         self.trainer: TaskTrainer | None = None
         self.step_times: list[float] = []
 
-    def trainer_for(self, stf: STF | None, stop: _StopRequest | None, stop_at: int | None = None) -> TaskTrainer:
+    def trainer_for(self, stf: STF | None, stop: StopRequest | None, stop_at: int | None = None) -> TaskTrainer:
         config, device = self.config, next(self.model.parameters()).device
         world = distributed()[1]
         args = TrainingArguments(
@@ -292,7 +238,7 @@ class _Run:
         callbacks: list[TrainerCallback] = [STFCallback(stf)] if stf is not None else []
         # the progress line after STF, whose re-projection is part of a step's time
         callbacks += [_Progress(self, stf, config.progress and distributed()[0] == 0)]
-        callbacks.append(_Checkpoints(config.checkpoint_every, stop, stop_at))
+        callbacks.append(Checkpoints(config.checkpoint_every, stop, stop_at))
         trainer = TaskTrainer(
             self,
             stf,
@@ -307,9 +253,9 @@ class _Run:
         trainer.remove_callback(ProgressCallback)
         return trainer
 
-    def fit(self, checkpoint: Path | None, stf: STF | None, stop: _StopRequest, stop_at: int | None = None) -> None:
+    def fit(self, checkpoint: Path | None, stf: STF | None, stop: StopRequest, stop_at: int | None = None) -> None:
         if checkpoint is not None:
-            _check_checkpoint(checkpoint, self.model)
+            check_checkpoint(checkpoint, self.model)
         self.trainer = self.trainer_for(stf, stop, stop_at)
         self.trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
 
@@ -322,7 +268,7 @@ class _Run:
         the factors', and the best-checkpoint selection restarted, so the run ends in a compact
         model. The Trainer then resumes from it.
         """
-        _check_checkpoint(checkpoint, self.model)
+        check_checkpoint(checkpoint, self.model)
         # the weights, projections and moments at the hand-over (this process may have resumed right at it)
         self.model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), strict=False)
         predecessor = self.trainer_for(stf, None)
@@ -429,27 +375,6 @@ def distillation_loss(
     return (1 - config.kd_alpha) * task_loss + config.kd_alpha * kd
 
 
-class _Checkpoints(TrainerCallback):
-    """Checkpoints every ``every`` steps besides the epoch ends; a stop request (Ctrl-C, SIGTERM) or the step
-    ``stop_at`` ends training after the step with a checkpoint (and no evaluation, unless an epoch ends)."""
-
-    def __init__(self, every: int, stop: _StopRequest | None, stop_at: int | None) -> None:
-        self.every, self.stop, self.stop_at = every, stop, stop_at
-        self.stopping = False
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.stopping = (self.stop is not None and self.stop.agreed(args.device)) or state.global_step == self.stop_at
-        if self.stopping:
-            control.should_training_stop = True
-            control.should_save = True
-        elif self.every and state.global_step % self.every == 0:
-            control.should_save = True
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if self.stopping and not ends_epoch(state):  # the Trainer ends an epoch it leaves early: not a real end
-            control.should_evaluate = control.should_save = False  # the step's checkpoint is written
-
-
 class _Progress(TrainerCallback):
     """One line that moves: steps, loss, seconds per step, STF's support-change rate; a line per validation."""
 
@@ -485,75 +410,3 @@ class _Progress(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:
             self.bar.close()
-
-
-def _check_checkpoint(checkpoint: Path, model: nn.Module) -> None:
-    """Read every file of a checkpoint before the Trainer loads it, so a damaged or foreign one is one clear
-    error rather than a failure part-way through loading."""
-    try:
-        json.loads((checkpoint / STATE_FILE).read_text())
-        with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
-            stored = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-        expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
-        differ = [k for k in stored if stored[k] != expected.get(k)] + sorted(
-            set(expected) - set(stored) - _tied(model)
-        )
-        if differ:
-            raise KeyError(f"its model does not match this one (at {differ[0]!r})")
-        for name in ("optimizer.pt", "scheduler.pt"):
-            torch.load(checkpoint / name, weights_only=True)
-        with safe_globals():  # the Trainer's own allowance: numpy's generator state
-            for rng in checkpoint.glob("rng_state*.pth"):
-                torch.load(rng, weights_only=True)
-        if not any(checkpoint.glob("rng_state*.pth")):
-            raise FileNotFoundError("it holds no generator state")
-    except (OSError, ValueError, KeyError, RuntimeError, EOFError, SafetensorError, pickle.UnpicklingError) as err:
-        raise TrainingError(
-            f"checkpoint {checkpoint} cannot be resumed into this run ({type(err).__name__}: {err})"
-        ) from None
-
-
-def _tied(model: nn.Module) -> set[str]:
-    """State keys whose tensor another key shares (a checkpoint stores tied weights once, under either)."""
-    state = model.state_dict()
-    counts: dict[int, int] = {}
-    for tensor in state.values():
-        counts[tensor.data_ptr()] = counts.get(tensor.data_ptr(), 0) + 1
-    return {key for key, tensor in state.items() if counts[tensor.data_ptr()] > 1}
-
-
-class _StopRequest:
-    """Ctrl-C and SIGTERM during training finish the current step, checkpoint, then stop.
-
-    An interruption in the middle of a step (after the optimizer moved the weights, during a
-    re-projection) would leave a checkpoint that does not resume exactly; a second Ctrl-C stops at
-    once (the last checkpoint stays).
-    """
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopRequest:
-        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._request)
-        return self
-
-    def _request(self, signum: int, frame) -> None:
-        if self.signum:
-            raise Interrupted(signum)
-        self.signum = signum
-
-    def agreed(self, device: torch.device) -> bool:
-        """Whether to stop now; every process stops at the same step (one may have got the signal first)."""
-        if distributed()[1] > 1:
-            flag = torch.tensor([self.signum], dtype=torch.long, device=device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            self.signum = int(flag.item())
-        return bool(self.signum)
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
