@@ -84,6 +84,32 @@ def test_a_damaged_tie_is_refused(tmp_path, make_model, tied):
         dsformer.load(tmp_path / "m")
 
 
+def test_a_tie_to_a_basis_of_another_size_is_refused(tmp_path, make_model):
+    """A layer tied to a smaller basis would keep indexing up to its own k: refused before any kernel runs."""
+    model = make_model("bert")
+    dsformer.compress(model, dsformer.CompressConfig(shared()), progress=False)
+    dsformer.save(model, tmp_path / "m")
+    meta_file = tmp_path / "m" / "dsformer.json"
+    meta = json.loads(meta_file.read_text())
+    name = next(n for n, spec in meta["layers"].items() if "tied" in spec)
+    meta["layers"][name]["layout"]["k"] += 1  # its own basis one atom larger than the owner's
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="cannot be shared"):
+        dsformer.load(tmp_path / "m")
+
+
+def test_a_layout_of_another_shape_than_its_module_is_refused(tmp_path, make_model):
+    model = make_model("bert")
+    dsformer.compress(model, dsformer.CompressConfig(shared()), progress=False)
+    dsformer.save(model, tmp_path / "m")
+    meta_file = tmp_path / "m" / "dsformer.json"
+    meta = json.loads(meta_file.read_text())
+    meta["layers"]["encoder.layer.0.attention.self.query"]["shape"] = [64, 128]  # the module is 64x64
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="does not fit BertModel"):
+        dsformer.load(tmp_path / "m")
+
+
 def test_stf_trains_a_shared_basis_and_finalizes_it_tied(make_model):
     model = make_model("bert")
     stf = STF.wrap(model, shared())
