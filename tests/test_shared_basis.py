@@ -70,13 +70,18 @@ def test_saved_model_loads_with_its_bases_tied(tmp_path, make_model):
     assert sorted(map(sorted, bases(loaded).values())) == sorted(map(sorted, bases(model).values()))
 
 
-@pytest.mark.parametrize("tied", [["basis"], {"basis": 3}, "encoder.layer.0.attention.self.query", {"basis": "nosuch"}])
-def test_a_damaged_tie_is_refused(tmp_path, make_model, tied):
+def saved_shared(tmp_path, make_model) -> tuple:
+    """A tiny BERT with shared bases, saved: its dsformer.json and what it holds."""
     model = make_model("bert")
     dsformer.compress(model, dsformer.CompressConfig(shared()), progress=False)
     dsformer.save(model, tmp_path / "m")
     meta_file = tmp_path / "m" / "dsformer.json"
-    meta = json.loads(meta_file.read_text())
+    return meta_file, json.loads(meta_file.read_text())
+
+
+@pytest.mark.parametrize("tied", [["basis"], {"basis": 3}, "encoder.layer.0.attention.self.query", {"basis": "nosuch"}])
+def test_a_damaged_tie_is_refused(tmp_path, make_model, tied):
+    meta_file, meta = saved_shared(tmp_path, make_model)
     name = next(n for n, spec in meta["layers"].items() if "tied" in spec)
     meta["layers"][name]["tied"] = tied
     meta_file.write_text(json.dumps(meta))
@@ -86,11 +91,7 @@ def test_a_damaged_tie_is_refused(tmp_path, make_model, tied):
 
 def test_a_tie_to_a_basis_of_another_size_is_refused(tmp_path, make_model):
     """A layer tied to a smaller basis would keep indexing up to its own k: refused before any kernel runs."""
-    model = make_model("bert")
-    dsformer.compress(model, dsformer.CompressConfig(shared()), progress=False)
-    dsformer.save(model, tmp_path / "m")
-    meta_file = tmp_path / "m" / "dsformer.json"
-    meta = json.loads(meta_file.read_text())
+    meta_file, meta = saved_shared(tmp_path, make_model)
     name = next(n for n, spec in meta["layers"].items() if "tied" in spec)
     meta["layers"][name]["layout"]["k"] += 1  # its own basis one atom larger than the owner's
     meta_file.write_text(json.dumps(meta))
@@ -99,11 +100,7 @@ def test_a_tie_to_a_basis_of_another_size_is_refused(tmp_path, make_model):
 
 
 def test_a_layout_of_another_shape_than_its_module_is_refused(tmp_path, make_model):
-    model = make_model("bert")
-    dsformer.compress(model, dsformer.CompressConfig(shared()), progress=False)
-    dsformer.save(model, tmp_path / "m")
-    meta_file = tmp_path / "m" / "dsformer.json"
-    meta = json.loads(meta_file.read_text())
+    meta_file, meta = saved_shared(tmp_path, make_model)
     meta["layers"]["encoder.layer.0.attention.self.query"]["shape"] = [64, 128]  # the module is 64x64
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="does not fit BertModel"):
