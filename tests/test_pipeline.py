@@ -110,7 +110,12 @@ def stsb_dir(root: Path) -> Path:
 
 def _compress_args(model_dir: Path, data_dir: Path, output: Path, *extra, task: str = "sst2") -> list[str]:
     args = ["finetune", "--model", model_dir, "--task", task, "--data-dir", data_dir, "--output", output]
-    args += ["--quiet", "--epochs", "1", "--batch-size", "8", "--refresh-every", "3", "--max-length", "16"]
+    args += ["--quiet", "--epochs", "1", "--batch-size", "8", "--max-length", "16"]
+    extra = [str(a) for a in extra]
+    method = extra[extra.index("--method") + 1] if "--method" in extra else "dsformer"
+    trainer = extra[extra.index("--trainer") + 1] if "--trainer" in extra else None
+    if method in REGISTRY and (trainer or (*REGISTRY[method].trainers, "-")[0]) == "stf":
+        args += ["--refresh-every", "3"]  # STF re-projects within the few steps of these runs
     return [str(a) for a in [*args, *extra]]
 
 
@@ -527,7 +532,7 @@ BAD_INPUTS = {
     "unknown label": ([], "bad label", ["train.tsv:6", "unknown label", "'2'"]),
     "ratio 1": (["--method", "svd", "--ratio", "1"], "sst2", ["> 1"]),
     "ratio 1 dsformer": (["--method", "dsformer", "--ratio", "1"], "sst2", ["> 1"]),
-    "output not ours": ([], "sst2", ["not empty", "not written by dsformer"]),
+    "output not ours": ([], "sst2", ["not empty", "more than a dsformer output"]),
     "resume without checkpoint": (["--method", "svd", "--resume"], "sst2", ["--resume", "no checkpoint"]),
     "not utf-8": ([], "latin-1", ["train.tsv:6", "not UTF-8"]),
     "batch size 0": (["--batch-size", "0"], "sst2", ["batch_size must be at least 1", "0"]),
@@ -537,6 +542,9 @@ BAD_INPUTS = {
     "negative seed": (["--seed", "-1"], "sst2", ["seed must be in [0"]),
     "device gpu": (["--device", "gpu"], "sst2", ["give cpu, cuda or cuda:N"]),
     "device cuda:1": (["--device", "cuda:1"], "sst2", ["cuda"]),
+    "longer than the model reads": (["--max-length", "64"], "sst2", ["--max-length 64", "at most 32 tokens"]),
+    "stf settings without stf": (["--method", "svd", "--pull", "0.1"], "sst2", ["apply to STF", "svd"]),
+    "epochs inf": (["--epochs", "inf"], "sst2", ["epochs must be positive"]),
 }
 
 
@@ -557,13 +565,13 @@ def test_bad_input_exits_2_and_writes_nothing(capsys, tmp_path, model_dir, sst2_
     }[data]
     data_dir = data_dir() if callable(data_dir) else data_dir
     output = tmp_path / "out"
-    if "not written by dsformer" in words:
+    if "more than a dsformer output" in words:
         output.mkdir()
         (output / "notes.txt").write_text("keep me")
     line = assert_one_error_line(*run_cli(capsys, _compress_args(model_dir, data_dir, output, *extra)))
     for word in words:
         assert word in line, line
-    if "not written by dsformer" in words:
+    if "more than a dsformer output" in words:
         assert [p.name for p in output.iterdir()] == ["notes.txt"]
         assert (output / "notes.txt").read_text() == "keep me"
     else:
@@ -639,6 +647,22 @@ def test_interrupted_run_resumes_to_the_same_result(capsys, tmp_path, model_dir,
     a, b = metrics_of(whole), metrics_of(cut)
     assert a["test"] == b["test"] and a["validation"] == b["validation"] and a["history"] == b["history"]
     assert not work_folder(cut).exists()
+
+
+def test_a_signal_right_after_the_save_says_the_run_was_saved(capsys, tmp_path, model_dir, sst2_dir, monkeypatch):
+    import dsformer.harness.finetune as finetune_module
+
+    real = finetune_module.save
+
+    def save_then_signal(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt  # SIGINT lands just after the atomic swap
+
+    monkeypatch.setattr(finetune_module, "save", save_then_signal)
+    output = tmp_path / "run"
+    code, _, err = run_cli(capsys, _compress_args(model_dir, sst2_dir, output, "--method", "svd"))
+    assert code == 130 and err.strip() == f"dsformer: interrupted after the run was saved to {output}"
+    assert metrics_of(output)["method"] == "svd" and not work_folder(output).exists()
 
 
 # ---------------------------------------------------------------- sweeps and reports

@@ -93,7 +93,7 @@ def test_a_tie_to_a_basis_of_another_size_is_refused(tmp_path, make_model):
     """A layer tied to a smaller basis would keep indexing up to its own k: refused before any kernel runs."""
     meta_file, meta = saved_shared(tmp_path, make_model)
     name = next(n for n, spec in meta["layers"].items() if "tied" in spec)
-    meta["layers"][name]["layout"]["k"] += 1  # its own basis one atom larger than the owner's
+    meta["layers"][name]["layout"].update(k=meta["layers"][name]["layout"]["k"] - 1, s=1)  # a basis one atom short
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="cannot be shared"):
         dsformer.load(tmp_path / "m")

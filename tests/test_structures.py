@@ -11,6 +11,7 @@ from conftest import relative_error, requires_cuda
 from torch import nn
 
 from dsformer import InfeasibleRatioError
+from dsformer.errors import DsformerError
 from dsformer.structures import (
     DenseSparseConfig,
     DenseSparseLinear,
@@ -377,9 +378,10 @@ def test_ds_k_multiple_aligns_the_searched_layouts(shape, ratio, multiple, align
     assert all(lay.k % multiple == 0 for lay in layouts) == aligned or multiple == 1
 
 
-def test_ds_k_multiple_below_one_is_refused():
-    with pytest.raises(InfeasibleRatioError, match="k_multiple"):
-        DenseSparseConfig(ratio=2.0, k_multiple=0).candidates(96, 64)
+@pytest.mark.parametrize("option", [{"k_multiple": 0}, {"iters": 0}, {"search_points": 0}, {"delta": 1.5}])
+def test_ds_options_out_of_range_are_refused(option):
+    with pytest.raises(DsformerError, match=next(iter(option))):
+        DenseSparseConfig(ratio=2.0, **option)
 
 
 def test_ds_fit_leaves_global_rng_alone():

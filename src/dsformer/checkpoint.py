@@ -34,7 +34,7 @@ from torch import nn
 
 from dsformer import structures
 from dsformer.errors import CheckpointError, DsformerError
-from dsformer.files import atomic_folder, check_output, sha256, write_json
+from dsformer.files import atomic_folder, check_output, sha256, write_json, write_manifest
 from dsformer.quantize import from_int8, index_tensors, int8_targets, pack_bits, packed_size, to_int8, unpack_bits
 from dsformer.report import Report
 from dsformer.structures import CompactLinear
@@ -48,12 +48,12 @@ PACKED = ".packed"  # suffix of an index tensor stored bit-packed (format 2: its
 META_FILE = "dsformer.json"
 EXPORT_FILE = "dsformer-export.json"
 WEIGHTS_FILE = "model.safetensors"
-MARKERS = (META_FILE, EXPORT_FILE)  # a folder holding one of these was written by dsformer: an output may replace it
+MANIFESTS = (META_FILE, EXPORT_FILE)  # what lists a dsformer folder's files: an output may replace such a folder
 
 
 def check_model_output(path: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
     """Refuse an output that would destroy anything but an earlier dsformer folder (``files.check_output``)."""
-    return check_output(path, MARKERS, source)
+    return check_output(path, MANIFESTS, source)
 
 
 def save(
@@ -73,18 +73,21 @@ def save(
     """
     compact = compact_layers(model)
     layers = {name: _layer_spec(layer, compact) for name, layer in compact.items()}
-    with atomic_folder(path, MARKERS) as tmp:
+    with atomic_folder(path, MANIFESTS) as tmp:
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         metadata = {"format": "pt", "dsformer": __version__}
         int8_keys: list[str] = []
         packed: dict[str, Any] = {}
-        if int8:
-            tensors, int8_keys, packed = _int8_state(model)
-            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
-        else:
-            save_model(model, str(tmp / WEIGHTS_FILE), metadata=metadata)
+        try:
+            if int8:
+                tensors, int8_keys, packed = _int8_state(model)
+                save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
+            else:
+                save_model(model, str(tmp / WEIGHTS_FILE), metadata=metadata)
+        except SafetensorError as err:  # a full disk, most often: nothing is published
+            raise CheckpointError(f"cannot write the weights of {path}: {err}") from None
         meta = {
             "format_version": 2 if int8 else 1,
             "dsformer_version": __version__,
@@ -101,9 +104,9 @@ def save(
         if int8:
             meta["int8"] = int8_keys
             meta["packed"] = packed
-        write_json(tmp / META_FILE, meta)
         for name, data in (extra_files or {}).items():
             write_json(tmp / name, data)
+        write_manifest(tmp, META_FILE, meta)  # last: it lists the folder's files
     return Path(path)
 
 
@@ -153,6 +156,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
             and isinstance(meta["layers"], dict)
             and isinstance(meta["model_class"], str)
             and isinstance(weights["file"], str)
+            and Path(weights["file"]).name == weights["file"] not in ("", ".", "..")  # a file of this folder
             and isinstance(weights["bytes"], int)
             and isinstance(weights["sha256"], str)
             and meta.get("dtype", "float32") in _MODEL_DTYPES
@@ -186,13 +190,15 @@ def _check_weights(folder: Path, meta: dict[str, Any]) -> Path:
     weights = folder / meta["weights"]["file"]
     if not weights.exists():
         raise CheckpointError(f"{weights} is missing; the folder is incomplete, save the model again")
+    if weights.is_symlink() or not weights.is_file():  # a device or a link elsewhere: never read it
+        raise CheckpointError(f"{weights} is not a plain file of its folder; save the model again")
     size = weights.stat().st_size
     if size != meta["weights"]["bytes"]:
         raise CheckpointError(
             f"{weights} has {size} bytes but {meta['weights']['bytes']} were saved: "
             "the file is truncated or was replaced"
         )
-    if sha256(weights) != meta["weights"]["sha256"]:
+    if sha256(weights, limit=size) != meta["weights"]["sha256"]:
         raise CheckpointError(f"{weights} does not match its saved checksum: the file is corrupt or was changed")
     return weights
 
@@ -230,7 +236,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Modu
     meta = read_meta(folder)
     weights = _check_weights(folder, meta)
     model_cls = getattr(transformers, meta["model_class"], None)
-    if model_cls is None:
+    if not isinstance(model_cls, type) or not issubclass(model_cls, transformers.PreTrainedModel):
         raise CheckpointError(
             f"model class {meta['model_class']} is not in this transformers version; upgrade transformers"
         )
@@ -339,11 +345,11 @@ def export_dense(path: str | os.PathLike, output: str | os.PathLike) -> Path:
     check_model_output(output, source=folder)
     model = merge(load(folder))
     tokenizer = load_tokenizer(folder)
-    with atomic_folder(output, MARKERS) as tmp:
+    with atomic_folder(output, MANIFESTS) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_json(tmp / EXPORT_FILE, {"exported_from": str(folder.resolve()), "dsformer_version": __version__})
+        write_manifest(tmp, EXPORT_FILE, {"exported_from": str(folder.resolve()), "dsformer_version": __version__})
     return Path(output)
 
 

@@ -198,18 +198,14 @@ def summary(args: argparse.Namespace) -> None:
 
 
 def bench(args: argparse.Namespace) -> None:
-    from dsformer.hardware import check_device
     from dsformer.harness.bench import bench_model, bench_subject, bench_table, paired
     from dsformer.harness.runs import write_record
-    from dsformer.kernels import check_backend
     from dsformer.structures.registry import parse_options
 
-    check_device(args.device)
-    check_backend(args.backend)
     check_file_output(args.output, "--output")
-    shapes = paired(args.batch, args.seq)
-    options = parse_options(args.option)
-    model, source = bench_subject(args.folder, args.structure, args.ratio, args.device, args.dtype, options)
+    shapes, options = paired(args.batch, args.seq), parse_options(args.option)
+    model, source = bench_subject(args.folder, args.structure, args.ratio, args.device, args.dtype, options, shapes,
+                                  args.backend)  # fmt: skip
     runs = [bench_model(model, b, s, args.backend, args.repeats, layers=not args.no_layers) for b, s in shapes]
     print("\n".join(bench_table(run) for run in runs))
     if args.output:
@@ -285,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dsformer: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
-        print(f"dsformer: {getattr(interrupt, 'hint', 'interrupted; nothing was written')}", file=sys.stderr)
+        print(f"dsformer: {getattr(interrupt, 'hint', 'interrupted')}", file=sys.stderr)
         return 128 + getattr(interrupt, "signum", 2)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     except BrokenPipeError:  # the reader went away (`dsformer sweep --dry-run | head`): stop quietly
         sys.stdout = open(os.devnull, "w")  # the interpreter flushes stdout at exit: not into the closed pipe

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -123,8 +124,23 @@ class Schedule:
     def __post_init__(self) -> None:
         if not 0.0 <= self.polish < 1.0:
             raise DsformerError(f"polish is a fraction of the training steps in [0, 1) (got {self.polish:g})")
-        if self.refresh_every < 1:
-            raise DsformerError(f"refresh_every must be at least 1 step (got {self.refresh_every})")
+        for name, low, high in (
+            ("refresh_every", 1, None), ("iters", 1, None), ("final_iters", 0, None), ("ramp_steps", 0, None),
+            ("ramp_start", 0.0, 1.0), ("pull", 0.0, 1.0),
+        ):  # fmt: skip
+            value = getattr(self, name)
+            if (
+                not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < low
+                or (high and value > high)
+            ):
+                bound = f"in [{low:g}, {high:g}]" if high else f"at least {low}"
+                raise DsformerError(f"STF schedule: {name} must be {bound} (got {value!r})")
+
+    def is_default(self) -> bool:
+        """Whether nothing of STF's schedule was asked for (what a method without STF may be given)."""
+        return self == Schedule()
 
     def polish_step(self, total: int) -> int | None:
         """The step after which the factors train directly (None: never), for ``total`` training steps."""

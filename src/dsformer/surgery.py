@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsformer.errors import TargetError
+from dsformer.errors import InfeasibleRatioError, TargetError
 from dsformer.report import LayerReport, Report, model_bytes
 from dsformer.structures import CompactLinear, DenseSparseConfig, Factors, Structure
 
@@ -108,6 +108,12 @@ def _block_linears(model: nn.Module) -> list[str]:
 
 def find_targets(model: nn.Module, target_modules: Patterns = None, exclude_modules: Patterns = None) -> list[str]:
     """Resolve target and exclusion patterns to module names; any pattern that matches nothing is an error."""
+    for pattern in _as_list(target_modules if target_modules != "all-linear" else None) + _as_list(exclude_modules):
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as err:
+                raise TargetError(f"pattern {pattern!r} is not a regular expression ({err})") from None
     modules = dict(model.named_modules())
     linears = [name for name, mod in modules.items() if is_linear(mod)]
     if target_modules is None:
@@ -158,10 +164,16 @@ def plan(model: nn.Module, config: CompressConfig) -> dict[str, Structure]:
     chosen = {}
     for name in targets:
         structure = next((cfg for pat, cfg in config.overrides.items() if matches(name, pat)), config.structure)
+        weight = linear_weight(model.get_submodule(name))
         try:
-            structure.candidates(*linear_weight(model.get_submodule(name)).shape)
+            layouts = structure.candidates(*weight.shape)
         except ValueError as err:
             raise type(err)(f"layer {name}: {err}") from None
+        if min(lay.stored_bytes(weight.element_size()) for lay in layouts) >= weight.numel() * weight.element_size():
+            raise InfeasibleRatioError(
+                f"layer {name}: {structure.name} at this ratio stores more bytes than the dense weight (its indices "
+                "count too); give a larger ratio"
+            )
         chosen[name] = structure
     return chosen
 

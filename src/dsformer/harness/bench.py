@@ -31,8 +31,9 @@ from torch import nn
 
 from dsformer.checkpoint import META_FILE, load, read_meta
 from dsformer.errors import DsformerError
+from dsformer.hardware import check_device
 from dsformer.harness.models import load_pretrained, resolve
-from dsformer.kernels import calibrate, choose, seconds, use_backend
+from dsformer.kernels import calibrate, check_backend, choose, seconds, use_backend
 from dsformer.kernels.int8 import int8_linears
 from dsformer.structures import backends
 from dsformer.structures.budget import check_ratio
@@ -205,11 +206,14 @@ def paired(batches: list[int], seqs: list[int]) -> list[tuple[int, int]]:
 
 def bench_subject(
     path: str | None, structure: str = "ds", ratio: float = 2.8, device: str = "cpu", dtype: str = "float32",
-    options: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None, shapes: list[tuple[int, int]] = (), backend: str = "auto",
 ) -> tuple[nn.Module, str]:  # fmt: skip
     """What ``dsformer bench`` times: a saved compact model as it is, or a dense model (a folder or hub name,
     a saved dense run, the embedded default) factorized with ``structure`` at ``ratio`` (fit only; the
-    structure's ``options`` too); and a description of it."""
+    structure's ``options`` too); and a description of it. The device, the backend and the ``(batch, seq)``
+    shapes to be timed are checked first, the sequences against the model's positions before any fit."""
+    check_device(device)
+    check_backend(backend)
     options = options or {}
     if "ratio" in options:
         raise DsformerError("give the ratio with --ratio, not as an option")
@@ -217,7 +221,12 @@ def bench_subject(
     if path is not None and (Path(path) / META_FILE).exists() and read_meta(path)["layers"]:
         model, source = load(path, device=device), path
     else:
-        model, _ = load_pretrained(path)
+        model, source = load_pretrained(path)[0], None
+    positions = getattr(model.config, "max_position_embeddings", None)
+    seq = max((s for _, s in shapes), default=0)
+    if positions is not None and seq > positions:
+        raise DsformerError(f"--seq {seq}: the model reads at most {positions} tokens")
+    if source is None:
         model = model.to(device).float().eval()  # a half-precision checkpoint is fitted in float32
         print(f"factorizing {resolve(path)} with {structure} at {ratio:g}x (fit only, no training)")
         compress(model, CompressConfig(config), progress=True)

@@ -22,7 +22,7 @@ import torch
 
 from dsformer.checkpoint import check_model_output, load, read_meta, save
 from dsformer.errors import DsformerError
-from dsformer.files import atomic_write_text
+from dsformer.files import atomic_write_text, exclusive
 from dsformer.hardware import check_device, describe
 from dsformer.harness.checkpoints import distributed, latest_checkpoint
 from dsformer.harness.methods import check_method, method
@@ -71,6 +71,10 @@ def check_run(config: RunConfig) -> str:
     trainer = check_method(config.method, config.ratio, config.trainer, config.fisher)
     if config.schedule.polish and trainer != "stf":
         raise DsformerError(f"--polish ends STF training early; {config.method} does not train with STF")
+    if trainer != "stf" and not config.schedule.is_default():
+        how = "no structure" if trainer == "-" else "conventionally"
+        flags = "--refresh-every, --ramp-steps, --pull and --hold-projection"
+        raise DsformerError(f"{flags} apply to STF; {config.method} trains {how}")
     if config.schedule.polish and method(config.method).options.get("share_basis"):
         raise DsformerError(
             f"--polish trains the compact factors in transformers.Trainer, whose checkpoints cannot hold one basis "
@@ -94,6 +98,13 @@ def finetune(config: RunConfig, output: str | os.PathLike, resume: bool = False)
     trainer = check_run(config)  # everything that can be checked before loading is checked first
     out = check_model_output(output, source=config.model)
     _join_processes(config.device)
+    if distributed()[1] > 1:  # the processes of one run share the output; rank 0 writes it
+        return _finetune_output(config, out, trainer, resume)
+    with exclusive(out):  # a second run to the same output stops at once
+        return _finetune_output(config, out, trainer, resume)
+
+
+def _finetune_output(config: RunConfig, out: Path, trainer: str, resume: bool) -> dict[str, Any] | None:
     work = work_folder(out)
     if (work / "checkpoint" / "trainer_state.json").exists():
         raise DsformerError(
@@ -110,12 +121,21 @@ def finetune(config: RunConfig, output: str | os.PathLike, resume: bool = False)
         )
     if resume:
         _check_same_run(work / RUN_FILE, config)
+    started = time.time()
     try:
         return _finetune(config, out, work, trainer, resume)
     except KeyboardInterrupt as interrupt:
+        saved = (out / METRICS_FILE).exists() and (out / METRICS_FILE).stat().st_mtime >= started
         resumable = f"the checkpoint is in {work}: run the same command with --resume"
-        interrupt.hint = "interrupted; " + (resumable if has_checkpoint(out) else "no checkpoint yet to resume")
+        if saved:  # the signal came after the save: the run is complete
+            interrupt.hint = f"interrupted after the run was saved to {out}"
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            interrupt.hint = "interrupted; " + (resumable if has_checkpoint(out) else "no checkpoint yet to resume")
         raise
+    finally:
+        if work.exists() and not has_checkpoint(out):  # nothing to resume: leave nothing behind
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _finetune(config: RunConfig, out: Path, work: Path, trainer: str, resume: bool) -> dict[str, Any] | None:
@@ -126,6 +146,9 @@ def _finetune(config: RunConfig, out: Path, work: Path, trainer: str, resume: bo
     model, tokenizer = load_pretrained(config.model, task_head=True, num_labels=data.spec.num_labels)
     if tokenizer is None:
         raise DsformerError(f"model {config.model!r} has no tokenizer; give a folder or hub name that includes one")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and config.train.max_length > positions:
+        raise DsformerError(f"--max-length {config.train.max_length}: the model reads at most {positions} tokens")
     device = torch.device(config.device)
     model.to(device)
     dense_bytes = model_bytes(model)  # the pretrained model's size, the reference of every ratio

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ def load_pretrained(model: str | None, task_head: bool = False, num_labels: int 
     options = {"num_labels": num_labels} if task_head and num_labels is not None else {}
     try:
         loaded = auto.from_pretrained(source, **options)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as err:  # pickle: a refused .bin
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DsformerError(f"cannot load model {source!r}: {first}") from None
     return loaded, load_tokenizer(source)

@@ -7,6 +7,7 @@ only prints its result.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from torch import nn
 
 from dsformer.checkpoint import check_model_output, load, load_tokenizer, read_meta, save
 from dsformer.errors import DsformerError
-from dsformer.files import atomic_write_text
+from dsformer.files import atomic_write_text, exclusive
 from dsformer.hardware import check_device, describe
 from dsformer.harness.bench import latency_ms
 from dsformer.harness.evaluation import evaluate
@@ -51,12 +52,15 @@ def compress_pretrained(
     if save_model:
         name = Path(model.rstrip("/")).name if model else "minilm"
         folder = check_model_output(output or Path("outputs") / f"{name}-{structure}-{ratio:g}x", source=resolve(model))
+        if (folder / METRICS_FILE).exists():  # a fit alone would replace the run's training without a word
+            raise DsformerError(f"{folder} holds a fine-tuned run (metrics.json); choose another --output")
     check_device(device)
-    loaded, tokenizer = load_pretrained(model)
-    loaded = loaded.to(device).eval()
-    report = compress(loaded, config, progress=progress)
-    if folder is not None:
-        save(loaded.cpu(), folder, tokenizer=tokenizer, report=report)
+    with exclusive(folder) if folder is not None else contextlib.nullcontext():
+        loaded, tokenizer = load_pretrained(model)
+        loaded = loaded.to(device).eval()
+        report = compress(loaded, config, progress=progress)
+        if folder is not None:
+            save(loaded.cpu(), folder, tokenizer=tokenizer, report=report)
     return report, folder
 
 

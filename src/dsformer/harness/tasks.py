@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import random
 import sys
 from dataclasses import dataclass
@@ -136,12 +137,19 @@ def _label(raw: str, spec: TaskSpec, path: Path | str, number: int) -> float:
     raw = raw.strip()
     if spec.labels is None:
         try:
-            return float(raw)
+            score = float(raw)
         except ValueError:
             raise DataError(f"{path}:{number}: score {raw!r} is not a number") from None
+        if not math.isfinite(score):
+            raise DataError(f"{path}:{number}: score {raw!r} is not a finite number")
+        return score
     if raw not in spec.labels:
         raise DataError(f"{path}:{number}: unknown label {raw!r}; {spec.name} labels are {', '.join(spec.labels)}")
     return float(spec.labels.index(raw))
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _carve(
@@ -283,10 +291,11 @@ def _load_hub(spec: TaskSpec, source: str | Path | None = None) -> tuple[list[Ex
     def convert(split: str) -> list[Example]:
         table = ds[split].to_dict()
         texts_b = table[keys[1]] if len(keys) > 1 else [None] * len(table["label"])
-        expected = "a score" if spec.is_regression else f"one of 0..{spec.num_labels - 1}"
+        expected = "a finite score" if spec.is_regression else f"one of 0..{spec.num_labels - 1}"
         examples = []
         for number, (a, b, label) in enumerate(zip(table[keys[0]], texts_b, table["label"], strict=True), 1):
-            if label is None or (not spec.is_regression and label not in range(spec.num_labels)):
+            valid = label in range(spec.num_labels) if not spec.is_regression else _finite(label)
+            if label is None or not valid:
                 raise DataError(f"{dataset} ({config}) {split} row {number}: label {label!r} is not {expected}")
             examples.append(Example(a, b, float(label)))
         return examples

@@ -108,7 +108,7 @@ class TrainConfig:
         }
         for name, (low, high) in limits.items():
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not low <= value <= high:
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
                 above = f"at least {low:g}" if low >= 1 or low == 0 else "positive"
                 bound = above if high == math.inf else f"in [{low:g}, {high:g}]"
                 raise TrainingError(f"{name} must be {bound} (got {value!r})")
@@ -290,7 +290,7 @@ class _Run:
         if distributed()[0] == 0:
             state = json.loads((checkpoint / STATE_FILE).read_text())
             state.update(best_metric=None, best_global_step=None, best_model_checkpoint=None)
-            with atomic_folder(checkpoint, markers=(STATE_FILE,)) as tmp:
+            with atomic_folder(checkpoint, manifest=None) as tmp:  # the run's own checkpoint
                 successor.save_model(str(tmp))
                 torch.save(successor.optimizer.state_dict(), tmp / "optimizer.pt")
                 for kept in checkpoint.iterdir():
@@ -351,7 +351,7 @@ class TaskTrainer(Trainer):
         job = self.job
         metrics = _evaluate(self.model, job.tokenizer, job.data.validation, job.data, job.config)
         metrics = {f"{metric_key_prefix}_{key}": value for key, value in metrics.items()}
-        self.log(metrics)
+        self.log(dict(metrics))  # a copy: the Trainer adds the epoch to what it logs
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 

@@ -105,7 +105,7 @@ def choose(layer: CompactLinear, x: torch.Tensor) -> str:
     if torch.compiler.is_compiling():
         return "reference"  # timing inside a trace means nothing; calibrate before compiling
     disk, key = _disk_cache(), _key(layer, tokens, seq, x)
-    if key not in disk.entries:
+    if not _usable(layer, disk.entries.get(key)):  # not timed yet, or a cache entry that is not ours to trust
         disk.entries[key] = _time_backends(layer, tokens, seq, x.dtype, x.device)
         disk.save()
     choices[fast] = disk.entries[key]["choice"]
@@ -114,6 +114,12 @@ def choose(layer: CompactLinear, x: torch.Tensor) -> str:
 
 
 set_chooser(choose)
+
+
+def _usable(layer: CompactLinear, entry: Any) -> bool:
+    """Whether a cached entry names an exact backend this layer has here (``auto`` never takes int8)."""
+    choice = entry.get("choice") if isinstance(entry, dict) else None
+    return choice in available(layer) and backend_of(layer, choice).exact
 
 
 def _release_unused(layer: CompactLinear, used: set[str]) -> None:
@@ -224,6 +230,8 @@ class _DiskCache:
             self.entries: dict[str, Any] = json.loads(path.read_text())
         except (OSError, ValueError):
             self.entries = {}  # missing or unreadable: time again rather than fail inference
+        if not isinstance(self.entries, dict):  # [] or null: not a cache of ours
+            self.entries = {}
 
     def save(self) -> None:
         try:
@@ -237,8 +245,9 @@ _CACHE: _DiskCache | None = None
 
 
 def cache_dir() -> Path:
-    """Where dsformer keeps per-machine state: kernel timings and the compiled native kernel."""
-    return Path(os.environ.get("DSFORMER_CACHE", Path.home() / ".cache" / "dsformer"))
+    """Where dsformer keeps per-machine state: kernel timings and the compiled native kernel
+    (``$DSFORMER_CACHE``; unset or empty: ``~/.cache/dsformer``)."""
+    return Path(os.environ.get("DSFORMER_CACHE") or Path.home() / ".cache" / "dsformer")
 
 
 def _disk_cache() -> _DiskCache:

@@ -16,6 +16,7 @@ import functools
 import torch
 
 from dsformer import hardware
+from dsformer.errors import DsformerError
 from dsformer.kernels import gather, triton_ds
 from dsformer.kernels.int8 import int8_linear, int8_weight
 from dsformer.structures import DenseSparseLinear
@@ -29,7 +30,7 @@ def _sparse(name: str, layer: DenseSparseLinear, x: torch.Tensor, gelu: bool = F
     bias = layer.bias.detach() if layer.bias is not None else None
     plan = None
     if not layer.rows:
-        build = functools.partial(gather.column_plan, layer.indices, values, layer.k)
+        build = functools.partial(gather.column_plan, _checked(layer), values, layer.k)
         plan = layer.cached("plan", build, layer.values, layer.indices)
     if name == "triton":
         if layer.rows:
@@ -41,9 +42,18 @@ def _sparse(name: str, layer: DenseSparseLinear, x: torch.Tensor, gelu: bool = F
         weight8 = layer.cached("int8_basis", lambda: int8_weight(basis if layer.rows else basis.T), layer.basis)
         dense_stage = functools.partial(int8_linear, weight=weight8)
     if layer.rows:
-        indices = layer.cached("indices", layer.indices.int, layer.indices)
+        indices = layer.cached("indices", lambda: _checked(layer).int(), layer.indices)
         return gather.ds_rows(x, basis, indices, values, bias, dense_stage, gelu=gelu)
     return gather.ds_columns(x, plan, basis, bias, dense_stage)
+
+
+def _checked(layer: DenseSparseLinear) -> torch.Tensor:
+    """The layer's indices, proved to name atoms of its basis: the compiled kernel reads rows with them
+    unchecked. Run when a backend first builds its plan for the layer, not per call."""
+    indices, atoms = layer.indices, layer.basis.shape[0]
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= atoms):
+        raise DsformerError(f"indices of a {layer.describe()} layer reach outside its {atoms} atoms: refused")
+    return indices
 
 
 def _backend(name: str, **options) -> Backend:

@@ -34,6 +34,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -163,15 +164,29 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+def _private(path: Path) -> bool:
+    """Whether ``path`` is this user's own and no one else can write it (and is no link to elsewhere)."""
+    info = path.lstat()
+    return not stat.S_ISLNK(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
 def _compiled(compiler: str) -> Path:
-    """The shared library for this source and these flags, built once per machine and cached."""
+    """The shared library for this source and these flags, built once per machine and cached.
+
+    Loading a library runs its code, so only one this user built is loaded: the cache folder must be
+    the user's own and writable by no one else, and a library found there that is not (planted, or
+    left writable) is built again over it. A library is built under a private temporary name and
+    renamed into place, so no other process ever loads half of it.
+    """
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
     folder = cache_dir() / "native"
     target = folder / f"bags-{key}.so"
-    if target.exists():
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not _private(folder):
+        raise OSError(f"{folder} is not yours alone (owner or permissions); the compiled kernel is not loaded from it")
+    if target.exists() and _private(target):
         return target
-    folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         built = Path(tmp) / target.name
         result = subprocess.run(
@@ -179,5 +194,6 @@ def _compiled(compiler: str) -> Path:
         )
         if result.returncode != 0:
             raise subprocess.SubprocessError(result.stderr.strip()[-500:] or f"{compiler} exited {result.returncode}")
+        os.chmod(built, 0o755)  # whatever the umask: writable by its owner only
         os.replace(built, target)  # atomic: a concurrent process sees the whole library or none
     return target

@@ -16,6 +16,18 @@ from torch import nn
 from dsformer.structures.backends import Backend, backend_of, choose, register_backend
 
 
+def layout_ints(layout: dict[str, Any], *bounds: tuple[str, int, int]) -> list[int]:
+    """The named whole numbers of a recorded layout, each checked to lie in ``[low, high]`` (before any
+    tensor of that size is allocated: the record may be corrupt or crafted)."""
+    values = []
+    for key, low, high in bounds:
+        value = layout.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"layout {key}={value!r} is not a whole number in {low}..{high}")
+        values.append(value)
+    return values
+
+
 def support_mask(indices: torch.Tensor, width: int) -> torch.Tensor:
     """The boolean ``(..., width)`` mask of the positions that ``indices (..., s)`` name."""
     mask = torch.zeros(*indices.shape[:-1], width, dtype=torch.bool, device=indices.device)
@@ -70,7 +82,8 @@ class Structure:
     layer: ClassVar[type[CompactLinear]]
 
     def candidates(self, out_features: int, in_features: int) -> list[Any]:
-        """The layouts a fit may choose for this shape; raises InfeasibleRatioError where none fits."""
+        """The layouts a fit may choose for this shape; raises InfeasibleRatioError where none fits. A layout
+        has ``value_params``, ``ratio`` and ``stored_bytes(element_size)`` (indices included)."""
         raise NotImplementedError
 
     def fit(self, weights: Weights, warm: Warm = None, importance: Importance = None) -> list[Factors]:

@@ -22,7 +22,7 @@ from torch import nn
 
 from dsformer.errors import InfeasibleRatioError
 from dsformer.structures.backends import Backend, register_backend
-from dsformer.structures.base import CompactLinear, Factors, Importance, Structure, Warm, Weights
+from dsformer.structures.base import CompactLinear, Factors, Importance, Structure, Warm, Weights, layout_ints
 from dsformer.structures.budget import check_ratio, infeasible
 from dsformer.structures.registry import register
 
@@ -40,6 +40,9 @@ class LowRankLayout:
     @property
     def ratio(self) -> float:
         return self.out_features * self.in_features / self.value_params
+
+    def stored_bytes(self, element_size: int) -> int:
+        return element_size * self.value_params
 
 
 @dataclass
@@ -80,7 +83,7 @@ class LowRankLinear(CompactLinear):
 
     @classmethod
     def from_layout(cls, shape: tuple[int, int], layout: dict[str, Any], bias: bool, dtype: torch.dtype):
-        rank = int(layout["rank"])
+        (rank,) = layout_ints(layout, ("rank", 1, min(shape)))
         lay = LowRankLayout(shape[0], shape[1], rank)
         factors = LowRankFactors(
             lay, torch.zeros(shape[0], rank, dtype=dtype), torch.zeros(rank, shape[1], dtype=dtype)

@@ -21,7 +21,16 @@ from torch import nn
 
 from dsformer.errors import InfeasibleRatioError
 from dsformer.structures.backends import Backend, register_backend
-from dsformer.structures.base import CompactLinear, Factors, Importance, Structure, Warm, Weights, support_mask
+from dsformer.structures.base import (
+    CompactLinear,
+    Factors,
+    Importance,
+    Structure,
+    Warm,
+    Weights,
+    layout_ints,
+    support_mask,
+)
 from dsformer.structures.budget import check_ratio, infeasible
 from dsformer.structures.registry import register
 
@@ -43,6 +52,9 @@ class NMLayout:
     @property
     def ratio(self) -> float:
         return self.m / self.n
+
+    def stored_bytes(self, element_size: int) -> int:
+        return (element_size + 1) * self.value_params  # a uint8 position per kept value
 
 
 @dataclass
@@ -96,7 +108,10 @@ class NMLinear(CompactLinear):
 
     @classmethod
     def from_layout(cls, shape: tuple[int, int], layout: dict[str, Any], bias: bool, dtype: torch.dtype):
-        n, m = int(layout["n"]), int(layout["m"])
+        (m,) = layout_ints(layout, ("m", 2, shape[1]))
+        (n,) = layout_ints(layout, ("n", 1, m - 1))
+        if shape[1] % m:
+            raise ValueError(f"layout m={m} does not divide the input size {shape[1]}")
         lay = NMLayout(shape[0], shape[1], n, m)
         groups = (shape[0], shape[1] // m, n)
         factors = NMFactors(lay, torch.zeros(groups, dtype=dtype), torch.zeros(groups, dtype=torch.uint8))

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from dsformer.errors import InfeasibleRatioError
+from dsformer.errors import DsformerError, InfeasibleRatioError
 from dsformer.structures.base import CompactLinear, Factors, Importance, Structure, Warm, Weights
 from dsformer.structures.dense_sparse.layout import (
     DenseSparseFactors,
@@ -62,6 +62,15 @@ class DenseSparseConfig(Structure):
     name: ClassVar[str] = "ds"
     layer: ClassVar[type[CompactLinear]] = DenseSparseLinear
 
+    def __post_init__(self) -> None:
+        for field in ("iters", "search_iters", "search_points", "k_multiple"):
+            if getattr(self, field) < 1:
+                raise DsformerError(f"ds: {field} must be at least 1 (got {getattr(self, field)})")
+        for field in ("gamma", "delta"):
+            value = getattr(self, field)
+            if value is not None and not 0 < value <= 1:
+                raise DsformerError(f"ds: {field} is a fraction in (0, 1] (got {value})")
+
     def candidates(self, out_features: int, in_features: int) -> list[DenseSparseLayout]:
         """Layouts the fit chooses from for this shape (one when ``k`` is fixed)."""
         d = min(out_features, in_features)
@@ -83,8 +92,6 @@ class DenseSparseConfig(Structure):
                     f"k must be in {min(ks)}..{max(ks)}"
                 )
             return fixed
-        if self.k_multiple < 1:
-            raise InfeasibleRatioError(f"ds: k_multiple must be at least 1 (got {self.k_multiple})")
         aligned = [lay for lay in layouts if lay.k % self.k_multiple == 0]
         return spread(aligned or layouts, self.search_points)
 

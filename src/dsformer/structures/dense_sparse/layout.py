@@ -51,6 +51,10 @@ class DenseSparseLayout:
     def index_dtype(self) -> torch.dtype:
         return torch.uint8 if self.k <= 256 else torch.int16
 
+    def stored_bytes(self, element_size: int) -> int:
+        """Bytes of the stored weight: the values, and an index per non-zero."""
+        return element_size * self.value_params + self.s * self.n * self.index_dtype.itemsize
+
 
 def max_ratio(out_features: int, in_features: int) -> float:
     """The largest DS ratio for a shape: ``k = s = 1``."""

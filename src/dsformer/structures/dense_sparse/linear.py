@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dsformer.structures.backends import Backend, register_backend
-from dsformer.structures.base import CompactLinear
+from dsformer.structures.base import CompactLinear, layout_ints
 from dsformer.structures.dense_sparse.layout import DenseSparseFactors, DenseSparseLayout, dense_coefficients
 
 
@@ -63,7 +63,9 @@ class DenseSparseLinear(CompactLinear):
 
     @classmethod
     def from_layout(cls, shape: tuple[int, int], layout: dict[str, Any], bias: bool, dtype: torch.dtype):
-        lay = DenseSparseLayout(shape[0], shape[1], int(layout["k"]), int(layout["s"]))
+        d = min(shape)
+        k = layout_ints(layout, ("k", 1, d))[0]
+        lay = DenseSparseLayout(shape[0], shape[1], k, layout_ints(layout, ("s", 1, k))[0])
         factors = DenseSparseFactors(
             lay,
             torch.zeros(lay.k, lay.d, dtype=dtype),
