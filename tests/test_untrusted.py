@@ -331,3 +331,23 @@ def test_epochs_that_are_not_finite_are_refused():
 
     with pytest.raises(TrainingError, match="epochs must be positive"):
         TrainConfig(epochs=float("inf"))
+
+
+def test_a_metric_is_never_a_nan():
+    from dsformer.harness.metrics import compute
+
+    with pytest.raises(DsformerError, match="not finite"):
+        compute(("pearson",), [1.0, float("nan"), 2.0], [1.0, 2.0, 3.0])
+
+
+def test_a_late_ctrl_c_after_a_finished_command_ends_it_quietly(monkeypatch, saved):
+    """After the work is done the command line leaves SIGINT to its default: no traceback on the way out."""
+    import signal
+
+    previous = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(sys, "argv", ["dsformer", "info", str(saved)])
+    try:
+        assert main() == 0
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, previous)

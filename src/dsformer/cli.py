@@ -293,4 +293,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+    if argv is None and on_main_thread:  # the command's work is done: a late Ctrl-C ends it quietly
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     return 0

@@ -28,6 +28,7 @@ def describe() -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu": _cpu_model(),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_features": torch.backends.cpu.get_cpu_capability(),  # the vector paths torch runs: AVX512, AVX2, ...
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from dsformer.errors import DsformerError
+
 
 def accuracy(pred: np.ndarray, gold: np.ndarray) -> float:
     return float((pred == gold).mean())
@@ -64,4 +66,6 @@ def compute(names: Sequence[str], predictions: Sequence[float], labels: Sequence
     pred, gold = np.asarray(predictions), np.asarray(labels)
     if pred.shape != gold.shape or pred.size == 0:
         raise ValueError(f"need as many predictions as labels, and at least one (got {pred.size} and {gold.size})")
+    if not (np.isfinite(pred).all() and np.isfinite(gold).all()):  # a metric of NaN is no result (nor valid JSON)
+        raise DsformerError("the predictions or the labels hold values that are not finite numbers")
     return {name: round(METRICS[name](pred, gold), 6) for name in names}
