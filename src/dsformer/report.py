@@ -44,6 +44,8 @@ class LayerReport:
     bytes: int
     dense_bytes: int
     rel_error: float
+    # ||(W - Ŵ) X|| / ||W X|| on the calibration inputs, for data-aware fits
+    output_error: float | None = None
 
 
 @dataclass
@@ -90,7 +92,8 @@ class Report:
 
     def table(self) -> str:
         """A fixed-width table: one row per layer, then the totals."""
-        head = ("layer", "shape", "structure", "layout", "params", "bytes", "rel_error")
+        aware = any(r.output_error is not None for r in self.layers)
+        head = ("layer", "shape", "structure", "layout", "params", "bytes", "rel_error") + ("output_error",) * aware
         rows = [
             (
                 r.name,
@@ -101,6 +104,7 @@ class Report:
                 f"{r.bytes:,}",
                 f"{r.rel_error:.4f}",
             )
+            + (("-" if r.output_error is None else f"{r.output_error:.4f}"),) * aware
             for r in self.layers
         ]
         out = [format_table(head, rows, left=4)]

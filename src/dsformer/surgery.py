@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from dsformer.errors import InfeasibleRatioError, TargetError
 from dsformer.report import LayerReport, Report, model_bytes
 from dsformer.structures import CompactLinear, DenseSparseConfig, Factors, Structure
+from dsformer.structures.whitening import output_error
 
 Patterns = str | Iterable[str] | None
 
@@ -193,8 +194,12 @@ def fit(
     importance: dict[str, torch.Tensor] | None = None,
     warm: dict[str, Factors] | None = None,
     progress: bool = False,
+    inputs: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Factors]:
-    """Fit each named ``(out, in)`` weight with its structure, group by group (see :func:`fit_groups`)."""
+    """Fit each named ``(out, in)`` weight with its structure, group by group (see :func:`fit_groups`).
+
+    ``importance``: per-output-row weights by name; ``inputs``: each layer's input second moment
+    (a data-aware fit, see :mod:`dsformer.calibration`)."""
     fitted: dict[str, Factors] = {}
     bar = tqdm(total=len(weights), desc="factorizing", unit="layer", disable=not progress)
     with torch.no_grad():
@@ -205,6 +210,7 @@ def fit(
                 [weights[name] for name in names],
                 warm=None if warm is None else [warm[name] for name in names],
                 importance=None if not importance else [importance.get(name) for name in names],
+                inputs=None if not inputs else [inputs.get(name) for name in names],
             )
             fitted.update(zip(names, factors, strict=True))
             bar.update(len(names))
@@ -241,27 +247,32 @@ def compress(
     config: CompressConfig | None = None,
     importance: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
+    inputs: dict[str, torch.Tensor] | None = None,
 ) -> Report:
     """Replace the target linears of ``model`` by compact layers, in place, and report per layer.
 
     Every layer is checked before any is replaced, so a bad config leaves the model untouched.
     ``importance`` maps layer names to per-output-row weights (Fisher information: FWSVD,
-    Fisher-weighted DS).
+    Fisher-weighted DS); ``inputs`` maps them to their inputs' second moments (data-aware fits;
+    :func:`dsformer.calibration.compress_calibrated` gathers them block by block).
     """
     start = time.perf_counter()
     bytes_before = model_bytes(model)
     structures = plan(model, config or CompressConfig())
     sources = {name: model.get_submodule(name) for name in structures}
     weights = {name: linear_weight(module) for name, module in sources.items()}
-    layers = build(fit(weights, structures, importance, progress=progress), structures, sources)
+    layers = build(fit(weights, structures, importance, progress=progress, inputs=inputs), structures, sources)
     swap(model, layers)
-    rows = [layer_report(name, weights[name], layer) for name, layer in layers.items()]
+    rows = [layer_report(name, weights[name], layer, (inputs or {}).get(name)) for name, layer in layers.items()]
     return Report(rows, time.perf_counter() - start, bytes_before, model_bytes(model))
 
 
-def layer_report(name: str, weight: torch.Tensor, layer: CompactLinear) -> LayerReport:
-    """One report row: how well the compact layer reproduces the dense ``(out, in)`` weight, at what size."""
-    error = (layer.materialize().float() - weight.float()).norm() / weight.float().norm().clamp_min(1e-30)
+def layer_report(
+    name: str, weight: torch.Tensor, layer: CompactLinear, gram: torch.Tensor | None = None
+) -> LayerReport:
+    """One report row: how well the compact layer reproduces the dense ``(out, in)`` weight (and its
+    output on the calibration inputs, given their second moment ``gram``), at what size."""
+    approx = layer.materialize()
     return LayerReport(
         name=name,
         shape=(layer.out_features, layer.in_features),
@@ -271,7 +282,8 @@ def layer_report(name: str, weight: torch.Tensor, layer: CompactLinear) -> Layer
         dense_params=weight.numel(),
         bytes=layer.weight_bytes(),
         dense_bytes=weight.numel() * weight.element_size(),
-        rel_error=float(error),
+        rel_error=output_error(weight, approx, None),
+        output_error=None if gram is None else output_error(weight, approx, gram),
     )
 
 

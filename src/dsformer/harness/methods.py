@@ -92,6 +92,46 @@ METHODS: dict[str, Method] = {
 COMPRESSION = tuple(name for name in METHODS if name != "dense")
 
 
+@dataclass(frozen=True)
+class PostTraining:
+    """A training-free compression of a pretrained model (decoder LMs): a structure, fitted to the weights
+    or, ``calibrated``, to each layer's inputs on calibration text (:mod:`dsformer.calibration`)."""
+
+    name: str
+    summary: str
+    structure: str | None
+    calibrated: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+    ours: bool = False
+
+
+# a shorter k search than the encoders' default: every target of SmolLM2 fits in minutes on 2 cores
+# (on one block it raised the output error by about 3%)
+LM_DS = {"iters": 16, "search_points": 4}
+POST_TRAINING: dict[str, PostTraining] = {
+    m.name: m
+    for m in (
+        PostTraining("dense", "the pretrained model", None),
+        PostTraining("svd", "truncated SVD of the weights", "svd"),
+        PostTraining("svd-llm", "SVD of the whitened weights, truncation-aware (SVD-LLM)", "svd", True),
+        PostTraining("nm", "N:M by magnitude (2:4 at 2x)", "nm"),
+        PostTraining("wanda-nm", "N:M by |W_ij| ||X_j|| (Wanda)", "nm", True),
+        PostTraining("ds", "dense-sparse fit of the weights", "ds", ours=True),
+        PostTraining(
+            "ds-aware", "dense-sparse fit of each layer's output on calibration inputs", "ds", True, ours=True
+        ),  # fmt: skip
+        PostTraining(
+            "ds-aware-bytes",
+            "ds-aware with the ratio counted in stored bytes (indices included)",
+            "ds",
+            True,
+            {"budget": "bytes"},
+            ours=True,
+        ),  # fmt: skip
+    )
+}
+
+
 def method(name: str) -> Method:
     if name not in METHODS:
         raise DsformerError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")

@@ -1,4 +1,5 @@
-"""Where models come from: the embedded default (all-MiniLM-L6-v2), a local folder or a hub name."""
+"""Where models come from: the embedded defaults (all-MiniLM-L6-v2; SmolLM2-135M for language
+modelling), a local folder or a hub name."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dsformer.checkpoint import load, load_tokenizer, read_meta
 from dsformer.errors import DsformerError
 
 DEFAULT_MODEL = "minilm"
+DEFAULT_LM = "smollm2"
 
 
 def default_model_path() -> Path:
@@ -28,7 +30,25 @@ def resolve(model: str | None) -> str:
     """A model argument as a local path or hub name (``None`` or ``"minilm"`` = the embedded default)."""
     if model is None or model == DEFAULT_MODEL:
         return str(default_model_path())
+    if model == DEFAULT_LM:
+        from dsformer.harness.data.smollm2 import DONE, smollm2_path
+
+        if not (smollm2_path() / DONE).exists():
+            raise DsformerError("the embedded language model is not converted yet: run `dsformer data smollm2`")
+        return str(smollm2_path())
     return model
+
+
+def is_causal_lm(source: str) -> bool:
+    """Whether a model folder or hub name holds a causal language model (by its config's architectures)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DsformerError(f"cannot load model {source!r}: {first}") from None
+    return any(name.endswith("ForCausalLM") for name in getattr(config, "architectures", None) or ())
 
 
 def load_pretrained(model: str | None, task_head: bool = False, num_labels: int | None = None) -> tuple[Any, Any]:
@@ -36,9 +56,10 @@ def load_pretrained(model: str | None, task_head: bool = False, num_labels: int 
 
     A local folder is read as it is; any other string is a hub name (fetched online, or read from
     the local cache when ``HF_HUB_OFFLINE=1``). ``task_head`` adds a sequence-classification head
-    with ``num_labels`` outputs (1: regression).
+    with ``num_labels`` outputs (1: regression). A causal language model (its config names a
+    ``...ForCausalLM``) loads with its LM head, embeddings tied as the config says.
     """
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     source = resolve(model)
     looks_local = source.startswith((".", "/", "~")) or Path(source).exists()
@@ -47,6 +68,8 @@ def load_pretrained(model: str | None, task_head: bool = False, num_labels: int 
     if looks_local and (Path(source).expanduser() / "dsformer.json").exists():
         return _load_dense_run(Path(source).expanduser(), task_head, num_labels)
     auto = AutoModelForSequenceClassification if task_head else AutoModel
+    if not task_head and is_causal_lm(source):
+        auto = AutoModelForCausalLM
     options = {"num_labels": num_labels} if task_head and num_labels is not None else {}
     try:
         loaded = auto.from_pretrained(source, **options)

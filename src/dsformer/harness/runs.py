@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from dsformer.calibration import compress_calibrated
 from dsformer.checkpoint import check_model_output, load, load_tokenizer, read_meta, save
 from dsformer.errors import DsformerError
 from dsformer.files import atomic_write_text, exclusive
@@ -21,6 +23,7 @@ from dsformer.hardware import check_device, describe
 from dsformer.harness.bench import latency_ms
 from dsformer.harness.evaluation import evaluate
 from dsformer.harness.finetune import METRICS_FILE
+from dsformer.harness.lm import calibration_batches, context_length, eval_windows, perplexity, read_text
 from dsformer.harness.models import load_pretrained, resolve
 from dsformer.harness.tasks import TaskData, load_task
 from dsformer.kernels import use_backend
@@ -40,28 +43,83 @@ def write_record(path: str | Path, command: str, result: dict[str, Any]) -> None
 def compress_pretrained(
     model: str | None, structure: str, ratio: float, options: dict[str, Any], targets: Any = None,
     exclude: Any = None, device: str = "cpu", output: str | None = None, save_model: bool = True,
-    progress: bool = True,
+    progress: bool = True, calibration: Calibration | None = None,
 ) -> tuple[Report, Path | None]:  # fmt: skip
     """``dsformer compress``: fit ``structure`` at ``ratio`` to a pretrained model's target linears and save
     the compact model (to ``output``, default ``outputs/<model>-<structure>-<ratio>x``); every input is
-    checked before the model loads."""
+    checked before the model loads. With ``calibration`` each layer is fitted to its inputs on that
+    text, block by block (:func:`dsformer.calibration.compress_calibrated`)."""
     if "ratio" in options:
         raise DsformerError("give the ratio with --ratio, not as an option")
     config = CompressConfig(structure_config(structure, ratio=check_ratio(ratio), **options), targets, exclude)
     folder = None
     if save_model:
         name = Path(model.rstrip("/")).name if model else "minilm"
-        folder = check_model_output(output or Path("outputs") / f"{name}-{structure}-{ratio:g}x", source=resolve(model))
+        aware = "-calibrated" if calibration else ""
+        default = Path("outputs") / f"{name}-{structure}{aware}-{ratio:g}x"
+        folder = check_model_output(output or default, source=resolve(model))
         if (folder / METRICS_FILE).exists():  # a fit alone would replace the run's training without a word
             raise DsformerError(f"{folder} holds a fine-tuned run (metrics.json); choose another --output")
     check_device(device)
     with exclusive(folder) if folder is not None else contextlib.nullcontext():
+        text = calibration.text() if calibration else None  # a missing file fails before the model loads
         loaded, tokenizer = load_pretrained(model)
         loaded = loaded.to(device).eval()
-        report = compress(loaded, config, progress=progress)
+        if calibration:
+            batches = calibration.batches(loaded, tokenizer, text)
+            report = compress_calibrated(loaded, config, batches, progress=progress)
+        else:
+            report = compress(loaded, config, progress=progress)
         if folder is not None:
             save(loaded.cpu(), folder, tokenizer=tokenizer, report=report)
     return report, folder
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration text for data-aware fits: an LM task's calibration split (``wikitext2``) or a text file;
+    ``samples`` windows of ``length`` tokens (default: the model's context, at most 512)."""
+
+    source: str
+    data_dir: str | None = None
+    samples: int = 128
+    length: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or (self.length is not None and self.length < 2):
+            raise DsformerError("calibration needs at least one sample of at least 2 tokens")
+
+    def text(self) -> str:
+        return read_text(self.source, "calibration", self.data_dir)
+
+    def batches(self, model: nn.Module, tokenizer: Any, text: str) -> list[dict]:
+        if tokenizer is None:
+            raise DsformerError("the model has no tokenizer to read calibration text with")
+        length = context_length(model, self.length) if self.length else min(512, context_length(model, None))
+        return calibration_batches(tokenizer, text, self.samples, length, self.seed)
+
+
+def evaluate_lm(
+    model: str, task: str, data_dir: str | None = None, window: int | None = None, limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Perplexity of a causal LM (a saved dsformer model, a model folder, a hub name, ``smollm2``) on an LM
+    task's test text (or a text file), with its protocol."""
+    text = read_text(task, "test", data_dir)
+    folder = Path(model)
+    if (folder / "dsformer.json").exists():
+        loaded, tokenizer = load(folder), load_tokenizer(folder)
+    else:
+        loaded, tokenizer = load_pretrained(model)
+    if tokenizer is None:
+        raise DsformerError(f"{model} holds no tokenizer; it cannot be evaluated on text")
+    window = context_length(loaded, window)
+    windows = eval_windows(tokenizer, text, window, limit)
+    result = perplexity(loaded, windows, progress=progress)
+    protocol = f"{result['windows']} non-overlapping windows of {window} tokens"
+    line = f"{model}: {task} test perplexity {result['perplexity']:.3f} ({protocol}, {result['tokens']} tokens scored)"
+    return {"path": model, "task": task, "test": result, "protocol": protocol, "line": line}
 
 
 def read_metrics(file: Path) -> dict[str, Any]:

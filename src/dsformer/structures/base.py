@@ -70,6 +70,8 @@ class Factors:
 Weights = list[torch.Tensor]
 Warm = list["Factors | None"] | None
 Importance = list[torch.Tensor | None] | None
+# the second moment ``X Xᵀ / tokens`` (``in x in``) of each layer's inputs on calibration data
+Inputs = list[torch.Tensor | None] | None
 
 
 class Structure:
@@ -86,9 +88,13 @@ class Structure:
         has ``value_params``, ``ratio`` and ``stored_bytes(element_size)`` (indices included)."""
         raise NotImplementedError
 
-    def fit(self, weights: Weights, warm: Warm = None, importance: Importance = None) -> list[Factors]:
+    def fit(
+        self, weights: Weights, warm: Warm = None, importance: Importance = None, inputs: Inputs = None
+    ) -> list[Factors]:
         """Factorize each ``(out, in)`` weight. ``warm``: earlier factors to start from (their layouts are
-        kept); ``importance[i]``: positive weights of the output rows (Fisher information)."""
+        kept); ``importance[i]``: positive weights of the output rows (Fisher information);
+        ``inputs[i]``: the second moment of the layer's inputs, which makes the fit minimize the
+        output error ``||(W - Ŵ) X||`` (see :mod:`dsformer.structures.whitening`)."""
         raise NotImplementedError
 
     def with_rounds(self, iters: int) -> Structure:

@@ -22,9 +22,19 @@ from torch import nn
 
 from dsformer.errors import InfeasibleRatioError
 from dsformer.structures.backends import Backend, register_backend
-from dsformer.structures.base import CompactLinear, Factors, Importance, Structure, Warm, Weights, layout_ints
+from dsformer.structures.base import (
+    CompactLinear,
+    Factors,
+    Importance,
+    Inputs,
+    Structure,
+    Warm,
+    Weights,
+    layout_ints,
+)
 from dsformer.structures.budget import check_ratio, infeasible
 from dsformer.structures.registry import register
+from dsformer.structures.whitening import check_gram, whitening
 
 
 @dataclass(frozen=True)
@@ -133,21 +143,31 @@ class LowRankConfig(Structure):
             raise infeasible("svd", (out_features, in_features), ratio, 1.0, hi)
         return [LowRankLayout(out_features, in_features, rank)]
 
-    def fit(self, weights: Weights, warm: Warm = None, importance: Importance = None) -> list[LowRankFactors]:
-        """Factorize each weight; ``importance[i]`` (shape ``(out,)``, positive) weights its rows."""
+    def fit(
+        self, weights: Weights, warm: Warm = None, importance: Importance = None, inputs: Inputs = None
+    ) -> list[LowRankFactors]:
+        """Factorize each weight; ``importance[i]`` (shape ``(out,)``, positive) weights its rows (FWSVD);
+        ``inputs[i]`` whitens its inputs: the truncation then minimizes the output error (SVD-LLM)."""
         importance = importance or [None] * len(weights)
-        return [self._fit_one(w, imp) for w, imp in zip(weights, importance, strict=True)]
+        inputs = inputs or [None] * len(weights)
+        return [self._fit_one(*args) for args in zip(weights, importance, inputs, strict=True)]
 
-    def _fit_one(self, w: torch.Tensor, importance: torch.Tensor | None) -> LowRankFactors:
+    def _fit_one(self, w: torch.Tensor, importance: torch.Tensor | None, gram: torch.Tensor | None) -> LowRankFactors:
         (layout,) = self.candidates(*w.shape)
         a = w.detach().to(torch.promote_types(w.dtype, torch.float32))
         if importance is not None:
             scale = importance.detach().to(a).clamp_min(1e-12).sqrt()
             a = a * scale[:, None]
+        if gram is not None:
+            check_gram(gram, w.shape[1])
+            white = whitening(gram.to(a.device))
+            a = (a.double() @ white.root).to(a.dtype)
         u, s, vh = torch.linalg.svd(a, full_matrices=False)
         root = s[: layout.rank].sqrt()
         left = u[:, : layout.rank] * root
         right = root[:, None] * vh[: layout.rank]
         if importance is not None:
             left = left / scale[:, None]
+        if gram is not None:
+            right = (right.double() @ white.inverse).to(right.dtype)
         return LowRankFactors(layout, left.to(w.dtype).contiguous(), right.to(w.dtype).contiguous())

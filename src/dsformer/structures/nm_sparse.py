@@ -25,6 +25,7 @@ from dsformer.structures.base import (
     CompactLinear,
     Factors,
     Importance,
+    Inputs,
     Structure,
     Warm,
     Weights,
@@ -33,6 +34,7 @@ from dsformer.structures.base import (
 )
 from dsformer.structures.budget import check_ratio, infeasible
 from dsformer.structures.registry import register
+from dsformer.structures.whitening import check_gram
 
 # Group sizes tried when only a ratio is given, smallest first (smaller groups run faster on hardware).
 MAX_GROUP = 32
@@ -157,13 +159,22 @@ class NMConfig(Structure):
         _, _, m, n = min((r, m != 4, m, n) for r, m, n in options)
         return [NMLayout(out_features, in_features, n, m)]
 
-    def fit(self, weights: Weights, warm: Warm = None, importance: Importance = None) -> list[NMFactors]:
-        """Keep the ``n`` largest magnitudes of every group. A group lies within one row, so weights of
-        the rows (``importance``) leave the choice as it is; a warm start has no state worth keeping."""
+    def fit(
+        self, weights: Weights, warm: Warm = None, importance: Importance = None, inputs: Inputs = None
+    ) -> list[NMFactors]:
+        """Keep the ``n`` largest scores of every group: ``|W_ij|``, or Wanda's ``|W_ij| · ||X_j||`` given
+        ``inputs``. A group lies within one row, so weights of the rows (``importance``) leave the
+        choice as it is; a warm start has no state worth keeping."""
+        inputs = inputs or [None] * len(weights)
         out = []
-        for w in weights:
+        for w, gram in zip(weights, inputs, strict=True):
             (lay,) = self.candidates(*w.shape)
-            grouped = w.detach().reshape(lay.out_features, lay.in_features // lay.m, lay.m)
-            indices = grouped.abs().topk(lay.n, dim=-1).indices.sort(dim=-1).values
-            out.append(NMFactors(lay, grouped.gather(-1, indices).contiguous(), indices.to(torch.uint8)))
+            score = w.detach().abs()
+            if gram is not None:
+                check_gram(gram, w.shape[1])
+                score = score * gram.detach().diagonal().clamp_min(0).sqrt().to(score)
+            shape = (lay.out_features, lay.in_features // lay.m, lay.m)
+            indices = score.reshape(shape).topk(lay.n, dim=-1).indices.sort(dim=-1).values
+            values = w.detach().reshape(shape).gather(-1, indices).contiguous()
+            out.append(NMFactors(lay, values, indices.to(torch.uint8)))
         return out

@@ -20,7 +20,8 @@ from typing import Any, ClassVar
 import torch
 
 from dsformer.errors import DsformerError, InfeasibleRatioError
-from dsformer.structures.base import CompactLinear, Factors, Importance, Structure, Warm, Weights
+from dsformer.structures.base import CompactLinear, Factors, Importance, Inputs, Structure, Warm, Weights
+from dsformer.structures.dense_sparse.aware import InputMetric, refine_columns
 from dsformer.structures.dense_sparse.layout import (
     DenseSparseFactors,
     DenseSparseLayout,
@@ -30,6 +31,7 @@ from dsformer.structures.dense_sparse.layout import (
 from dsformer.structures.dense_sparse.linear import DenseSparseLinear
 from dsformer.structures.dense_sparse.solver import alternate, initial_state, stack_state, weight_vectors
 from dsformer.structures.registry import register
+from dsformer.structures.whitening import check_gram
 
 
 @register
@@ -58,11 +60,19 @@ class DenseSparseConfig(Structure):
     # the search tries only k that are multiples of this (where the budget allows any): the basis
     # GEMM runs 10-30% faster at k = 96, 256, 352 than at 97, 266, 351 on a CPU (docs/speed.md)
     k_multiple: int = 1
+    # what the ratio counts: "params" (stored values, as low rank counts) or "bytes" (values of
+    # value_bytes each plus an index per non-zero: uint8 while k <= 256, else int16)
+    budget: str = "params"
+    value_bytes: int = 4
 
     name: ClassVar[str] = "ds"
     layer: ClassVar[type[CompactLinear]] = DenseSparseLinear
 
     def __post_init__(self) -> None:
+        if self.budget not in ("params", "bytes"):
+            raise DsformerError(f"ds: budget is params or bytes (got {self.budget!r})")
+        if self.value_bytes not in (1, 2, 4, 8):
+            raise DsformerError(f"ds: value_bytes is 1, 2, 4 or 8 (got {self.value_bytes})")
         for field in ("iters", "search_iters", "search_points", "k_multiple"):
             if getattr(self, field) < 1:
                 raise DsformerError(f"ds: {field} must be at least 1 (got {getattr(self, field)})")
@@ -82,7 +92,8 @@ class DenseSparseConfig(Structure):
                 raise InfeasibleRatioError("ds: give a ratio, or both k (or gamma) and delta")
             s = max(1, min(k, round(self.delta * k)))
             return [DenseSparseLayout(out_features, in_features, k, s)]
-        layouts = budget_layouts(out_features, in_features, self.ratio)
+        value_bytes = self.value_bytes if self.budget == "bytes" else None
+        layouts = budget_layouts(out_features, in_features, self.ratio, value_bytes)
         if k is not None:
             fixed = [lay for lay in layouts if lay.k == k]
             if not fixed:
@@ -104,14 +115,20 @@ class DenseSparseConfig(Structure):
             for layer in layers[1:]:
                 layer.borrow(layers[0], "basis")
 
-    def fit(self, weights: Weights, warm: Warm = None, importance: Importance = None) -> list[DenseSparseFactors]:
+    def fit(
+        self, weights: Weights, warm: Warm = None, importance: Importance = None, inputs: Inputs = None
+    ) -> list[DenseSparseFactors]:
         """Factorize each ``(out, in)`` weight; layers of one shape are fitted together.
 
         ``warm`` gives previous factors to start from (their layouts are kept, no search).
         ``importance[i]`` (shape ``(out,)``, positive; Fisher information from task gradients)
         weights the fit's error on each output row, as FWSVD does for low rank: the fit runs on
         ``diag(√I) W`` and the factors are scaled back (a row layer's values, a column layer's basis).
+        ``inputs[i]`` (the second moment of the layer's inputs) makes the fit minimize the output
+        error instead (:mod:`dsformer.structures.dense_sparse.aware`).
         """
+        if inputs is not None and any(gram is not None for gram in inputs):
+            return self._fit_aware(weights, warm, importance, inputs)
         if importance is not None and any(imp is not None for imp in importance):
             return self._fit_weighted(weights, warm, importance)
         if self.share_basis and len(weights) > 1:
@@ -161,6 +178,31 @@ class DenseSparseConfig(Structure):
         warm = [None if f is None else _row_scaled(f, scale) for f, scale in zip(starts, scales, strict=True)]
         fitted = self.fit(scaled, warm)
         return [_row_scaled(f, 1 / scale) for f, scale in zip(fitted, scales, strict=True)]
+
+    def _fit_aware(
+        self, weights: list[torch.Tensor], warm: Warm, importance: Importance, inputs: list[torch.Tensor | None]
+    ) -> list[DenseSparseFactors]:
+        if self.share_basis and len(weights) > 1:
+            raise ValueError("share_basis: one basis cannot be whitened per layer; fit shared bases without inputs")
+        if any(gram is None for gram in inputs):
+            raise ValueError("a data-aware fit needs the inputs of every layer fitted with it")
+        for w, gram in zip(weights, inputs, strict=True):
+            check_gram(gram, w.shape[1])
+        metrics = [InputMetric(w, gram) for w, gram in zip(weights, inputs, strict=True)]
+        starts = warm or [None] * len(weights)
+        fitted = self.fit(
+            [metric.into(w) for metric, w in zip(metrics, weights, strict=True)],
+            [metric.warm_into(f) for metric, f in zip(metrics, starts, strict=True)],
+            importance,
+        )
+        out = []
+        for i, (metric, factors) in enumerate(zip(metrics, fitted, strict=True)):
+            factors = metric.out_of(factors)
+            if not metric.rows:
+                rows = None if not importance or importance[i] is None else importance[i].sqrt()
+                factors = refine_columns(factors, weights[i], metric.gram, rows)
+            out.append(factors)
+        return out
 
     def _fit_shared(self, weights: list[torch.Tensor], warm: list[Factors | None] | None) -> list[DenseSparseFactors]:
         """One fit of every layer's vectors stacked (one basis), split back per layer; bases are one tensor."""

@@ -61,19 +61,26 @@ def max_ratio(out_features: int, in_features: int) -> float:
     return out_features * in_features / (out_features + in_features)
 
 
-def budget_layouts(out_features: int, in_features: int, ratio: float) -> list[DenseSparseLayout]:
+def budget_layouts(
+    out_features: int, in_features: int, ratio: float, value_bytes: int | None = None
+) -> list[DenseSparseLayout]:
     """All layouts with ``1 <= s <= k <= d`` that spend as much of the ratio's budget as possible.
 
-    For each ``k`` the budget fixes ``s``; ``k`` below the rank that low rank would get at this
-    budget leaves budget unused, so the list starts at that rank (where ``s == k``).
+    The budget counts value parameters (``value_bytes=None``), or stored bytes: values of
+    ``value_bytes`` each plus an index per non-zero (1 byte for ``k <= 256``, else 2). For each
+    ``k`` the budget fixes ``s``; ``k`` below the rank that low rank would get at this budget
+    leaves budget unused, so the list starts at that rank (where ``s == k``).
     """
     ratio = check_ratio(ratio)
     n, d = max(out_features, in_features), min(out_features, in_features)
-    budget = math.floor(out_features * in_features / ratio + 1e-9)
+    unit = value_bytes or 1
+    budget = math.floor(unit * out_features * in_features / ratio + 1e-9)
     layouts = []
     for k in range(1, d + 1):
-        s = min(k, (budget - k * d) // n)
-        if s >= 1 and (s < k or (k + 1) * (d + n) > budget):
+        per_nonzero = unit + (0 if value_bytes is None else (1 if k <= 256 else 2))
+        s = min(k, (budget - unit * k * d) // (n * per_nonzero))
+        richer = unit * (k + 1) * d + n * (k + 1) * per_nonzero  # the next k at full rank
+        if s >= 1 and (s < k or richer > budget):
             layouts.append(DenseSparseLayout(out_features, in_features, k, s))
     if not layouts:
         raise infeasible("ds", (out_features, in_features), ratio, 1.0, max_ratio(out_features, in_features))

@@ -1,0 +1,73 @@
+"""The table and plot of ``results/lm/*.json`` (written by ``benchmarks/lm_compress.py``) for ``docs/lm.md``.
+
+    .venv/bin/python benchmarks/lm_table.py            # prints the markdown table, writes docs/lm_perplexity.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_runs(folder: Path) -> list[dict]:
+    return [json.loads(file.read_text()) for file in sorted(folder.glob("*.json"))]
+
+
+def table(runs: list[dict]) -> str:
+    dense = next((r for r in runs if r["method"] == "dense"), None)
+    head = "| method | asked ratio | ratio by params | ratio by bytes | model bytes | perplexity | vs dense | fit (s) |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    rows = sorted(runs, key=lambda r: (r["method"] != "dense", r["ratio"], r["test"]["perplexity"]))
+    for run in rows:
+        totals = run.get("report", {}).get("totals", {})
+        ppl = run["test"]["perplexity"]
+        versus = f"{ppl / dense['test']['perplexity']:.2f}x" if dense and run is not dense else ""
+        lines.append(
+            f"| {run['method']} | {'-' if run['method'] == 'dense' else format(run['ratio'], 'g') + 'x'} "
+            f"| {totals.get('ratio_params', 1):.2f}x | {totals.get('ratio_bytes', 1):.2f}x "
+            f"| {totals.get('ratio_model_bytes', 1):.2f}x | {ppl:.2f} | {versus} "
+            f"| {run.get('fit_seconds', 0):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    methods = sorted({r["method"] for r in runs if r["method"] != "dense"})
+    for name in methods:
+        points = sorted(
+            (r["report"]["totals"]["ratio_bytes"], r["test"]["perplexity"]) for r in runs if r["method"] == name
+        )
+        ax.plot(*zip(*points, strict=True), marker="o", label=name)
+    dense = next((r for r in runs if r["method"] == "dense"), None)
+    if dense:
+        ax.axhline(dense["test"]["perplexity"], color="black", linestyle="--", label="dense")
+    ax.set_xlabel("compression of the target layers, by stored bytes (indices included)")
+    ax.set_ylabel("WikiText-2 perplexity (log scale)")
+    ax.set_yscale("log")
+    ax.set_title("SmolLM2-135M, training-free")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=ROOT / "results" / "lm")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "lm_perplexity.png")
+    args = parser.parse_args()
+    runs = load_runs(args.results)
+    print(table(runs))
+    plot(runs, args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Data-aware compression: each target layer is fitted to its inputs on calibration data.
+
+:func:`compress_calibrated` walks the model's repeated blocks in order, as GPTQ and SparseGPT do:
+it runs the calibration batches up to the first block once, then for each block records the
+second moment ``X Xᵀ / tokens`` of every target's inputs, fits and swaps that block's targets,
+and runs the compressed block to get the next block's inputs. Only one block's activations are
+held at a time, so memory does not grow with depth, and each block sees the errors of the
+blocks compressed before it.
+
+Example:
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from dsformer.calibration import compress_calibrated
+    >>> from dsformer.surgery import CompressConfig
+    >>> from dsformer.structures import DenseSparseConfig
+    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...     num_attention_heads=2, num_key_value_heads=1, vocab_size=100))
+    >>> batches = [{"input_ids": torch.randint(0, 100, (2, 16))} for _ in range(2)]
+    >>> report = compress_calibrated(model, CompressConfig(DenseSparseConfig(ratio=2.0, iters=4)), batches,
+    ...                              progress=False)
+    >>> len(report.layers), all(r.output_error is not None for r in report.layers)
+    (14, True)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dsformer.errors import DsformerError
+from dsformer.report import Report, model_bytes
+from dsformer.surgery import CompressConfig, build, fit, layer_report, linear_weight, plan, swap
+
+Batch = Mapping[str, torch.Tensor]
+
+
+class _Reached(Exception):
+    """Raised by the hook on the first block: the embeddings' output is all that the pass was for."""
+
+
+class InputMoments:
+    """Forward hooks that add up ``Xᵀ X`` and the token count of the inputs of named linears.
+
+    Linears fed the same tensor (q, k and v; gate and up) share one sum.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self._last: tuple[torch.Tensor, str] | None = None
+        self._alias: dict[str, str] = {}
+        self._handles = [module.register_forward_hook(self._hook(name)) for name, module in modules.items()]
+
+    def _hook(self, name: str):
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
+            x = args[0]
+            # the very tensor the previous hook saw (held, so its memory cannot be reused meanwhile)
+            if self._last is not None and self._last[0] is x and self._last[1] != name:
+                self._alias[name] = self._last[1]
+                return
+            self._last = (x, name)
+            x = x.detach()
+            flat = x.reshape(-1, x.shape[-1]).float()
+            total = (flat.T @ flat).double()
+            self.sums[name] = self.sums[name] + total if name in self.sums else total
+            self.tokens[name] = self.tokens.get(name, 0) + flat.shape[0]
+
+        return record
+
+    def moments(self) -> dict[str, torch.Tensor]:
+        """Each layer's ``X Xᵀ / tokens`` (fp64)."""
+        own = {name: total / max(1, self.tokens[name]) for name, total in self.sums.items()}
+        return {**own, **{name: own[owner] for name, owner in self._alias.items()}}
+
+    def remove(self) -> None:
+        self._last = None
+        for handle in self._handles:
+            handle.remove()
+
+
+def blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's repeated blocks: its longest ``nn.ModuleList`` (``model.layers``, ``encoder.layer``, ``h``)."""
+    lists = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod)]
+    if not lists:
+        raise DsformerError("the model has no list of blocks to calibrate block by block")
+    return max(lists, key=lambda item: len(item[1]))
+
+
+def _block_inputs(model: nn.Module, first: nn.Module, batches: Iterable[Batch]) -> list[tuple[tuple, dict]]:
+    """The positional and keyword arguments the first block receives for each batch."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def catch(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((args, kwargs))
+        raise _Reached
+
+    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for batch in batches:
+            try:
+                model(**{key: value.to(device) for key, value in batch.items()}, use_cache=False)
+            except _Reached:
+                pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise DsformerError("calibration needs at least one batch")
+    return captured
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
+    outputs = []
+    for args, kwargs in inputs:
+        out = block(*args, **kwargs)
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+    return outputs
+
+
+@torch.no_grad()
+def compress_calibrated(
+    model: nn.Module, config: CompressConfig | None, batches: Iterable[Batch], progress: bool = True
+) -> Report:
+    """Replace the target linears of ``model`` by compact layers fitted to their calibration inputs, in place.
+
+    ``batches`` are keyword arguments of the model's forward (``input_ids``, ``attention_mask``).
+    Every target is planned (checked) before any block is touched; targets outside the repeated
+    blocks are not supported here (give them to :func:`dsformer.surgery.compress`).
+    """
+    start = time.perf_counter()
+    bytes_before = model_bytes(model)
+    structures = plan(model, config or CompressConfig())
+    prefix, blocks = blocks_of(model)
+    owners = {name: _owner(name, prefix, len(blocks)) for name in structures}
+    outside = [name for name, owner in owners.items() if owner is None]
+    if outside:
+        raise DsformerError(
+            f"data-aware fitting calibrates the blocks of {prefix}; {outside[0]} lies outside them: "
+            "exclude it, or compress it without calibration"
+        )
+    was_training = model.training
+    model.eval()
+    inputs = _block_inputs(model, blocks[0], batches)
+    rows = []
+    bar = tqdm(total=len(structures), desc="calibrated fit", unit="layer", disable=not progress)
+    last = max(owners.values())  # blocks after the last one with targets need no inputs
+    for index, block in enumerate(blocks):
+        if index > last:
+            break
+        names = [name for name, owner in owners.items() if owner == index]
+        if names:
+            sources = {name: model.get_submodule(name) for name in names}
+            moments = InputMoments(sources)
+            try:
+                _run_block(block, inputs)
+            finally:
+                moments.remove()
+            grams = moments.moments()
+            weights = {name: linear_weight(module).detach() for name, module in sources.items()}
+            chosen = {name: structures[name] for name in names}
+            layers = build(fit(weights, chosen, inputs=grams), chosen, sources)
+            swap(model, layers)
+            rows += [layer_report(name, weights[name], layers[name], grams[name]) for name in names]
+            bar.update(len(names))
+        if index < last:
+            outputs = _run_block(block, inputs)
+            inputs = [_with_hidden(args, kwargs, out) for (args, kwargs), out in zip(inputs, outputs, strict=True)]
+    bar.close()
+    model.train(was_training)
+    return Report(rows, time.perf_counter() - start, bytes_before, model_bytes(model))
+
+
+def _owner(name: str, prefix: str, count: int) -> int | None:
+    """The index of the block that holds module ``name``, or None."""
+    head = f"{prefix}." if prefix else ""
+    if not name.startswith(head):
+        return None
+    first = name[len(head) :].split(".", 1)[0]
+    return int(first) if first.isdigit() and int(first) < count else None

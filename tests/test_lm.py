@@ -1,0 +1,258 @@
+"""Causal LMs: data-aware fits (every structure), block-by-block calibration, perplexity, the CLI path."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from conftest import TOY_NEUTRAL, toy_tokenizer
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from dsformer.calibration import InputMoments, compress_calibrated
+from dsformer.checkpoint import load, save
+from dsformer.cli import main
+from dsformer.harness.lm import calibration_batches, cut_windows, eval_windows, perplexity, read_text
+from dsformer.harness.tasks import DataError
+from dsformer.structures import DenseSparseConfig, LowRankConfig, NMConfig
+from dsformer.structures.dense_sparse.aware import refine_columns
+from dsformer.structures.whitening import output_error, whitening
+from dsformer.surgery import CompressConfig, compress, find_targets
+
+VOCAB = 100
+
+
+def tiny_lm(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    if family == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True)).eval()
+    if family == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+    if family == "gemma3":
+        return Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=8, sliding_window=16)).eval()
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64)
+    return GPT2LMHeadModel(config).eval()
+
+
+FAMILIES = ["llama", "qwen2", "gemma3", "gpt2"]
+
+
+def batches(count: int = 3, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, VOCAB, (2, 24), generator=gen)} for _ in range(count)]
+
+
+def fast(name: str, ratio: float = 2.0):
+    return {
+        "ds": DenseSparseConfig(ratio=ratio, iters=4, search_iters=1, search_points=2),
+        "svd": LowRankConfig(ratio=ratio),
+        "nm": NMConfig(ratio=ratio),
+    }[name]
+
+
+def correlated_inputs(width: int, tokens: int = 4000, seed: int = 0) -> torch.Tensor:
+    """Inputs with a few large, correlated directions, as transformer activations have."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(width, width, generator=gen) * torch.logspace(0, -2, width)
+    return torch.randn(tokens, width, generator=gen) @ mix
+
+
+@pytest.mark.parametrize("name", ["ds", "svd", "nm"])
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48)])
+def test_data_aware_fit_lowers_the_output_error(name, shape):
+    torch.manual_seed(1)
+    w = torch.randn(*shape)
+    x = correlated_inputs(shape[1])
+    gram = x.T @ x / len(x)
+    (free,) = fast(name).fit([w])
+    (aware,) = fast(name).fit([w], inputs=[gram])
+    assert output_error(w, aware.reconstruct(), gram) < output_error(w, free.reconstruct(), gram)
+    assert aware.layout == free.layout or name == "ds"  # the budget is the same; DS may pick another k
+
+
+def test_whitened_svd_is_the_best_rank_r_output_fit():
+    torch.manual_seed(2)
+    w, x = torch.randn(24, 16), correlated_inputs(16)
+    gram = x.T @ x / len(x)
+    (fit,) = LowRankConfig(rank=4).fit([w], inputs=[gram])
+    white = whitening(gram)
+    u, s, vh = torch.linalg.svd(w.double() @ white.root)
+    best = (u[:, :4] * s[:4]) @ vh[:4] @ white.inverse
+    assert torch.allclose(fit.reconstruct().double(), best, atol=1e-4)
+
+
+def test_column_refinement_never_raises_the_output_error():
+    torch.manual_seed(3)
+    w, x = torch.randn(24, 64), correlated_inputs(64)
+    gram = x.T @ x / len(x)
+    (start,) = fast("ds").fit([w])  # a start fitted without the metric
+    refined = refine_columns(start, w, gram)
+    assert not start.layout.rows
+    assert output_error(w, refined.reconstruct(), gram) <= output_error(w, start.reconstruct(), gram) + 1e-9
+    assert torch.equal(refined.indices, start.indices)  # the support is fixed
+
+
+def test_input_moments_match_the_inputs_and_share_one_sum():
+    model = tiny_lm("llama")
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.mlp.down_proj"]
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            seen[name] = args[0]
+
+        return hook
+
+    hooks = [model.get_submodule(n).register_forward_hook(keep(n)) for n in names]
+    moments = InputMoments({n: model.get_submodule(n) for n in names})
+    with torch.no_grad():
+        model(**batches(1)[0])
+    grams = moments.moments()
+    moments.remove()
+    for hook in hooks:
+        hook.remove()
+    for name in names:
+        x = seen[name].reshape(-1, seen[name].shape[-1]).double()
+        assert torch.allclose(grams[name], x.T @ x / len(x), atol=1e-6)
+    assert grams[names[0]] is grams[names[1]]  # q and k read the same tensor: one sum
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_calibrated_compression_of_each_family_saves_and_loads(family, tmp_path):
+    model = tiny_lm(family)
+    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    report = compress_calibrated(model, CompressConfig(fast("ds")), batches(), progress=False)
+    assert len(report.layers) == len(find_targets(tiny_lm(family)))
+    assert all(r.output_error is not None and r.output_error < 1 for r in report.layers)
+    assert (model.get_input_embeddings().weight is model.get_output_embeddings().weight) == tied
+    ids = batches(1, seed=5)[0]["input_ids"]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    save(model, tmp_path / "lm", report=report)
+    loaded = load(tmp_path / "lm")
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, before, atol=1e-5)
+
+
+def test_calibrated_block_fits_beat_weight_fits_on_the_model_output():
+    ids = batches(1, seed=9)[0]["input_ids"]
+    with torch.no_grad():
+        dense = tiny_lm("llama")(input_ids=ids).logits
+    outputs = {}
+    for aware in (False, True):
+        model = tiny_lm("llama")
+        config = CompressConfig(LowRankConfig(ratio=2.0))
+        if aware:
+            compress_calibrated(model, config, batches(8), progress=False)
+        else:
+            compress(model, config, progress=False)
+        with torch.no_grad():
+            outputs[aware] = (model(input_ids=ids).logits - dense).norm() / dense.norm()
+    assert outputs[True] < outputs[False]
+
+
+def test_calibration_refuses_targets_outside_the_blocks():
+    model = tiny_lm("llama")
+    config = CompressConfig(fast("svd"), target_modules=["lm_head", "q_proj"])
+    with pytest.raises(Exception, match="outside"):
+        compress_calibrated(model, config, batches(), progress=False)
+    assert isinstance(model.lm_head, torch.nn.Linear)  # nothing was changed
+
+
+def test_a_singular_input_metric_is_damped():
+    x = torch.randn(3, 16)  # fewer tokens than inputs
+    white = whitening(x.T @ x / 3)
+    assert white.damping > 0
+    assert torch.isfinite(white.inverse).all()
+
+
+def test_perplexity_is_the_exponential_of_the_mean_token_loss():
+    model = tiny_lm("llama")
+    windows = cut_windows(torch.randint(0, VOCAB, (70,), generator=torch.Generator().manual_seed(0)), 16)
+    assert windows.shape == (4, 16)
+    result = perplexity(model, windows, batch_size=3, progress=False)
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten())
+    assert result["tokens"] == 4 * 15 and result["window"] == 16
+    assert math.isclose(result["perplexity"], math.exp(float(nll)), rel_tol=1e-5)
+
+
+def test_perplexity_needs_a_language_model_head(make_model):
+    with pytest.raises(Exception, match="language-model head"):
+        perplexity(make_model("bert"), torch.zeros(1, 8, dtype=torch.long), progress=False)
+
+
+@pytest.fixture
+def lm_folder(tmp_path):
+    """A tiny Llama with a word-level tokenizer, and a text of those words, as a user would have them."""
+    folder = tmp_path / "tiny-llama"
+    tiny_lm("llama").save_pretrained(folder)
+    toy_tokenizer(tmp_path).save_pretrained(folder)
+    rng = random.Random(0)
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(" ".join(rng.choices(TOY_NEUTRAL, k=12)) for _ in range(40)) + "\n")
+    return folder, text
+
+
+def test_text_windows_and_seeded_calibration(lm_folder):
+    folder, text = lm_folder
+    tokenizer = toy_tokenizer(folder.parent)
+    content = read_text(str(text), "calibration")
+    assert eval_windows(tokenizer, content, 16).shape[1] == 16
+    one, two = (calibration_batches(tokenizer, content, 5, 16, seed=3, batch_size=2) for _ in range(2))
+    assert [b["input_ids"].shape[0] for b in one] == [2, 2, 1]
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(one, two, strict=True))
+    with pytest.raises(DataError, match="fewer tokens than one window"):
+        eval_windows(tokenizer, "good film", 16)
+
+
+def test_cli_compresses_with_calibration_and_reports_perplexity(lm_folder, tmp_path, capsys):
+    folder, text = lm_folder
+    out = tmp_path / "compressed"
+    args = ["compress", "--model", str(folder), "--structure", "svd", "--calibration", str(text),
+            "--samples", "4", "--length", "16", "--output", str(out), "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    assert "output_error" in capsys.readouterr().out
+    for model in (str(folder), str(out)):
+        assert main(["evaluate", model, "--task", str(text), "--window", "16", "--quiet"]) == 0
+        assert "perplexity" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--calibration", "no-such-file.txt"], "neither a language-modelling task"),
+        (["--calibration", "wikitext2", "--data-dir", "."], "has no wiki.valid.tokens"),
+        (["--length", "16"], "give --calibration"),
+    ],
+)
+def test_cli_refuses_bad_calibration_before_loading(lm_folder, tmp_path, capsys, args, message):
+    folder, _ = lm_folder
+    out = tmp_path / "never"
+    assert main(["compress", "--model", str(folder), "--output", str(out), "--quiet", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_perplexity_of_an_encoder_is_refused(make_model, lm_folder, tmp_path, capsys):
+    _, text = lm_folder
+    encoder = tmp_path / "encoder"
+    make_model("bert").save_pretrained(encoder)
+    toy_tokenizer(tmp_path).save_pretrained(encoder)
+    assert main(["evaluate", str(encoder), "--task", str(text), "--window", "8", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "has no language-model head" in err and len(err.strip().splitlines()) == 1
