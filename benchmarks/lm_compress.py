@@ -80,13 +80,18 @@ def run_cell(name: str, ratio: float, args: argparse.Namespace, tokenizer, eval_
     if method.structure is not None:
         structure = structure_config(method.structure, ratio=ratio, **method.options)
         config = CompressConfig(structure)
-        record["structure"] = {"name": method.structure, "options": method.options, "calibrated": method.calibrated}
+        record["structure"] = {
+            "name": method.structure,
+            "options": method.options,
+            "calibrated": method.calibrated,
+            "global_budget": method.global_budget,
+        }
         with PeakMemory() as memory:
             start = time.perf_counter()
             if method.calibrated:
                 text = read_text("wikitext2", "calibration", str(args.data_dir))
                 batches = calibration_batches(tokenizer, text, args.samples, args.length, seed=args.seed)
-                report = compress_calibrated(model, config, batches, progress=not args.quiet)
+                report = compress_calibrated(model, config, batches, not args.quiet, method.global_budget)
             else:
                 report = compress(model, config, progress=not args.quiet)
             fit_seconds = time.perf_counter() - start

@@ -1,6 +1,6 @@
 """The table and plot of ``results/lm/*.json`` (written by ``benchmarks/lm_compress.py``) for ``docs/lm.md``.
 
-    .venv/bin/python benchmarks/lm_table.py            # prints the markdown table, writes docs/lm_perplexity.png
+.venv/bin/python benchmarks/lm_table.py            # prints the markdown table, writes docs/lm_perplexity.png
 """
 
 from __future__ import annotations

@@ -237,11 +237,14 @@ def test_cli_compresses_with_calibration_and_reports_perplexity(lm_folder, tmp_p
         (["--calibration", "no-such-file.txt"], "neither a language-modelling task"),
         (["--calibration", "wikitext2", "--data-dir", "."], "has no wiki.valid.tokens"),
         (["--length", "16"], "give --calibration"),
+        (["--global-budget"], "give --calibration"),
+        (["--calibration", "CORPUS", "--structure", "nm", "--global-budget"], "any ratio"),
     ],
 )
 def test_cli_refuses_bad_calibration_before_loading(lm_folder, tmp_path, capsys, args, message):
-    folder, _ = lm_folder
+    folder, corpus = lm_folder
     out = tmp_path / "never"
+    args = [str(corpus) if a == "CORPUS" else a for a in args]
     assert main(["compress", "--model", str(folder), "--output", str(out), "--quiet", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
@@ -256,3 +259,84 @@ def test_cli_perplexity_of_an_encoder_is_refused(make_model, lm_folder, tmp_path
     assert main(["evaluate", str(encoder), "--task", str(text), "--window", "8", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "has no language-model head" in err and len(err.strip().splitlines()) == 1
+
+
+def test_byte_budget_counts_the_indices():
+    for out_features, in_features in [(96, 64), (64, 96), (600, 300)]:
+        config = DenseSparseConfig(ratio=2.0, budget="bytes")
+        dense_bytes = 4 * out_features * in_features
+        for lay in config.candidates(out_features, in_features):
+            assert lay.stored_bytes(4) <= dense_bytes / 2.0
+            assert lay.stored_bytes(4) > dense_bytes / 2.0 * 0.9  # nearly all of it spent
+            assert lay.ratio > 2.0  # the indices cost values: more than 2x by parameters
+    with pytest.raises(Exception, match="budget is params or bytes"):
+        DenseSparseConfig(budget="pages")
+
+
+def _weights_and_grams(count: int = 4):
+    """Layer i has a spectrum that decays more slowly with i: later layers have more to lose."""
+    gen = torch.Generator().manual_seed(0)
+    weights = {}
+    for i in range(count):
+        u, _, vh = torch.linalg.svd(torch.randn(48, 32, generator=gen), full_matrices=False)
+        weights[f"layer{i}"] = (u * torch.linspace(0, -6 / (i + 1), 32).exp()) @ vh
+    grams = {name: torch.eye(32) for name in weights}
+    return weights, grams
+
+
+@pytest.mark.parametrize("ratio", [1.5, 2.0, 3.0])
+def test_allocation_spends_the_budget_and_loses_less_than_one_ratio_for_all(ratio):
+    from dsformer.allocation import allocate, choices_for, truncation_losses
+
+    weights, grams = _weights_and_grams()
+    ratios = allocate(weights, grams, ratio)
+    dense = sum(w.numel() for w in weights.values())
+    spent = sum(weights[name].numel() / r for name, r in ratios.items())
+    assert spent <= dense / ratio + 1e-6
+    assert spent >= 0.9 * dense / ratio
+    choices = choices_for(ratio)
+    curves = {
+        name: dict(zip(choices, truncation_losses(w, grams[name], choices), strict=True)) for name, w in weights.items()
+    }
+    assert sum(curves[name][r] for name, r in ratios.items()) <= sum(curve[ratio] for curve in curves.values()) + 1e-9
+    assert len(set(ratios.values())) > 1
+
+
+def test_allocation_keeps_fixed_layers_and_refuses_what_it_cannot_meet():
+    from dsformer.allocation import allocate
+
+    weights, grams = _weights_and_grams()
+    assert allocate(weights, grams, 2.0, fixed={"layer0": 1.5})["layer0"] == 1.5
+    with pytest.raises(Exception, match="smaller ratio"):
+        allocate(weights, grams, 4.0, choices=[1.5, 2.0])
+
+
+def test_truncation_losses_shrink_as_the_ratio_does():
+    from dsformer.allocation import truncation_losses
+
+    w, x = torch.randn(48, 32), correlated_inputs(32)
+    losses = truncation_losses(w, x.T @ x / len(x), [1.2, 1.5, 2.0, 4.0])
+    assert losses == sorted(losses) and losses[0] >= 0
+
+
+@pytest.mark.parametrize("name", ["ds", "svd"])
+def test_calibrated_compression_with_a_global_budget(name):
+    model = tiny_lm("llama")
+    report = compress_calibrated(model, CompressConfig(fast(name, 2.0)), batches(), False, global_budget=True)
+    ratios = {round(r.dense_params / r.params, 1) for r in report.layers}
+    assert len(ratios) > 1  # the layers got different ratios
+    assert 1.9 <= report.ratio_params <= 2.2
+
+
+def test_a_global_budget_needs_a_structure_with_free_ratios():
+    with pytest.raises(Exception, match="any ratio"):
+        compress_calibrated(tiny_lm("llama"), CompressConfig(fast("nm")), batches(), False, global_budget=True)
+
+
+def test_too_little_calibration_text_is_damped_and_said():
+    few = [{"input_ids": torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))}]
+    report = compress_calibrated(tiny_lm("llama"), CompressConfig(fast("svd")), few, progress=False)
+    assert any("singular and was damped" in note for note in report.notes)
+    assert "note: " in report.table()
+    enough = compress_calibrated(tiny_lm("llama"), CompressConfig(fast("svd")), batches(8), progress=False)
+    assert not enough.notes

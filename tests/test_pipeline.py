@@ -19,6 +19,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertModel
 import dsformer
 from dsformer.cli import main
 from dsformer.errors import DsformerError
+from dsformer.harness.finetune import RunConfig, default_output
 from dsformer.harness.methods import METHODS as REGISTRY
 from dsformer.harness.prepare import make_student
 from dsformer.harness.training import TaskTrainer, latest_checkpoint
@@ -283,6 +284,22 @@ def test_fisher_weights_ds_fits(capsys, tmp_path, model_dir, sst2_dir, method):
     assert code == 0, err
     assert metrics_of(output)["config"]["fisher"] is True
     assert {layer.structure for layer in compact_layers(dsformer.load(output)).values()} == {"ds"}
+
+
+@pytest.mark.parametrize("method", ["dsformer", "svd"])
+def test_calibrated_fits_on_the_training_inputs(capsys, tmp_path, model_dir, sst2_dir, method):
+    output = tmp_path / "out"
+    code, out, err = run_cli(capsys, _compress_args(model_dir, sst2_dir, output, "--method", method, "--calibrate"))
+    assert code == 0, err
+    assert metrics_of(output)["config"]["calibrate"] is True
+    assert output.name == "out" and "calibrated" in default_output(RunConfig(method=method, calibrate=True)).name
+
+
+def test_calibrate_without_a_structure_is_rejected(capsys, tmp_path, model_dir, sst2_dir):
+    output = tmp_path / "out"
+    argv = _compress_args(model_dir, sst2_dir, output, "--method", "dense", "--calibrate")
+    assert "--calibrate" in assert_one_error_line(*run_cli(capsys, argv))
+    assert not output.exists()
 
 
 def test_fisher_without_a_fit_to_weight_is_rejected(capsys, tmp_path, model_dir, sst2_dir):

@@ -63,6 +63,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
+    from dsformer.calibration import compress_calibrated  # noqa: F401
     from dsformer.callbacks import STFCallback  # noqa: F401
     from dsformer.checkpoint import export_dense, load, save  # noqa: F401
     from dsformer.errors import CheckpointError, DsformerError, InfeasibleRatioError, TargetError  # noqa: F401
@@ -71,5 +72,4 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from dsformer.report import Report  # noqa: F401
     from dsformer.stf import STF, Schedule  # noqa: F401
     from dsformer.structures import DenseSparseConfig, LowRankConfig, NMConfig, structure_config  # noqa: F401
-    from dsformer.calibration import compress_calibrated  # noqa: F401
     from dsformer.surgery import CompressConfig, compress, find_targets, merge  # noqa: F401

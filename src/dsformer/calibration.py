@@ -26,15 +26,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dsformer.allocation import allocate
 from dsformer.errors import DsformerError
 from dsformer.report import Report, model_bytes
-from dsformer.surgery import CompressConfig, build, fit, layer_report, linear_weight, plan, swap
+from dsformer.structures import Structure
+from dsformer.structures.whitening import DAMPING
+from dsformer.surgery import CompressConfig, build, check_plan, fit, layer_report, linear_weight, plan, swap
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -72,6 +76,9 @@ class InputMoments:
 
         return record
 
+    def token_count(self, name: str) -> int:
+        return self.tokens[self._alias.get(name, name)]
+
     def moments(self) -> dict[str, torch.Tensor]:
         """Each layer's ``X Xᵀ / tokens`` (fp64)."""
         own = {name: total / max(1, self.tokens[name]) for name, total in self.sums.items()}
@@ -91,25 +98,29 @@ def blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return max(lists, key=lambda item: len(item[1]))
 
 
-def _block_inputs(model: nn.Module, first: nn.Module, batches: Iterable[Batch]) -> list[tuple[tuple, dict]]:
-    """The positional and keyword arguments the first block receives for each batch."""
+def _block_inputs(model: nn.Module, first: nn.Module | None, batches: Iterable[Batch]) -> list[tuple[tuple, dict]]:
+    """The positional and keyword arguments the first block receives for each batch (``first=None``: run the
+    whole model, for the hooks it carries)."""
     captured: list[tuple[tuple, dict]] = []
 
     def catch(module: nn.Module, args: tuple, kwargs: dict) -> None:
         captured.append((args, kwargs))
         raise _Reached
 
-    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+    handle = first.register_forward_pre_hook(catch, with_kwargs=True) if first is not None else None
     device = next(model.parameters()).device
+    count = 0
     try:
         for batch in batches:
+            count += 1
             try:
                 model(**{key: value.to(device) for key, value in batch.items()}, use_cache=False)
             except _Reached:
                 pass
     finally:
-        handle.remove()
-    if not captured:
+        if handle is not None:
+            handle.remove()
+    if not count:
         raise DsformerError("calibration needs at least one batch")
     return captured
 
@@ -132,19 +143,50 @@ def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[torch
     return outputs
 
 
+def _global_budget(
+    model: nn.Module, config: CompressConfig, structures: dict[str, Structure], batches: list[Batch]
+) -> dict[str, Structure]:
+    """Each target's structure at the ratio :func:`dsformer.allocation.allocate` gives it (overrides keep theirs),
+    from the inputs of every target in one pass of the dense model over a quarter of the batches (the
+    estimate ranks layers; it needs fewer tokens than a fit)."""
+    base = config.structure
+    if not base.allocatable or getattr(base, "ratio", None) is None:
+        raise DsformerError(f"a global budget needs a structure that takes any ratio (ds, svd); not {base.name}")
+    sources = {name: model.get_submodule(name) for name in structures}
+    moments = InputMoments(sources)
+    try:
+        _block_inputs(model, None, batches[: max(1, len(batches) // 4)])
+    finally:
+        moments.remove()
+    grams = moments.moments()
+    weights = {name: linear_weight(module).detach() for name, module in sources.items()}
+    fixed = {name: s.ratio for name, s in structures.items() if s is not base and getattr(s, "ratio", None)}
+    ratios = allocate(weights, grams, base.ratio, fixed=fixed)
+    configs = {r: replace(base, ratio=r) for r in set(ratios.values())}
+    return {name: (s if s is not base else configs[ratios[name]]) for name, s in structures.items()}
+
+
 @torch.no_grad()
 def compress_calibrated(
-    model: nn.Module, config: CompressConfig | None, batches: Iterable[Batch], progress: bool = True
+    model: nn.Module,
+    config: CompressConfig | None,
+    batches: Iterable[Batch],
+    progress: bool = True,
+    global_budget: bool = False,
 ) -> Report:
     """Replace the target linears of ``model`` by compact layers fitted to their calibration inputs, in place.
 
     ``batches`` are keyword arguments of the model's forward (``input_ids``, ``attention_mask``).
     Every target is planned (checked) before any block is touched; targets outside the repeated
     blocks are not supported here (give them to :func:`dsformer.surgery.compress`).
+    ``global_budget``: the structure's ratio holds for all targets together and each layer gets its
+    own (:mod:`dsformer.allocation`); per-layer overrides keep theirs.
     """
     start = time.perf_counter()
     bytes_before = model_bytes(model)
-    structures = plan(model, config or CompressConfig())
+    config = config or CompressConfig()
+    batches = list(batches)
+    structures = plan(model, config)
     prefix, blocks = blocks_of(model)
     owners = {name: _owner(name, prefix, len(blocks)) for name in structures}
     outside = [name for name, owner in owners.items() if owner is None]
@@ -155,8 +197,11 @@ def compress_calibrated(
         )
     was_training = model.training
     model.eval()
+    if global_budget:
+        structures = _global_budget(model, config, structures, batches)
+        check_plan(model, structures)
     inputs = _block_inputs(model, blocks[0], batches)
-    rows = []
+    rows, notes = [], []
     bar = tqdm(total=len(structures), desc="calibrated fit", unit="layer", disable=not progress)
     last = max(owners.values())  # blocks after the last one with targets need no inputs
     for index, block in enumerate(blocks):
@@ -172,6 +217,12 @@ def compress_calibrated(
                 moments.remove()
             grams = moments.moments()
             weights = {name: linear_weight(module).detach() for name, module in sources.items()}
+            notes += [
+                f"{name}: {moments.token_count(name)} calibration tokens for {weights[name].shape[1]} inputs; "
+                f"X Xᵀ is singular and was damped ({DAMPING:g} of its mean diagonal): give more --samples"
+                for name in names
+                if moments.token_count(name) < weights[name].shape[1]
+            ]
             chosen = {name: structures[name] for name in names}
             layers = build(fit(weights, chosen, inputs=grams), chosen, sources)
             swap(model, layers)
@@ -179,10 +230,12 @@ def compress_calibrated(
             bar.update(len(names))
         if index < last:
             outputs = _run_block(block, inputs)
+            for layer in layers.values() if names else ():
+                layer.drop_cached()  # a cached dense coefficient matrix per layer would grow with depth
             inputs = [_with_hidden(args, kwargs, out) for (args, kwargs), out in zip(inputs, outputs, strict=True)]
     bar.close()
     model.train(was_training)
-    return Report(rows, time.perf_counter() - start, bytes_before, model_bytes(model))
+    return Report(rows, time.perf_counter() - start, bytes_before, model_bytes(model), notes)
 
 
 def _owner(name: str, prefix: str, count: int) -> int | None:

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "wikitext2 (its validation split) or a text file (default: fit the weights alone)"}),
          ("--data-dir", {"help": "folder with wiki.valid.tokens for --calibration wikitext2 (default: the hub)"}),
          ("--samples", {"type": _count, "default": 128, "help": "calibration windows (default: 128)"}),
+         ("--global-budget", {"action": "store_true", "help": "with --calibration: the ratio holds for all targets "
+                              "together, each layer's own ratio chosen to do the least damage (ds, svd)"}),
          ("--length", {"type": _count, "help": "tokens per calibration window (default: the context, at most 512)"}),
          ("--no-save", {"action": "store_true", "help": "only report, write no model folder"}),
          ("--quiet", {"action": "store_true", "help": "no progress bar"}))  # fmt: skip
@@ -75,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
          ("--trainer", {"choices": TRAINERS, "help": "default: the method's own"}),
          ("--fisher", {"action": "store_true", "help": "weight the fit (and every STF projection) by the rows' "
                        "Fisher information from task gradients; recommended with dsformer"}),
+         ("--calibrate", {"action": "store_true", "help": "fit every layer's output on the training inputs instead "
+                          "of its weight (the first fit and every STF projection)"}),
          ("--max-train", {"type": int, "help": "train on a seeded subsample of this many examples"}),
          ("--precision", {"choices": ["auto", "fp32", "bf16"], "default": "auto", "help": "auto: bf16 on GPU only"}),
          ("--refresh-every", {"type": int, "default": 10, "help": "STF: re-project every this many steps"}),
@@ -162,11 +166,7 @@ def compress(args: argparse.Namespace) -> None:
 
     check_file_output(args.json, "--json")
     options = parse_options(args.option)
-    calibration = None
-    if args.calibration:
-        calibration = Calibration(args.calibration, args.data_dir, args.samples, args.length)
-    elif args.data_dir or args.length:
-        raise DsformerError("--data-dir and --length describe --calibration text; give --calibration")
+    calibration = Calibration.from_flags(args.calibration, args.data_dir, args.samples, args.length, args.global_budget)
     report, output = compress_pretrained(args.model, args.structure, args.ratio, options, args.targets, args.exclude,
                                          args.device, args.output, not args.no_save, not args.quiet,
                                          calibration)  # fmt: skip
@@ -230,23 +230,11 @@ def bench(args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    from dsformer.harness.lm import is_lm_task
-    from dsformer.harness.runs import evaluate_lm, evaluate_run, write_record
-    from dsformer.kernels import check_backend
+    from dsformer.harness.runs import evaluate_run, write_record
 
     check_file_output(args.json, "--json")
-    check_backend(args.backend)
-    if is_lm_task(args.task) or (args.task and Path(args.task).is_file()):
-        if args.int8 or args.backend != "reference":
-            raise DsformerError("perplexity runs on the reference backend without --int8 for now")
-        result = evaluate_lm(args.folder, args.task, args.data_dir, args.window, args.max_windows, not args.quiet)
-        print(result["line"])
-        if args.json:
-            write_record(args.json, args.command_line, result)
-        return
-    if args.window or args.max_windows:
-        raise DsformerError("--window and --max-windows apply to perplexity (--task wikitext2 or a text file)")
-    result = evaluate_run(Path(args.folder), args.task, args.data_dir, args.int8, args.backend)
+    result = evaluate_run(args.folder, args.task, args.data_dir, args.int8, args.backend, args.window,
+                          args.max_windows, not args.quiet)  # fmt: skip
     print(result["line"])
     if args.json:
         write_record(args.json, args.command_line, result)

@@ -8,7 +8,7 @@ model (embeddings included) before over after.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import nn
@@ -54,6 +54,8 @@ class Report:
     seconds: float
     model_bytes_before: int
     model_bytes_after: int
+    # what a reader of the figures should know (a damped calibration, a layer's chosen ratio)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ratio_params(self) -> float:
@@ -82,24 +84,26 @@ class Report:
 
     def to_json(self) -> dict[str, Any]:
         layers = [{**asdict(r), "shape": list(r.shape)} for r in self.layers]
-        return {"layers": layers, "totals": self.totals()}
+        return {"layers": layers, "totals": self.totals(), "notes": self.notes}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Report:
         layers = [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in data["layers"]]
         t = data["totals"]
-        return cls(layers, t["seconds"], t["model_bytes_before"], t["model_bytes_after"])
+        return cls(layers, t["seconds"], t["model_bytes_before"], t["model_bytes_after"], list(data.get("notes", [])))
 
     def table(self) -> str:
         """A fixed-width table: one row per layer, then the totals."""
         aware = any(r.output_error is not None for r in self.layers)
-        head = ("layer", "shape", "structure", "layout", "params", "bytes", "rel_error") + ("output_error",) * aware
+        head = ("layer", "shape", "structure", "layout", "ratio", "params", "bytes", "rel_error")
+        head += ("output_error",) * aware
         rows = [
             (
                 r.name,
                 f"{r.shape[0]}x{r.shape[1]}",
                 r.structure,
                 r.layout,
+                f"{r.dense_params / max(1, r.params):.2f}x",
                 f"{r.params:,}",
                 f"{r.bytes:,}",
                 f"{r.rel_error:.4f}",
@@ -116,4 +120,5 @@ class Report:
             f"whole model (embeddings included): {self.model_bytes_before / 2**20:.1f} MiB -> "
             f"{self.model_bytes_after / 2**20:.1f} MiB, {self.ratio_model_bytes:.2f}x by bytes"
         )
+        out += [f"note: {note}" for note in self.notes]
         return "\n".join(out)

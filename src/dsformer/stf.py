@@ -163,11 +163,13 @@ class STF:
         layers: dict[str, tuple[STFLinear, Structure]],
         schedule: Schedule,
         importance: dict[str, torch.Tensor] | None = None,
+        inputs: dict[str, torch.Tensor] | None = None,
     ):
         self.model = model
         self.layers = layers
         self.schedule = schedule
         self.importance = importance or {}  # per-output-row fit weights by layer (Fisher), for every projection
+        self.inputs = inputs or {}  # each layer's input second moment: every projection fits the layer's output
         self.steps = 0  # optimizer steps taken (step() counts them)
         self.support_change = 0.0  # fraction of support entries that moved at the last refresh
         self.report: Report | None = None  # set by finalize, after which the STF layers are gone
@@ -182,12 +184,15 @@ class STF:
         schedule: Schedule | None = None,
         importance: dict[str, torch.Tensor] | None = None,
         overrides: dict[str, Structure] | None = None,
+        inputs: dict[str, torch.Tensor] | None = None,
     ) -> STF:
         """Replace the target linears by :class:`STFLinear` (in place) and project them once.
 
         ``targets``, ``exclude`` and ``overrides`` select layers as :class:`dsformer.CompressConfig` does;
         every layer is checked before any is replaced. ``importance`` maps layer names to per-output-row
-        weights (Fisher information) that every projection's fit uses.
+        weights (Fisher information) that every projection's fit uses; ``inputs`` maps them to the second
+        moment of their inputs (:class:`dsformer.calibration.InputMoments`), which makes every projection
+        data-aware.
         """
         config = surgery.CompressConfig(structure or DenseSparseConfig(), targets, exclude, overrides or {})
         structures = surgery.plan(model, config)
@@ -196,9 +201,8 @@ class STF:
             module = model.get_submodule(name)
             latent[name] = STFLinear(surgery.linear_weight(module), module.bias, surgery.source_kind(module))
         surgery.swap(model, latent)
-        stf = cls(
-            model, {name: (latent[name], structures[name]) for name in structures}, schedule or Schedule(), importance
-        )
+        layers = {name: (latent[name], structures[name]) for name in structures}
+        stf = cls(model, layers, schedule or Schedule(), importance, inputs)
         stf.refresh(first=True)
         stf.set_step(0)
         return stf
@@ -238,7 +242,7 @@ class STF:
             refits = {id(s): s.with_rounds(rounds) for s in structures.values()}
             structures = {name: refits[id(s)] for name, s in structures.items()}
             warm = {name: layer.factors for name, (layer, _) in self.layers.items()}
-        fitted = surgery.fit(weights, structures, self.importance, warm)
+        fitted = surgery.fit(weights, structures, self.importance, warm, inputs=self.inputs)
         moved = total = 0
         for name, (layer, _) in self.layers.items():
             old, new = layer.factors.support() if layer.factors is not None else None, fitted[name].support()

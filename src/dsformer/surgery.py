@@ -164,7 +164,14 @@ def plan(model: nn.Module, config: CompressConfig) -> dict[str, Structure]:
             raise TargetError(f"override {pattern!r} matches no target layer; targets include: {_examples(targets)}")
     chosen = {}
     for name in targets:
-        structure = next((cfg for pat, cfg in config.overrides.items() if matches(name, pat)), config.structure)
+        chosen[name] = next((cfg for pat, cfg in config.overrides.items() if matches(name, pat)), config.structure)
+    check_plan(model, chosen)
+    return chosen
+
+
+def check_plan(model: nn.Module, structures: dict[str, Structure]) -> None:
+    """Refuse a plan where some layer's structure has no layout for its shape, or stores no fewer bytes than dense."""
+    for name, structure in structures.items():
         weight = linear_weight(model.get_submodule(name))
         try:
             layouts = structure.candidates(*weight.shape)
@@ -175,8 +182,6 @@ def plan(model: nn.Module, config: CompressConfig) -> dict[str, Structure]:
                 f"layer {name}: {structure.name} at this ratio stores more bytes than the dense weight (its indices "
                 "count too); give a larger ratio"
             )
-        chosen[name] = structure
-    return chosen
 
 
 def fit_groups(weights: dict[str, torch.Tensor], structures: dict[str, Structure]) -> list[list[str]]:

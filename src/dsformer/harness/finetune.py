@@ -52,6 +52,7 @@ class RunConfig:
     teacher: str | None = None
     device: str = "cpu"
     fisher: bool = False  # weight the structure's fit by Fisher information (dsformer.harness.prepare)
+    calibrate: bool = False  # fit each layer's output on the task's training inputs (dsformer.harness.prepare)
     train: TrainConfig = field(default_factory=TrainConfig)
     schedule: Schedule = field(default_factory=Schedule)
 
@@ -69,6 +70,8 @@ def check_run(config: RunConfig) -> str:
     """The checks that need no model or data (method, ratio, trainer, Fisher, STF schedule, data size);
     returns the trainer the run records. A sweep runs them on every planned run before the first starts."""
     trainer = check_method(config.method, config.ratio, config.trainer, config.fisher)
+    if config.calibrate and method(config.method).structure is None:
+        raise DsformerError(f"--calibrate fits a structure to its inputs; {config.method} fits none")
     if config.schedule.polish and trainer != "stf":
         raise DsformerError(f"--polish ends STF training early; {config.method} does not train with STF")
     if trainer != "stf" and not config.schedule.is_default():
@@ -172,6 +175,7 @@ def _finetune(config: RunConfig, out: Path, work: Path, trainer: str, resume: bo
         schedule=config.schedule,
         progress=config.train.progress,
         fisher=config.fisher,
+        calibrate=config.calibrate,
     )
     if distributed()[0] == 0:
         atomic_write_text(work / RUN_FILE, json.dumps(_run_identity(config), indent=2) + "\n")
@@ -222,6 +226,7 @@ def default_output(config: RunConfig) -> Path:
     parts = [config.task, config.method] + ([] if config.method == "dense" else [f"{config.ratio:g}x"])
     parts += [config.trainer] if config.trainer else []
     parts += ["fisher"] if config.fisher else []
+    parts += ["calibrated"] if config.calibrate else []
     parts += [f"s{config.train.seed}"] if config.train.seed else []
     return Path("outputs") / "-".join(parts)
 

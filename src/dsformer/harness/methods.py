@@ -103,11 +103,9 @@ class PostTraining:
     calibrated: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     ours: bool = False
+    global_budget: bool = False  # one ratio for all targets, each layer's chosen (dsformer.allocation)
 
 
-# a shorter k search than the encoders' default: every target of SmolLM2 fits in minutes on 2 cores
-# (on one block it raised the output error by about 3%)
-LM_DS = {"iters": 16, "search_points": 4}
 POST_TRAINING: dict[str, PostTraining] = {
     m.name: m
     for m in (
@@ -128,6 +126,22 @@ POST_TRAINING: dict[str, PostTraining] = {
             {"budget": "bytes"},
             ours=True,
         ),  # fmt: skip
+        PostTraining(
+            "ds-aware-global",
+            "ds-aware-bytes with one budget for all targets, each layer's ratio chosen",
+            "ds",
+            True,
+            {"budget": "bytes"},
+            ours=True,
+            global_budget=True,
+        ),
+        PostTraining(
+            "svd-llm-global",
+            "svd-llm with one budget for all targets, each layer's ratio chosen",
+            "svd",
+            True,
+            global_budget=True,
+        ),
     )
 }
 

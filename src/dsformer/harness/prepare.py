@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dsformer.calibration import InputMoments
 from dsformer.errors import DsformerError
 from dsformer.harness.evaluation import encode
 from dsformer.harness.methods import check_method, method
@@ -57,11 +58,14 @@ def prepare(
     targets: Any = None,
     progress: bool = True,
     fisher: bool = False,
+    calibrate: bool = False,
 ) -> Prepared:
     """Apply method ``name``'s structure to ``model`` in place, ready for :func:`dsformer.harness.training.train`.
 
     Fisher weights (``fisher``, or a method that always uses them) need ``data`` and ``tokenizer``:
-    ``batch_size``, ``max_length`` and ``seed`` say how its batches are drawn.
+    ``batch_size``, ``max_length`` and ``seed`` say how its batches are drawn. ``calibrate`` (with ``data``
+    and ``tokenizer`` too) fits every layer's output on the training inputs instead of its weight, in
+    the first fit and in every STF projection.
     """
     trainer = check_method(name, ratio, trainer, fisher)
     structure = structure_for(name, ratio)
@@ -72,10 +76,16 @@ def prepare(
         if data is None or tokenizer is None:
             raise DsformerError(f"{name} with Fisher weights needs task data to estimate Fisher information")
         importance = fisher_importance(model, tokenizer, data, max_length, batch_size, seed, targets)
+    inputs = None
+    if calibrate:
+        if data is None or tokenizer is None:
+            raise DsformerError(f"{name} fitted to its inputs needs task data to run the model on")
+        inputs = task_input_moments(model, tokenizer, data, max_length, batch_size, seed, targets)
     if trainer == "stf":
-        return Prepared(STF.wrap(model, structure, targets=targets, schedule=schedule, importance=importance), None)
+        stf = STF.wrap(model, structure, targets=targets, schedule=schedule, importance=importance, inputs=inputs)
+        return Prepared(stf, None)
     config = CompressConfig(structure, target_modules=targets)
-    return Prepared(None, compress(model, config, importance=importance, progress=progress))
+    return Prepared(None, compress(model, config, importance=importance, progress=progress, inputs=inputs))
 
 
 def make_student(teacher: nn.Module, ratio: float = 2.0) -> nn.Module:
@@ -102,6 +112,36 @@ def make_student(teacher: nn.Module, ratio: float = 2.0) -> nn.Module:
         if hasattr(student.config, attr):
             setattr(student.config, attr, count)
     return student
+
+
+@torch.no_grad()
+def task_input_moments(
+    model: nn.Module,
+    tokenizer: Any,
+    data: TaskData,
+    max_length: int = 128,
+    batch_size: int = 32,
+    seed: int = 0,
+    targets: Any = None,
+    batches: int = 32,
+) -> dict[str, torch.Tensor]:
+    """Each target's input second moment on seeded batches of the training texts (padding positions included)."""
+    names = find_targets(model, targets)
+    features = encode(tokenizer, data.train, max_length, data.spec)
+    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed)).tolist()
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    moments = InputMoments({name: model.get_submodule(name) for name in names})
+    try:
+        for b in range(min(batches, max(1, len(order) // batch_size))):
+            chosen = [features[i] for i in order[b * batch_size : (b + 1) * batch_size]]
+            batch = tokenizer.pad([{k: v for k, v in f.items() if k != "labels"} for f in chosen], return_tensors="pt")
+            model(**{k: v.to(device) for k, v in batch.items()})
+    finally:
+        moments.remove()
+        model.train(was_training)
+    return moments.moments()
 
 
 def fisher_importance(

@@ -23,10 +23,10 @@ from dsformer.hardware import check_device, describe
 from dsformer.harness.bench import latency_ms
 from dsformer.harness.evaluation import evaluate
 from dsformer.harness.finetune import METRICS_FILE
-from dsformer.harness.lm import calibration_batches, context_length, eval_windows, perplexity, read_text
+from dsformer.harness.lm import calibration_batches, context_length, eval_windows, is_lm_task, perplexity, read_text
 from dsformer.harness.models import load_pretrained, resolve
 from dsformer.harness.tasks import TaskData, load_task
-from dsformer.kernels import use_backend
+from dsformer.kernels import check_backend, use_backend
 from dsformer.kernels.int8 import int8_linears
 from dsformer.quantize import quantize_int8
 from dsformer.report import Report, format_table
@@ -67,7 +67,7 @@ def compress_pretrained(
         loaded = loaded.to(device).eval()
         if calibration:
             batches = calibration.batches(loaded, tokenizer, text)
-            report = compress_calibrated(loaded, config, batches, progress=progress)
+            report = compress_calibrated(loaded, config, batches, progress, calibration.global_budget)
         else:
             report = compress(loaded, config, progress=progress)
         if folder is not None:
@@ -78,13 +78,26 @@ def compress_pretrained(
 @dataclass(frozen=True)
 class Calibration:
     """Calibration text for data-aware fits: an LM task's calibration split (``wikitext2``) or a text file;
-    ``samples`` windows of ``length`` tokens (default: the model's context, at most 512)."""
+    ``samples`` windows of ``length`` tokens (default: the model's context, at most 512); ``global_budget``:
+    one ratio for all targets, each layer's chosen (:mod:`dsformer.allocation`)."""
 
     source: str
     data_dir: str | None = None
     samples: int = 128
     length: int | None = None
+    global_budget: bool = False
     seed: int = 0
+
+    @classmethod
+    def from_flags(
+        cls, source: str | None, data_dir: str | None, samples: int, length: int | None, global_budget: bool
+    ) -> Calibration | None:
+        """The calibration the command line asks for (None without ``--calibration``)."""
+        if source:
+            return cls(source, data_dir, samples, length, global_budget)
+        if data_dir or length or global_budget:
+            raise DsformerError("--data-dir, --length and --global-budget go with --calibration; give --calibration")
+        return None
 
     def __post_init__(self) -> None:
         if self.samples < 1 or (self.length is not None and self.length < 2):
@@ -152,6 +165,22 @@ def _test_metrics(model: nn.Module, tokenizer: Any, task: str, data_dir: str | N
 
 
 def evaluate_run(
+    folder: str | Path, task: str | None = None, data_dir: str | None = None, int8: bool = False,
+    backend: str = "reference", window: int | None = None, max_windows: int | None = None, progress: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """``dsformer evaluate``: perplexity for a language-modelling task or a text file (:func:`evaluate_lm`), else
+    the task's test metrics (:func:`evaluate_task`)."""
+    check_backend(backend)
+    if is_lm_task(task) or (task and Path(task).is_file()):
+        if int8 or backend != "reference":
+            raise DsformerError("perplexity runs on the reference backend without --int8 for now")
+        return evaluate_lm(str(folder), task, data_dir, window, max_windows, progress)
+    if window or max_windows:
+        raise DsformerError("--window and --max-windows apply to perplexity (--task wikitext2 or a text file)")
+    return evaluate_task(Path(folder), task, data_dir, int8, backend)
+
+
+def evaluate_task(
     folder: Path, task: str | None = None, data_dir: str | None = None, int8: bool = False, backend: str = "reference"
 ) -> dict[str, Any]:
     """Test metrics of a saved model on its task (or ``task``), optionally with int8 weights or on ``backend``."""

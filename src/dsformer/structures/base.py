@@ -82,6 +82,8 @@ class Structure:
 
     name: ClassVar[str]
     layer: ClassVar[type[CompactLinear]]
+    # whether any ratio gives a layout (a global budget may then give each layer its own)
+    allocatable: ClassVar[bool] = False
 
     def candidates(self, out_features: int, in_features: int) -> list[Any]:
         """The layouts a fit may choose for this shape; raises InfeasibleRatioError where none fits. A layout
@@ -151,6 +153,10 @@ class CompactLinear(nn.Module):
         if slot not in cache or cache[slot][0] != key:
             cache[slot] = (key, build())
         return cache[slot][1]
+
+    def drop_cached(self) -> None:
+        """Forget what :meth:`cached` kept (memory that inference reuses, not needed between passes)."""
+        self.__dict__.pop("_kernel_cache", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.backend

@@ -124,6 +124,7 @@ class LowRankConfig(Structure):
     rank: int | None = None
 
     name: ClassVar[str] = "svd"
+    allocatable: ClassVar[bool] = True
     layer: ClassVar[type[CompactLinear]] = LowRankLinear
 
     def candidates(self, out_features: int, in_features: int) -> list[LowRankLayout]:

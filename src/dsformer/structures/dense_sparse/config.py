@@ -64,8 +64,12 @@ class DenseSparseConfig(Structure):
     # value_bytes each plus an index per non-zero: uint8 while k <= 256, else int16)
     budget: str = "params"
     value_bytes: int = 4
+    # data-aware fits of column layouts: rounds of refinement under the full input metric (0: the
+    # diagonal metric alone; benchmarks/lm_fit.py measures both)
+    refine_rounds: int = 4
 
     name: ClassVar[str] = "ds"
+    allocatable: ClassVar[bool] = True
     layer: ClassVar[type[CompactLinear]] = DenseSparseLinear
 
     def __post_init__(self) -> None:
@@ -73,6 +77,8 @@ class DenseSparseConfig(Structure):
             raise DsformerError(f"ds: budget is params or bytes (got {self.budget!r})")
         if self.value_bytes not in (1, 2, 4, 8):
             raise DsformerError(f"ds: value_bytes is 1, 2, 4 or 8 (got {self.value_bytes})")
+        if self.refine_rounds < 0:
+            raise DsformerError(f"ds: refine_rounds must be at least 0 (got {self.refine_rounds})")
         for field in ("iters", "search_iters", "search_points", "k_multiple"):
             if getattr(self, field) < 1:
                 raise DsformerError(f"ds: {field} must be at least 1 (got {getattr(self, field)})")
@@ -198,9 +204,9 @@ class DenseSparseConfig(Structure):
         out = []
         for i, (metric, factors) in enumerate(zip(metrics, fitted, strict=True)):
             factors = metric.out_of(factors)
-            if not metric.rows:
+            if not metric.rows and self.refine_rounds:
                 rows = None if not importance or importance[i] is None else importance[i].sqrt()
-                factors = refine_columns(factors, weights[i], metric.gram, rows)
+                factors = refine_columns(factors, weights[i], metric.gram, rows, self.refine_rounds)
             out.append(factors)
         return out
 
