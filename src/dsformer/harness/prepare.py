@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +115,18 @@ def make_student(teacher: nn.Module, ratio: float = 2.0) -> nn.Module:
     return student
 
 
+def _training_batches(
+    model: nn.Module, tokenizer: Any, data: TaskData, max_length: int, batch_size: int, seed: int, batches: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Seeded, padded batches of the training examples (labels included), on the model's device."""
+    features = encode(tokenizer, data.train, max_length, data.spec)
+    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed)).tolist()
+    device = next(model.parameters()).device
+    for b in range(min(batches, max(1, len(order) // batch_size))):
+        batch = tokenizer.pad([features[i] for i in order[b * batch_size : (b + 1) * batch_size]], return_tensors="pt")
+        yield {k: v.to(device) for k, v in batch.items()}
+
+
 @torch.no_grad()
 def task_input_moments(
     model: nn.Module,
@@ -127,17 +140,12 @@ def task_input_moments(
 ) -> dict[str, torch.Tensor]:
     """Each target's input second moment on seeded batches of the training texts (padding positions included)."""
     names = find_targets(model, targets)
-    features = encode(tokenizer, data.train, max_length, data.spec)
-    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed)).tolist()
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     moments = InputMoments({name: model.get_submodule(name) for name in names})
     try:
-        for b in range(min(batches, max(1, len(order) // batch_size))):
-            chosen = [features[i] for i in order[b * batch_size : (b + 1) * batch_size]]
-            batch = tokenizer.pad([{k: v for k, v in f.items() if k != "labels"} for f in chosen], return_tensors="pt")
-            model(**{k: v.to(device) for k, v in batch.items()})
+        for batch in _training_batches(model, tokenizer, data, max_length, batch_size, seed, batches):
+            model(**batch)
     finally:
         moments.remove()
         model.train(was_training)
@@ -158,15 +166,11 @@ def fisher_importance(
     names = find_targets(model, targets)
     modules = {name: model.get_submodule(name) for name in names}
     sums = {name: torch.zeros(linear_weight(m).shape[0]) for name, m in modules.items()}
-    features = encode(tokenizer, data.train, max_length, data.spec)
-    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed)).tolist()
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    for b in range(min(batches, max(1, len(order) // batch_size))):
-        batch = tokenizer.pad([features[i] for i in order[b * batch_size : (b + 1) * batch_size]], return_tensors="pt")
+    for batch in _training_batches(model, tokenizer, data, max_length, batch_size, seed, batches):
         model.zero_grad(set_to_none=True)
-        model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+        model(**batch).loss.backward()
         for name, module in modules.items():
             sums[name] += out_in(module, module.weight.grad).detach().float().pow(2).sum(1).cpu()
     model.zero_grad(set_to_none=True)
