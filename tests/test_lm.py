@@ -27,7 +27,7 @@ from dsformer.harness.tasks import DataError
 from dsformer.structures import DenseSparseConfig, LowRankConfig, NMConfig
 from dsformer.structures.dense_sparse.aware import refine_columns
 from dsformer.structures.whitening import output_error, whitening
-from dsformer.surgery import CompressConfig, compress, find_targets
+from dsformer.surgery import CompressConfig, compact_layers, compress, find_targets
 
 VOCAB = 100
 
@@ -132,6 +132,11 @@ def test_input_moments_match_the_inputs_and_share_one_sum():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_calibrated_compression_of_each_family_saves_and_loads(family, tmp_path):
     model = tiny_lm(family)
+    if len(set(getattr(model.config, "layer_types", None) or ())) > 1:  # Gemma3: sliding and full attention
+        with pytest.raises(Exception, match="mixes layer types"):
+            compress_calibrated(model, CompressConfig(fast("ds")), batches(), progress=False)
+        assert not compact_layers(model)  # refused before any change
+        return
     tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
     report = compress_calibrated(model, CompressConfig(fast("ds")), batches(), progress=False)
     assert len(report.layers) == len(find_targets(tiny_lm(family)))
@@ -239,6 +244,7 @@ def test_cli_compresses_with_calibration_and_reports_perplexity(lm_folder, tmp_p
         (["--length", "16"], "give --calibration"),
         (["--global-budget"], "give --calibration"),
         (["--calibration", "CORPUS", "--structure", "nm", "--global-budget"], "any ratio"),
+        (["--calibration", "CORPUS", "--option", "share_basis=true"], "share_basis"),
     ],
 )
 def test_cli_refuses_bad_calibration_before_loading(lm_folder, tmp_path, capsys, args, message):

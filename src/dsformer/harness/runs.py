@@ -51,6 +51,8 @@ def compress_pretrained(
     text, block by block (:func:`dsformer.calibration.compress_calibrated`)."""
     if "ratio" in options:
         raise DsformerError("give the ratio with --ratio, not as an option")
+    if calibration and options.get("share_basis"):
+        raise DsformerError("share_basis: one basis cannot be whitened per layer; drop --calibration or share_basis")
     config = CompressConfig(structure_config(structure, ratio=check_ratio(ratio), **options), targets, exclude)
     folder = None
     if save_model:

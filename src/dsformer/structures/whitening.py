@@ -20,8 +20,14 @@ from dataclasses import dataclass
 
 import torch
 
+from dsformer.errors import DsformerError
+
 # the damping GPTQ and SVD-LLM use, relative to the mean diagonal of G
 DAMPING = 0.01
+
+
+class CalibrationError(DsformerError, ValueError):
+    """Input statistics that cannot weight a fit: of another width, non-finite, not positive semi-definite."""
 
 
 @dataclass
@@ -38,9 +44,9 @@ class Whitening:
 def check_gram(gram: torch.Tensor, width: int) -> None:
     """A layer's input metric must be a finite, symmetric ``(width, width)`` matrix."""
     if gram.shape != (width, width):
-        raise ValueError(f"input statistics must be {width}x{width} for this layer (got {tuple(gram.shape)})")
+        raise CalibrationError(f"input statistics must be {width}x{width} for this layer (got {tuple(gram.shape)})")
     if not bool(torch.isfinite(gram).all()):
-        raise ValueError("input statistics hold non-finite values (the calibration text overflowed the model?)")
+        raise CalibrationError("input statistics hold non-finite values (the calibration text overflowed the model?)")
 
 
 def whitening(gram: torch.Tensor, damping: float = DAMPING) -> Whitening:
@@ -56,7 +62,7 @@ def whitening(gram: torch.Tensor, damping: float = DAMPING) -> Whitening:
             break
         damping *= 10
         if damping > 1e6:
-            raise ValueError("input statistics are not positive semi-definite")
+            raise CalibrationError("input statistics are not positive semi-definite")
     inverse = torch.linalg.solve_triangular(root, eye, upper=False)
     return Whitening(damped, root, inverse, damping)
 

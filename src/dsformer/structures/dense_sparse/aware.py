@@ -74,7 +74,8 @@ def refine_columns(
     v = weight.detach().T.to(dtype)  # (N, d): the vectors
     g = gram.detach().to(v.device, torch.float64)
     g = ((g + g.T) / 2 / g.diagonal().mean().clamp_min(1e-30)).to(dtype)
-    r2 = torch.ones(lay.d, dtype=dtype) if row_weights is None else row_weights.to(dtype).pow(2)
+    r2 = torch.ones(lay.d, dtype=dtype, device=v.device) if row_weights is None else row_weights.to(v.device, dtype)
+    r2 = r2 if row_weights is None else r2.pow(2)
     r2 = r2 / r2.mean()
     mask = factors.support()
     coeffs = dense_coefficients(factors.indices, factors.values.to(dtype), lay.k)
@@ -86,7 +87,7 @@ def refine_columns(
         return float(((g @ e) * e * r2).double().sum())
 
     best = (loss(coeffs, basis), coeffs, basis)
-    eye = torch.eye(lay.k, dtype=dtype)
+    eye = torch.eye(lay.k, dtype=dtype, device=v.device)
     for _ in range(rounds):
         gc = g @ coeffs
         normal = coeffs.T @ gc

@@ -31,7 +31,7 @@ from dsformer.structures.dense_sparse.layout import (
 from dsformer.structures.dense_sparse.linear import DenseSparseLinear
 from dsformer.structures.dense_sparse.solver import alternate, initial_state, stack_state, weight_vectors
 from dsformer.structures.registry import register
-from dsformer.structures.whitening import check_gram
+from dsformer.structures.whitening import CalibrationError, check_gram
 
 
 @register
@@ -189,9 +189,11 @@ class DenseSparseConfig(Structure):
         self, weights: list[torch.Tensor], warm: Warm, importance: Importance, inputs: list[torch.Tensor | None]
     ) -> list[DenseSparseFactors]:
         if self.share_basis and len(weights) > 1:
-            raise ValueError("share_basis: one basis cannot be whitened per layer; fit shared bases without inputs")
+            raise CalibrationError(
+                "share_basis: one basis cannot be whitened per layer; fit shared bases without inputs"
+            )
         if any(gram is None for gram in inputs):
-            raise ValueError("a data-aware fit needs the inputs of every layer fitted with it")
+            raise CalibrationError("a data-aware fit needs the inputs of every layer fitted with it")
         for w, gram in zip(weights, inputs, strict=True):
             check_gram(gram, w.shape[1])
         metrics = [InputMetric(w, gram) for w, gram in zip(weights, inputs, strict=True)]

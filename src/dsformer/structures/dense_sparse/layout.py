@@ -76,10 +76,13 @@ def budget_layouts(
     unit = value_bytes or 1
     budget = math.floor(unit * out_features * in_features / ratio + 1e-9)
     layouts = []
+
+    def per_nonzero(k: int) -> int:
+        return unit + (0 if value_bytes is None else (1 if k <= 256 else 2))
+
     for k in range(1, d + 1):
-        per_nonzero = unit + (0 if value_bytes is None else (1 if k <= 256 else 2))
-        s = min(k, (budget - unit * k * d) // (n * per_nonzero))
-        richer = unit * (k + 1) * d + n * (k + 1) * per_nonzero  # the next k at full rank
+        s = min(k, (budget - unit * k * d) // (n * per_nonzero(k)))
+        richer = unit * (k + 1) * d + n * (k + 1) * per_nonzero(k + 1)  # the next k at full rank
         if s >= 1 and (s < k or richer > budget):
             layouts.append(DenseSparseLayout(out_features, in_features, k, s))
     if not layouts:
