@@ -8,7 +8,7 @@ error ``||(W - Ŵ) X|| / ||W X||`` of each fit at one ratio:
 - for DS column layouts (``k_proj``, ``v_proj``, ``down_proj``), the diagonal metric alone
   (``refine_rounds=0``) against the diagonal then the full metric (the default).
 
-Writes ``results/lm/layers.json``. Run alone: ``.venv/bin/python benchmarks/lm_fit.py`` (minutes).
+Writes ``results/lm_layers.json``. Run alone: ``.venv/bin/python benchmarks/lm_fit.py`` (minutes).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=2.0)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--length", type=int, default=512)
-    parser.add_argument("--output", type=Path, default=ROOT / "results" / "lm" / "layers.json")
+    parser.add_argument("--output", type=Path, default=ROOT / "results" / "lm_layers.json")
     args = parser.parse_args()
     model, tokenizer = load_pretrained("smollm2")
     model.eval()
