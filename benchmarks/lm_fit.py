@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dsformer.calibration import InputMoments, _block_inputs
+from dsformer.calibration import InputMoments, forward_batches
 from dsformer.files import atomic_write_text
 from dsformer.hardware import describe
 from dsformer.harness.lm import calibration_batches, read_text
@@ -59,7 +59,7 @@ def main() -> None:
     modules = {n: model.get_submodule(n) for n in names}
     moments = InputMoments(modules)
     with torch.no_grad():
-        _block_inputs(model, None, batches)
+        forward_batches(model, batches)
     moments.remove()
     grams = moments.moments()
     rows = []

@@ -98,16 +98,18 @@ def blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return max(lists, key=lambda item: len(item[1]))
 
 
-def _block_inputs(model: nn.Module, first: nn.Module | None, batches: Iterable[Batch]) -> list[tuple[tuple, dict]]:
-    """The positional and keyword arguments the first block receives for each batch (``first=None``: run the
-    whole model, for the hooks it carries)."""
+def forward_batches(
+    model: nn.Module, batches: Iterable[Batch], stop_at: nn.Module | None = None
+) -> list[tuple[tuple, dict]]:
+    """Run ``model`` on each batch (for the hooks it carries); with ``stop_at``, stop each pass where that
+    module is called and return the positional and keyword arguments it received, per batch."""
     captured: list[tuple[tuple, dict]] = []
 
     def catch(module: nn.Module, args: tuple, kwargs: dict) -> None:
         captured.append((args, kwargs))
         raise _Reached
 
-    handle = first.register_forward_pre_hook(catch, with_kwargs=True) if first is not None else None
+    handle = stop_at.register_forward_pre_hook(catch, with_kwargs=True) if stop_at is not None else None
     device = next(model.parameters()).device
     count = 0
     try:
@@ -123,10 +125,6 @@ def _block_inputs(model: nn.Module, first: nn.Module | None, batches: Iterable[B
     if not count:
         raise DsformerError("calibration needs at least one batch")
     return captured
-
-
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
 
 
 def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
@@ -155,7 +153,7 @@ def _global_budget(
     sources = {name: model.get_submodule(name) for name in structures}
     moments = InputMoments(sources)
     try:
-        _block_inputs(model, None, batches[: max(1, len(batches) // 4)])
+        forward_batches(model, batches[: max(1, len(batches) // 4)])
     finally:
         moments.remove()
     grams = moments.moments()
@@ -212,7 +210,7 @@ def compress_calibrated(
         if global_budget:
             structures = _global_budget(model, config, structures, batches)
             check_plan(model, structures)
-        inputs = _block_inputs(model, blocks[0], batches)
+        inputs = forward_batches(model, batches, stop_at=blocks[0])
         last = max(owners.values())  # blocks after the last one with targets need no inputs
         for index, block in enumerate(blocks):
             if index > last:

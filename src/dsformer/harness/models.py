@@ -7,7 +7,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from dsformer.checkpoint import load, load_tokenizer, read_meta
+from dsformer.checkpoint import META_FILE, load, load_tokenizer, read_meta
 from dsformer.errors import DsformerError
 
 DEFAULT_MODEL = "minilm"
@@ -65,7 +65,7 @@ def load_pretrained(model: str | None, task_head: bool = False, num_labels: int 
     looks_local = source.startswith((".", "/", "~")) or Path(source).exists()
     if looks_local and not (Path(source).expanduser() / "config.json").exists():
         raise DsformerError(f"model folder {source} has no config.json; give a Hugging Face model folder or hub name")
-    if looks_local and (Path(source).expanduser() / "dsformer.json").exists():
+    if looks_local and (Path(source).expanduser() / META_FILE).exists():
         return _load_dense_run(Path(source).expanduser(), task_head, num_labels)
     auto = AutoModelForSequenceClassification if task_head else AutoModel
     if not task_head and is_causal_lm(source):

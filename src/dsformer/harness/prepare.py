@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsformer.calibration import InputMoments
+from dsformer.calibration import InputMoments, blocks_of
 from dsformer.errors import DsformerError
 from dsformer.harness.evaluation import encode
 from dsformer.harness.methods import check_method, method
@@ -98,10 +98,10 @@ def make_student(teacher: nn.Module, ratio: float = 2.0) -> nn.Module:
     blocks kept, the nearest a whole number of blocks allows.
     """
     student = copy.deepcopy(teacher)
-    lists = [(name, mod) for name, mod in student.named_modules() if isinstance(mod, nn.ModuleList)]
-    if not lists:
-        raise DsformerError("distil: the model has no list of blocks to thin out")
-    name, blocks = max(lists, key=lambda item: len(item[1]))
+    try:
+        name, blocks = blocks_of(student)
+    except DsformerError:
+        raise DsformerError("distil: the model has no list of blocks to thin out") from None
     count = round(len(blocks) / ratio)
     if not 1 <= count < len(blocks):
         raise DsformerError(

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from dsformer.calibration import compress_calibrated
-from dsformer.checkpoint import check_model_output, load, load_tokenizer, read_meta, save
+from dsformer.checkpoint import META_FILE, check_model_output, load, load_tokenizer, read_meta, save
 from dsformer.errors import DsformerError
 from dsformer.files import atomic_write_text, exclusive
 from dsformer.hardware import check_device, describe
@@ -123,7 +123,7 @@ def evaluate_lm(
     task's test text (or a text file), with its protocol."""
     text = read_text(task, "test", data_dir)
     folder = Path(model)
-    if (folder / "dsformer.json").exists():
+    if (folder / META_FILE).exists():
         loaded, tokenizer = load(folder), load_tokenizer(folder)
     else:
         loaded, tokenizer = load_pretrained(model)
