@@ -174,6 +174,7 @@ def compress_calibrated(
     batches: Iterable[Batch],
     progress: bool = True,
     global_budget: bool = False,
+    moments: dict[str, torch.Tensor] | None = None,
 ) -> Report:
     """Replace the target linears of ``model`` by compact layers fitted to their calibration inputs, in place.
 
@@ -181,7 +182,8 @@ def compress_calibrated(
     Every target is planned (checked) before any block is touched; targets outside the repeated
     blocks are not supported here (give them to :func:`dsformer.surgery.compress`).
     ``global_budget``: the structure's ratio holds for all targets together and each layer gets its
-    own (:mod:`dsformer.allocation`); per-layer overrides keep theirs.
+    own (:mod:`dsformer.allocation`); per-layer overrides keep theirs. ``moments``, a dict, receives each
+    layer's input second moment as its fit saw it (what STF's data-aware projections go on with).
     """
     start = time.perf_counter()
     bytes_before = model_bytes(model)
@@ -218,18 +220,20 @@ def compress_calibrated(
             names = [name for name, owner in owners.items() if owner == index]
             if names:
                 sources = {name: model.get_submodule(name) for name in names}
-                moments = InputMoments(sources)
+                recorder = InputMoments(sources)
                 try:
                     _run_block(block, inputs)
                 finally:
-                    moments.remove()
-                grams = moments.moments()
+                    recorder.remove()
+                grams = recorder.moments()
+                if moments is not None:
+                    moments.update(grams)
                 weights = {name: linear_weight(module).detach() for name, module in sources.items()}
                 notes += [
-                    f"{name}: {moments.token_count(name)} calibration tokens for {weights[name].shape[1]} inputs; "
+                    f"{name}: {recorder.token_count(name)} calibration tokens for {weights[name].shape[1]} inputs; "
                     f"X Xᵀ is singular and was damped ({DAMPING:g} of its mean diagonal): give more --samples"
                     for name in names
-                    if moments.token_count(name) < weights[name].shape[1]
+                    if recorder.token_count(name) < weights[name].shape[1]
                 ]
                 chosen = {name: structures[name] for name in names}
                 layers = build(fit(weights, chosen, inputs=grams), chosen, sources)

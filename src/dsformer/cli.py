@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dsformer.errors import DsformerError, Interrupted
 from dsformer.files import check_file_output
-from dsformer.harness.methods import METHODS, TRAINERS
+from dsformer.harness.methods import METHODS, POST_TRAINING, TRAINERS
 from dsformer.harness.tasks import TASKS
 
 MODEL = "local folder or hub name (default: the embedded all-MiniLM-L6-v2)"
@@ -69,10 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
          ("--no-save", {"action": "store_true", "help": "only report, write no model folder"}),
          ("--quiet", {"action": "store_true", "help": "no progress bar"}))  # fmt: skip
     methods = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
-    fin = verb("finetune", "fine-tune a model on a task with one method: dense, a baseline or DSFormer",
-         ("--model", {"help": MODEL}), ("--task", {"default": "mr", "help": f"{', '.join(TASKS)} (default: mr)"}),
+    lm_methods = ", ".join(name for name, m in POST_TRAINING.items() if m.structure)
+    fin = verb("finetune", "fine-tune a model on a task with one method: dense, a baseline or DSFormer; "
+               "on wikitext2 (or a text file), compress a causal LM and heal it with KD from the dense one",
+         ("--model", {"help": MODEL}),
+         ("--task", {"default": "mr", "help": f"{', '.join(TASKS)}, wikitext2 or a text file (default: mr)"}),
          ("--data-dir", {"help": DATA}),
-         ("--method", {"default": "dsformer", "choices": list(METHODS), "metavar": "METHOD", "help": methods}),
+         ("--method", {"default": "dsformer", "choices": list({**METHODS, **POST_TRAINING}), "metavar": "METHOD",
+                       "help": f"{methods}. LM tasks: {lm_methods} (see dsformer compress)"}),
+         ("--tokens", {"type": _count, "default": 65536, "help": "LM tasks: training tokens (default: 65536)"}),
+         ("--samples", {"type": _count, "default": 128, "help": "LM tasks: calibration windows (default: 128)"}),
+         ("--max-windows", {"type": _count, "help": "LM tasks: perplexity on the first this many test windows"}),
          ("--ratio", {"type": _number, "default": 2.0, "help": "compression of the target layers (default: 2)"}),
          ("--trainer", {"choices": TRAINERS, "help": "default: the method's own"}),
          ("--fisher", {"action": "store_true", "help": "weight the fit (and every STF projection) by the rows' "
@@ -93,9 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
          ("--resume", {"action": "store_true", "help": "continue the interrupted run in --output"}),
          ("--device", {"default": "cpu", "help": "cpu, cuda or cuda:N (default: cpu)"}),
          ("--quiet", {"action": "store_true"}))  # fmt: skip
-    for flag, kind, default in (("--epochs", _number, 3.0), ("--lr", _number, 1e-4), ("--batch-size", int, 32),
-                                ("--max-length", int, 128), ("--seed", int, 0)):  # fmt: skip
+    for flag, kind, default in (("--epochs", _number, 3.0), ("--lr", _number, 1e-4), ("--seed", int, 0)):
         fin.add_argument(flag, type=kind, default=default, help=f"default: {default:g}")
+    fin.add_argument("--batch-size", type=int, help="default: 32 (LM tasks: 4 windows)")
+    fin.add_argument("--max-length", type=int, help="default: 128 (LM tasks: the window, 512)")
     verb("sweep", "run a grid of fine-tuning runs from a YAML config (resumable)",
          ("--config", {"required": True, "help": "experiments/<name>.yaml"}),
          ("--dry-run", {"action": "store_true", "help": "list the runs still to do and stop"}),
@@ -185,7 +193,14 @@ def finetune(args: argparse.Namespace) -> None:
     config = RunConfig.from_settings({**vars(args), "follow": not args.hold_projection, "progress": not args.quiet})
     output = Path(args.output or default_output(config))
     metrics = finetune(config, output, resume=args.resume)
-    if metrics is not None:  # None on the processes of a distributed run that do not write
+    if metrics is not None and metrics["metric"] == "perplexity":
+        ratios = metrics["ratios"]
+        print(
+            f"{metrics['method']} ({metrics['trainer']}) healed on {metrics['tokens']} tokens: test perplexity "
+            f"{metrics['test']['perplexity']:.3f} ({metrics['protocol']}), {ratios['ratio_params']:.2f}x params, "
+            f"{ratios['ratio_bytes']:.2f}x bytes\nsaved to {output}"
+        )
+    elif metrics is not None:  # None on the processes of a distributed run that do not write
         print(summary_table([metrics]) + f"\nsaved to {output} (metrics in {output / 'metrics.json'})")
 
 

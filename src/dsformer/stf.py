@@ -185,6 +185,7 @@ class STF:
         importance: dict[str, torch.Tensor] | None = None,
         overrides: dict[str, Structure] | None = None,
         inputs: dict[str, torch.Tensor] | None = None,
+        start: dict[str, Factors] | None = None,
     ) -> STF:
         """Replace the target linears by :class:`STFLinear` (in place) and project them once.
 
@@ -192,7 +193,8 @@ class STF:
         every layer is checked before any is replaced. ``importance`` maps layer names to per-output-row
         weights (Fisher information) that every projection's fit uses; ``inputs`` maps them to the second
         moment of their inputs (:class:`dsformer.calibration.InputMoments`), which makes every projection
-        data-aware.
+        data-aware. ``start`` gives every layer its first projection instead (factors fitted before, for
+        example block by block by :func:`dsformer.calibration.compress_calibrated`); later ones keep their layouts.
         """
         config = surgery.CompressConfig(structure or DenseSparseConfig(), targets, exclude, overrides or {})
         structures = surgery.plan(model, config)
@@ -203,7 +205,10 @@ class STF:
         surgery.swap(model, latent)
         layers = {name: (latent[name], structures[name]) for name in structures}
         stf = cls(model, layers, schedule or Schedule(), importance, inputs)
-        stf.refresh(first=True)
+        if start is None:
+            stf.refresh(first=True)
+        else:
+            stf.start_from(start)
         stf.set_step(0)
         return stf
 
@@ -230,6 +235,25 @@ class STF:
             self.refresh()
             return True
         return False
+
+    @torch.no_grad()
+    def start_from(self, start: dict[str, Factors]) -> None:
+        """Hold ``start[name]`` as each layer's projection (checked against the layer's shape first)."""
+        missing = sorted(set(self.layers) - set(start))
+        if missing:
+            raise DsformerError(f"STF start: no factors for {missing[0]} ({len(missing)} layers lack them)")
+        for name, (layer, _) in self.layers.items():
+            shape = tuple(start[name].reconstruct().shape)
+            if shape != (layer.out_features, layer.in_features):
+                raise DsformerError(
+                    f"STF start: the factors for {name} make a {shape} weight, "
+                    f"not {(layer.out_features, layer.in_features)}"
+                )
+        for name, (layer, _) in self.layers.items():
+            factors = start[name]
+            on_device = {f: t.to(layer.weight.device) for f, t in factors.tensors().items()}
+            layer.set_factors(factors.with_tensors(on_device))
+            layer.anchor.copy_(layer.weight.detach())
 
     @torch.no_grad()
     def refresh(self, first: bool = False, iters: int | None = None) -> float:

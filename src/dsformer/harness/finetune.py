@@ -25,6 +25,8 @@ from dsformer.errors import DsformerError
 from dsformer.files import atomic_write_text, exclusive
 from dsformer.hardware import check_device, describe
 from dsformer.harness.checkpoints import distributed, latest_checkpoint
+from dsformer.harness.healing import check_lm_run, finetune_lm
+from dsformer.harness.lm import is_lm_task
 from dsformer.harness.methods import check_method, method
 from dsformer.harness.models import load_pretrained
 from dsformer.harness.prepare import make_student, prepare
@@ -53,12 +55,21 @@ class RunConfig:
     device: str = "cpu"
     fisher: bool = False  # weight the structure's fit by Fisher information (dsformer.harness.prepare)
     calibrate: bool = False  # fit each layer's output on the task's training inputs (dsformer.harness.prepare)
+    tokens: int = 65536  # LM tasks: the healing budget in training tokens (dsformer.harness.healing)
+    samples: int = 128  # LM tasks: calibration windows of the fit
+    max_windows: int | None = None  # LM tasks: perplexity on the first this many test windows (None: all)
     train: TrainConfig = field(default_factory=TrainConfig)
     schedule: Schedule = field(default_factory=Schedule)
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> RunConfig:
-        """A config from one flat mapping of its own, ``TrainConfig``'s and ``Schedule``'s fields (others ignored)."""
+        """A config from one flat mapping of its own, ``TrainConfig``'s and ``Schedule``'s fields (others ignored).
+
+        A ``batch_size`` or ``max_length`` of None takes the task's default: 32 sentences of 128 tokens, or for
+        language modelling 4 windows of 512 tokens."""
+        lm = is_lm_task(settings.get("task", cls.task))
+        defaults = {"batch_size": 4 if lm else 32, "max_length": 512 if lm else 128}
+        settings = {**settings, **{k: v for k, v in defaults.items() if settings.get(k) is None}}
 
         def part(kind: type) -> dict[str, Any]:
             return {f.name: settings[f.name] for f in fields(kind) if f.name in settings}
@@ -98,7 +109,8 @@ def finetune(config: RunConfig, output: str | os.PathLike, resume: bool = False)
     is written atomically at the end; returns the metrics. Started by ``torchrun`` or ``accelerate
     launch``, it trains on every process (DDP); rank 0 writes and returns, the others return None.
     """
-    trainer = check_run(config)  # everything that can be checked before loading is checked first
+    lm = is_lm_task(config.task)
+    trainer = check_lm_run(config) if lm else check_run(config)  # what can be checked before loading is, first
     out = check_model_output(output, source=config.model)
     _join_processes(config.device)
     if distributed()[1] > 1:  # the processes of one run share the output; rank 0 writes it
@@ -126,6 +138,8 @@ def _finetune_output(config: RunConfig, out: Path, trainer: str, resume: bool) -
         _check_same_run(work / RUN_FILE, config)
     started = time.time()
     try:
+        if is_lm_task(config.task):
+            return _finetune_lm(config, out, work, trainer, resume)
         return _finetune(config, out, work, trainer, resume)
     except KeyboardInterrupt as interrupt:
         saved = (out / METRICS_FILE).exists() and (out / METRICS_FILE).stat().st_mtime >= started
@@ -218,6 +232,16 @@ def _finetune(config: RunConfig, out: Path, work: Path, trainer: str, resume: bo
         return None
     save(model.cpu(), out, tokenizer=tokenizer, report=report, extra_files={METRICS_FILE: metrics})
     shutil.rmtree(work, ignore_errors=True)  # checkpoints are only needed to resume an unfinished run
+    return metrics
+
+
+def _finetune_lm(config: RunConfig, out: Path, work: Path, trainer: str, resume: bool) -> dict[str, Any]:
+    if distributed()[1] > 1:
+        raise DsformerError("LM healing runs in one process for now; start it without torchrun")
+    atomic_write_text(work / RUN_FILE, json.dumps(_run_identity(config), indent=2) + "\n")
+    model, tokenizer, report, metrics = finetune_lm(config, work, trainer, resume)
+    save(model, out, tokenizer=tokenizer, report=report, extra_files={METRICS_FILE: metrics})
+    shutil.rmtree(work, ignore_errors=True)
     return metrics
 
 

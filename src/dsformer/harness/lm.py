@@ -44,7 +44,8 @@ LM_TASKS = {
 
 
 def is_lm_task(task: str | None) -> bool:
-    return task in LM_TASKS
+    """Whether ``task`` names language modelling: a task of :data:`LM_TASKS` or a text file (not a task folder)."""
+    return task in LM_TASKS or (task is not None and Path(task).is_file())
 
 
 def read_text(task: str, split: str, data_dir: str | None = None) -> str:

@@ -173,7 +173,7 @@ def evaluate_run(
     """``dsformer evaluate``: perplexity for a language-modelling task or a text file (:func:`evaluate_lm`), else
     the task's test metrics (:func:`evaluate_task`)."""
     check_backend(backend)
-    if is_lm_task(task) or (task and Path(task).is_file()):
+    if is_lm_task(task):
         if int8 or backend != "reference":
             raise DsformerError("perplexity runs on the reference backend without --int8 for now")
         return evaluate_lm(str(folder), task, data_dir, window, max_windows, progress)

@@ -150,9 +150,9 @@ def train(
     checkpoint = latest_checkpoint(out)
     if resume and checkpoint is None:
         raise TrainingError(f"--resume: no checkpoint in {out}; start without --resume")
-    settings = {"config": _settings(config), "schedule": asdict(stf.schedule) if stf is not None else None}
+    settings = {"config": settings_of(config), "schedule": asdict(stf.schedule) if stf is not None else None}
     if resume:
-        check_settings(out, settings, _settings(TrainConfig()))
+        check_settings(out, settings, settings_of(TrainConfig()))
     else:
         atomic_write_text(out / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
         checkpoint = None
@@ -185,7 +185,8 @@ def train(
     return run.result(validation, test)
 
 
-def _settings(config: TrainConfig) -> dict[str, Any]:
+def settings_of(config: TrainConfig) -> dict[str, Any]:
+    """The settings a resumed run must share with its checkpoint (all but the progress display)."""
     return {key: value for key, value in asdict(config).items() if key != "progress"}
 
 
@@ -237,7 +238,8 @@ class _Run:
         )
         callbacks: list[TrainerCallback] = [STFCallback(stf)] if stf is not None else []
         # the progress line after STF, whose re-projection is part of a step's time
-        callbacks += [_Progress(self, stf, config.progress and distributed()[0] == 0)]
+        show = config.progress and distributed()[0] == 0
+        callbacks += [Progress(f"train {self.data.spec.name}", self.step_times, stf, show)]
         callbacks.append(Checkpoints(config.checkpoint_every, stop, stop_at))
         trainer = TaskTrainer(
             self,
@@ -336,15 +338,7 @@ class TaskTrainer(Trainer):
             with torch.no_grad():
                 target = teacher.eval()(**{k: v for k, v in inputs.items() if k != "labels"}).logits.float()
             loss = distillation_loss(loss, outputs.logits.float(), target, self.job.data.spec, self.job.config)
-        shown = loss.detach().clone()
-        if distributed()[1] > 1:  # every process must see the same loss to stop together
-            torch.distributed.all_reduce(shown)
-        if not torch.isfinite(shown):
-            last = latest_checkpoint(self.job.out)
-            raise TrainingError(
-                f"loss became {shown.item()} at step {self.state.global_step + 1}; training stopped. The last good "
-                f"checkpoint is {last or 'not written yet'}; resume with --resume, perhaps with a lower --lr"
-            )
+        check_finite(loss, self.job.out, self.state.global_step + 1)
         return (loss, outputs) if return_outputs else loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -361,6 +355,20 @@ class TaskTrainer(Trainer):
         super().log(logs, start_time)
 
 
+def check_finite(loss: torch.Tensor, out: Path, step: int) -> None:
+    """Stop training on a non-finite loss (on every process of a distributed run alike), naming the checkpoint
+    to resume from."""
+    shown = loss.detach().clone()
+    if distributed()[1] > 1:  # every process must see the same loss to stop together
+        torch.distributed.all_reduce(shown)
+    if not torch.isfinite(shown):
+        last = latest_checkpoint(out)
+        raise TrainingError(
+            f"loss became {shown.item()} at step {step}; training stopped. The last good "
+            f"checkpoint is {last or 'not written yet'}; resume with --resume, perhaps with a lower --lr"
+        )
+
+
 def distillation_loss(
     task_loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, spec: TaskSpec, config: TrainConfig
 ) -> torch.Tensor:
@@ -375,29 +383,30 @@ def distillation_loss(
     return (1 - config.kd_alpha) * task_loss + config.kd_alpha * kd
 
 
-class _Progress(TrainerCallback):
-    """One line that moves: steps, loss, seconds per step, STF's support-change rate; a line per validation."""
+class Progress(TrainerCallback):
+    """One line that moves: steps, loss, seconds per step, STF's support-change rate; a line per validation.
+    Each step's seconds go to ``step_times``."""
 
-    def __init__(self, run: _Run, stf: STF | None, show: bool) -> None:
-        self.run, self.stf, self.show = run, stf, show
+    def __init__(self, label: str, step_times: list[float], stf: STF | None, show: bool) -> None:
+        self.label, self.step_times, self.stf, self.show = label, step_times, stf, show
         self.bar = None
         self.started = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.show:
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=f"train {self.run.data.spec.name}")
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.label)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.run.step_times.append(time.perf_counter() - self.started)
+        self.step_times.append(time.perf_counter() - self.started)
         if self.bar is not None:
             self.bar.update(1)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.bar is not None and logs and "loss" in logs:
-            shown = {"loss": f"{logs['loss']:.4f}", "step_s": f"{self.run.step_times[-1]:.2f}"}
+            shown = {"loss": f"{logs['loss']:.4f}", "step_s": f"{self.step_times[-1]:.2f}"}
             if "support_change" in logs:
                 shown["support_change"] = f"{logs['support_change']:.4f}"
             self.bar.set_postfix(shown, refresh=False)

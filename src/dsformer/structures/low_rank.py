@@ -77,6 +77,10 @@ class LowRankLinear(CompactLinear):
         self.left = nn.Parameter(factors.left.detach().clone())
         self.right = nn.Parameter(factors.right.detach().clone())
 
+    @property
+    def factors(self) -> LowRankFactors:
+        return LowRankFactors(LowRankLayout(self.out_features, self.in_features, self.rank), self.left, self.right)
+
     def materialize(self) -> torch.Tensor:
         return self.left @ self.right
 
