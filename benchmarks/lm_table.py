@@ -1,6 +1,7 @@
-"""The table and plot of ``results/lm/*.json`` (written by ``benchmarks/lm_compress.py``) for ``docs/lm.md``.
+"""The tables and plot of ``results/lm/*.json`` (training-free, by ``benchmarks/lm_compress.py``) and of
+``results/lm/heal/*.json`` (healed, by ``dsformer sweep --config experiments/lm.yaml``) for ``docs/lm.md``.
 
-.venv/bin/python benchmarks/lm_table.py            # prints the markdown table, writes docs/lm_perplexity.png
+.venv/bin/python benchmarks/lm_table.py            # prints the markdown tables, writes docs/lm_perplexity.png
 """
 
 from __future__ import annotations
@@ -39,7 +40,26 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: list[dict], path: Path) -> None:
+def healed_table(healed: list[dict], free: list[dict]) -> str:
+    """One row per healed run: the training-free perplexity of the same fit beside the healed one."""
+    before = {(r["method"], r["ratio"]): r["test"]["perplexity"] for r in free}
+    head = (
+        "| method | trainer | ratio by params | ratio by bytes | training-free | healed | steps x tokens "
+        "| s/step | run (min) |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for run in sorted(healed, key=lambda r: (r["ratio"], r["test"]["perplexity"])):
+        ratios, start = run["ratios"], before.get((run["method"], run["ratio"]))
+        lines.append(
+            f"| {run['method']} | {run['trainer']} | {ratios['ratio_params']:.2f}x | {ratios['ratio_bytes']:.2f}x "
+            f"| {'-' if start is None else format(start, '.2f')} | {run['test']['perplexity']:.2f} "
+            f"| {run['steps']} x {run['tokens'] // max(1, run['steps'])} | {run['mean_step_seconds']:.1f} "
+            f"| {run['wall_seconds'] / 60:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path, healed: list[dict] = ()) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     # the data-free fits (perplexity in the thousands to millions) would flatten every other curve
     shown = [r for r in runs if r["test"]["perplexity"] < 1000]
@@ -49,13 +69,16 @@ def plot(runs: list[dict], path: Path) -> None:
             (r["report"]["totals"]["ratio_bytes"], r["test"]["perplexity"]) for r in shown if r["method"] == name
         )
         ax.plot(*zip(*points, strict=True), marker="o", label=name)
+    for run in healed:  # one point each: a healed run at its byte ratio
+        ax.plot(run["ratios"]["ratio_bytes"], run["test"]["perplexity"], marker="*" if run["trainer"] == "stf" else "^",
+                linestyle="none", markersize=9, label=f"{run['method']} healed, {run['trainer']}")  # fmt: skip
     dense = next((r for r in runs if r["method"] == "dense"), None)
     if dense:
         ax.axhline(dense["test"]["perplexity"], color="black", linestyle="--", label="dense")
     ax.set_xlabel("compression of the target layers, by stored bytes (indices included)")
     ax.set_ylabel("WikiText-2 perplexity (log scale)")
     ax.set_yscale("log")
-    ax.set_title("SmolLM2-135M, training-free (fits without data: off the scale)")
+    ax.set_title("SmolLM2-135M: lines training-free (data-free fits off the scale), marks healed", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -64,11 +87,15 @@ def plot(runs: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=ROOT / "results" / "lm")
+    parser.add_argument("--healed", type=Path, default=ROOT / "results" / "lm" / "heal")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "lm_perplexity.png")
     args = parser.parse_args()
     runs = load_runs(args.results)
     print(table(runs))
-    plot(runs, args.plot)
+    healed = load_runs(args.healed) if args.healed.is_dir() else []
+    if healed:
+        print("\n" + healed_table(healed, runs))
+    plot(runs, args.plot, healed)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +52,7 @@ def test_cli_heals_a_compressed_lm_and_saves_it(lm_corpus, tmp_path, capsys, met
     assert main(heal_args(folder, text, out, *extra)) == 0
     assert "test perplexity" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["protocol"].startswith("the last tenth of")  # one text file: its end is held out for the test
     assert metrics["trainer"] == (trainer or "conventional") and metrics["steps"] == 3 and metrics["tokens"] == 96
     assert metrics["ratios"]["ratio_params"] == pytest.approx(2.0, rel=0.2) and metrics["test"]["perplexity"] > 1
     model = load(out)
@@ -82,6 +84,23 @@ def test_distillation_loss_is_zero_for_the_teacher_itself():
     logits = torch.randn(2, 5, 7)
     assert lm_distillation_loss(torch.tensor(0.0), logits, logits, 1.0, 2.0).abs() < 1e-6
     assert lm_distillation_loss(torch.tensor(3.0), logits, logits, 0.25, 2.0) == pytest.approx(2.25)
+
+
+def test_distillation_loss_is_the_teachers_kl_over_predicting_positions():
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 4, 6, generator=gen), torch.randn(2, 4, 6, generator=gen)
+    t, alpha = 2.0, 0.75
+    kl = 0.0
+    for b in range(2):
+        for i in range(3):  # the last position predicts nothing: it is not scored
+            p = torch.softmax(teacher[b, i] / t, -1)
+            kl += float((p * (p.log() - torch.log_softmax(student[b, i] / t, -1))).sum())
+    want = (1 - alpha) * 1.5 + alpha * t * t * kl / 6
+    got = lm_distillation_loss(torch.tensor(1.5), student, teacher, alpha, t)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    changed = student.clone()
+    changed[:, -1] += 5.0
+    assert float(lm_distillation_loss(torch.tensor(1.5), changed, teacher, alpha, t)) == pytest.approx(float(got))
 
 
 def interrupt_at(monkeypatch, k: int) -> None:
@@ -129,6 +148,10 @@ def test_an_interrupted_healing_resumes_exactly_without_refitting(lm_corpus, tmp
         (["--method", "ds-aware", "--ratio", "0.5"], "ratio"),
         (["--method", "ds-aware", "--max-length", "4096"], "--window 4096"),
         (["--method", "ds-aware", "--batch-size", "500"], "fewer than one batch"),
+        (["--method", "ds-aware", "--tokens", "-1"], "tokens must be a whole number of at least 0"),
+        (["--method", "ds-aware-global", "--trainer", "stf"], "heal it with --trainer conventional"),
+        (["--method", "ds-aware", "--device", "gpu"], "give cpu, cuda or cuda:N"),
+        (["--method", "ds-aware", "--tokens", "0", "--trainer", "stf"], "fits without training"),
     ],
 )
 def test_bad_healing_runs_are_refused_with_nothing_written(lm_corpus, tmp_path, capsys, extra, message):
@@ -138,3 +161,66 @@ def test_bad_healing_runs_are_refused_with_nothing_written(lm_corpus, tmp_path, 
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and not out.with_name("never.work").exists()
+
+
+def test_zero_tokens_is_the_training_free_fit(lm_corpus, tmp_path, capsys):
+    folder, text = lm_corpus
+    fitted, healed = tmp_path / "fitted", tmp_path / "healed"
+    args = [a if a != "96" else "0" for a in heal_args(folder, text, fitted, "--method", "ds-aware")]
+    assert main(args) == 0
+    assert main(heal_args(folder, text, healed, "--method", "ds-aware", "--trainer", "conventional")) == 0
+    a, b = (json.loads((out / "metrics.json").read_text()) for out in (fitted, healed))
+    assert (a["steps"], a["tokens"], a["trainer"], a["history"]) == (0, 0, "-", [])
+    assert b["steps"] == 3 and a["test"]["perplexity"] != b["test"]["perplexity"]
+    # the healed run trained from the same fit: its support is the training-free one
+    start, trained = (compact_layers(load(out)) for out in (fitted, healed))
+    for name, layer in start.items():
+        assert torch.equal(layer.indices, trained[name].indices)
+
+
+def test_a_sweep_heals_an_lm_from_the_pretrained_model(lm_corpus, tmp_path, capsys):
+    from dsformer.harness.sweep import load_sweep, run_sweep
+
+    folder, text = lm_corpus
+    config = tmp_path / "lm.yaml"
+    config.write_text(
+        f"name: lm\nmodel: {folder}\nkeep_models: false\ntrain: {{batch_size: 2, max_length: 16}}\n"
+        f"tasks:\n  {text}: {{tokens: 64, samples: 4}}\nratios: [2]\nseeds: [0]\n"
+        "methods:\n  - {method: svd-llm}\n  - {label: ds-stf, method: ds-aware-bytes, trainer: stf}\n"
+    )
+    sweep = load_sweep(config)
+    planned = sweep.plan()
+    assert [r.label for r in planned] == ["svd-llm", "ds-stf"]  # no dense start: the pretrained model is the teacher
+    assert all(r.config.model == str(folder) and r.config.train.max_length == 16 for r in planned)
+    run_sweep(sweep, quiet=True)
+    for run in planned:
+        record = json.loads(run.result.read_text())
+        assert record["metric"] == "perplexity" and record["tokens"] == 64 and record["label"] == run.label
+        assert not run.output.exists()  # keep_models: false
+
+
+def test_a_run_interrupted_after_its_fit_resumes_from_the_fit(lm_corpus, tmp_path, capsys, monkeypatch):
+    import dsformer.harness.healing as healing
+
+    folder, text = lm_corpus
+    out = tmp_path / "run"
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(healing, "heal", stop)
+    assert main(heal_args(folder, text, out, "--method", "ds-aware")) == 130
+    assert "--resume" in capsys.readouterr().err and healing.fitted_start(out.with_name("run.work"))
+    monkeypatch.undo()
+    monkeypatch.setattr(healing, "compress_calibrated", lambda *a, **k: pytest.fail("fitted again on resume"))
+    assert main(heal_args(folder, text, out, "--method", "ds-aware", "--resume")) == 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 3
+
+
+def test_runs_on_a_text_file_are_named_by_its_stem(lm_corpus):
+    from dsformer.harness.finetune import RunConfig, default_output
+
+    _, text = lm_corpus
+    config = RunConfig.from_settings({"task": str(text), "method": "ds-aware", "ratio": 2.0})
+    assert default_output(config) == Path("outputs") / "corpus-ds-aware-2x"
+    assert (config.train.batch_size, config.train.max_length, config.train.checkpoint_every) == (4, 512, 10)

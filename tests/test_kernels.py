@@ -219,13 +219,27 @@ def test_auto_keeps_no_dense_copy_unless_it_chose_dense():
     assert ("dense" in kept) == (choice == "dense")
 
 
-native_only = pytest.mark.skipif(not native.available(), reason="the native kernel needs AVX-512 and a C compiler")
+native_only = pytest.mark.skipif(
+    not native.available(), reason="no native kernel variant for this CPU, or no C compiler"
+)
 
 
-@native_only
-@pytest.mark.parametrize("row_len", [1, 16, 37, 128, 200], ids=lambda n: f"L{n}")
+@pytest.fixture(params=list(native.VARIANTS))
+def native_variant(request, monkeypatch):
+    """Each variant of the native kernel this CPU runs, in turn (an AVX-512 machine runs the AVX2 one too)."""
+    if request.param not in native.runnable():
+        pytest.skip(f"this CPU does not run the {request.param} variant")
+    monkeypatch.setenv("DSFORMER_NATIVE", request.param)
+    native.variant.cache_clear()
+    if not native.available():
+        pytest.skip("no C compiler")
+    yield request.param
+    native.variant.cache_clear()
+
+
+@pytest.mark.parametrize("row_len", [1, 16, 37, 64, 128, 200], ids=lambda n: f"L{n}")
 @pytest.mark.parametrize("sequences", [1, 3])
-def test_native_bags_match_the_embedding_bag(row_len, sequences):
+def test_native_bags_match_the_embedding_bag(native_variant, row_len, sequences):
     gen = torch.Generator().manual_seed(row_len)
     rows = torch.randn(sequences, 11, row_len, generator=gen)
     index = torch.randint(0, 11, (7, 4), generator=gen, dtype=torch.int32)
@@ -316,8 +330,7 @@ def test_fused_gelu_computes_the_same_model(backend):
     assert relative_error(model_output(model), want) < 1e-5
 
 
-@native_only
-def test_native_gelu_matches_torch():
+def test_native_gelu_matches_torch(native_variant):
     gen = torch.Generator().manual_seed(0)
     rows = torch.randn(2, 9, 50, generator=gen) * 3
     index = torch.randint(0, 9, (6, 3), generator=gen, dtype=torch.int32)
@@ -356,3 +369,35 @@ def test_a_path_whose_triton_kernel_cannot_build_is_dropped_and_other_errors_are
         else:
             with pytest.raises(ValueError):
                 choice._runs(layer, "triton", torch.randn(2, 64))
+
+
+def test_native_gelu_holds_over_the_whole_float_range(native_variant):
+    import ctypes
+
+    x = torch.cat([torch.linspace(-30, 30, 6001), torch.tensor([-1e30, -100.0, 0.0, 100.0, 1e30])])
+    out = torch.empty_like(x)
+    native._library().dsformer_gelu(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(out.data_ptr()), x.numel())
+    assert torch.isfinite(out).all() and (out - F.gelu(x)).abs().max() < 2e-6
+
+
+CROSS = {"neon": ("aarch64-linux-gnu-gcc", "qemu-aarch64", ())}  # variant: compiler, emulator, extra flags
+
+
+@pytest.mark.parametrize("name", list(CROSS))
+def test_a_variant_for_another_cpu_matches_a_plain_loop_under_emulation(name, tmp_path):
+    """The ARM64 build, cross-compiled and run under qemu (Debian: gcc-aarch64-linux-gnu, qemu-user)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    compiler, emulator, flags = CROSS[name]
+    if not (shutil.which(compiler) and shutil.which(emulator)):
+        pytest.skip(f"needs {compiler} and {emulator}")
+    source, isa = native.VARIANTS[name]
+    check = Path(__file__).with_name("native") / "check_bags.c"
+    program = tmp_path / "check"
+    subprocess.run([compiler, "-O3", "-fopenmp", "-static", *isa, *flags, "-o", program, check, source, "-lm"],
+                   check=True, capture_output=True)  # fmt: skip
+    result = subprocess.run([emulator, program], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert result.stdout.count(" ok\n") == 56

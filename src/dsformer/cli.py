@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
          ("--data-dir", {"help": DATA}),
          ("--method", {"default": "dsformer", "choices": list({**METHODS, **POST_TRAINING}), "metavar": "METHOD",
                        "help": f"{methods}. LM tasks: {lm_methods} (see dsformer compress)"}),
-         ("--tokens", {"type": _count, "default": 65536, "help": "LM tasks: training tokens (default: 65536)"}),
+         ("--tokens", {"type": int, "default": 65536, "help": "LM tasks: training tokens (0: none; default: 65536)"}),
          ("--samples", {"type": _count, "default": 128, "help": "LM tasks: calibration windows (default: 128)"}),
          ("--max-windows", {"type": _count, "help": "LM tasks: perplexity on the first this many test windows"}),
          ("--ratio", {"type": _number, "default": 2.0, "help": "compression of the target layers (default: 2)"}),
@@ -196,7 +196,7 @@ def finetune(args: argparse.Namespace) -> None:
     if metrics is not None and metrics["metric"] == "perplexity":
         ratios = metrics["ratios"]
         print(
-            f"{metrics['method']} ({metrics['trainer']}) healed on {metrics['tokens']} tokens: test perplexity "
+            f"{metrics['method']} ({metrics['trainer']}) trained on {metrics['tokens']} tokens: test perplexity "
             f"{metrics['test']['perplexity']:.3f} ({metrics['protocol']}), {ratios['ratio_params']:.2f}x params, "
             f"{ratios['ratio_bytes']:.2f}x bytes\nsaved to {output}"
         )

@@ -29,6 +29,7 @@ def describe() -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "cpu_features": torch.backends.cpu.get_cpu_capability(),  # the vector paths torch runs: AVX512, AVX2, ...
+        "native_kernel": _native_variant(),  # dsformer's compiled gather kernel: avx512, avx2, neon or off
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -37,6 +38,12 @@ def describe() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def _native_variant() -> str:
+    from dsformer.kernels import native  # the kernels need this module: imported when first asked
+
+    return native.variant() or "off"
 
 
 def triton_installed() -> bool:
@@ -56,3 +63,10 @@ def check_device(device: str) -> None:
         raise DsformerError(f"--device {device!r}: give cpu, cuda or cuda:N")
     if kind == "cuda" and not torch.cuda.is_available():
         raise DsformerError(f"--device {device} was asked for but no CUDA device is available; use --device cpu")
+
+
+def check_run_device(device: str) -> None:
+    """:func:`check_device`, and for a training run in one process the GPU is picked by ``CUDA_VISIBLE_DEVICES``."""
+    check_device(device)
+    if device.startswith("cuda:") and device != "cuda:0" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        raise DsformerError(f"--device {device}: pick the GPU with CUDA_VISIBLE_DEVICES and pass --device cuda")

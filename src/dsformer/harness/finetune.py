@@ -23,10 +23,10 @@ import torch
 from dsformer.checkpoint import check_model_output, load, read_meta, save
 from dsformer.errors import DsformerError
 from dsformer.files import atomic_write_text, exclusive
-from dsformer.hardware import check_device, describe
+from dsformer.hardware import check_run_device, describe
 from dsformer.harness.checkpoints import distributed, latest_checkpoint
-from dsformer.harness.healing import check_lm_run, finetune_lm
-from dsformer.harness.lm import is_lm_task
+from dsformer.harness.healing import check_lm_run, finetune_lm, fitted_start
+from dsformer.harness.lm import is_lm_task, task_label
 from dsformer.harness.methods import check_method, method
 from dsformer.harness.models import load_pretrained
 from dsformer.harness.prepare import make_student, prepare
@@ -69,6 +69,7 @@ class RunConfig:
         language modelling 4 windows of 512 tokens."""
         lm = is_lm_task(settings.get("task", cls.task))
         defaults = {"batch_size": 4 if lm else 32, "max_length": 512 if lm else 128}
+        defaults |= {"checkpoint_every": 10} if lm else {}  # an LM step takes seconds, not milliseconds
         settings = {**settings, **{k: v for k, v in defaults.items() if settings.get(k) is None}}
 
         def part(kind: type) -> dict[str, Any]:
@@ -94,9 +95,7 @@ def check_run(config: RunConfig) -> str:
             f"--polish trains the compact factors in transformers.Trainer, whose checkpoints cannot hold one basis "
             f"shared by several layers; {config.method} cannot polish"
         )
-    check_device(config.device)
-    if config.device.startswith("cuda:") and config.device != "cuda:0" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        raise DsformerError(f"--device {config.device}: pick the GPU with CUDA_VISIBLE_DEVICES and pass --device cuda")
+    check_run_device(config.device)
     if config.max_train is not None and config.max_train < 1:
         raise DsformerError(f"max_train must be at least 1 example (got {config.max_train})")
     return trainer
@@ -247,7 +246,7 @@ def _finetune_lm(config: RunConfig, out: Path, work: Path, trainer: str, resume:
 
 def default_output(config: RunConfig) -> Path:
     """``outputs/<task>-<method>[-<ratio>x][-<trainer>][-fisher][-s<seed>]``: whatever tells two runs apart."""
-    parts = [config.task, config.method] + ([] if config.method == "dense" else [f"{config.ratio:g}x"])
+    parts = [task_label(config.task), config.method] + ([] if config.method == "dense" else [f"{config.ratio:g}x"])
     parts += [config.trainer] if config.trainer else []
     parts += ["fisher"] if config.fisher else []
     parts += ["calibrated"] if config.calibrate else []
@@ -264,7 +263,7 @@ def work_folder(output: str | os.PathLike) -> Path:
 def has_checkpoint(output: str | os.PathLike) -> bool:
     """Whether the run writing ``output`` was interrupted and left a checkpoint to resume."""
     work = work_folder(output)
-    return work.is_dir() and latest_checkpoint(work) is not None
+    return work.is_dir() and (latest_checkpoint(work) is not None or fitted_start(work))
 
 
 def _join_processes(device: str) -> None:

@@ -2,8 +2,8 @@
 
 The LM is compressed first (block by block on calibration windows for the data-aware methods,
 :func:`dsformer.calibration.compress_calibrated`), then trains on windows of the same text for a
-token budget, with ``(1 - α) · next-token CE + α · T² · KL(dense ‖ compressed)`` per token. Two
-trainers:
+token budget, with ``(1 - α) · next-token CE + α · T² · KL(dense ‖ compressed)`` per token (a
+budget of 0 tokens: the training-free fit, evaluated as it is). Two trainers:
 
 - ``stf``: latent dense weights start from the pretrained ones; the fitted factors are their first
   projection and every later one is data-aware on the calibration moments (STF).
@@ -51,7 +51,7 @@ from dsformer.callbacks import STFCallback
 from dsformer.checkpoint import META_FILE, compact_layers, load, read_meta, save
 from dsformer.errors import DsformerError, Interrupted
 from dsformer.files import atomic_write_text
-from dsformer.hardware import describe
+from dsformer.hardware import check_run_device, describe
 from dsformer.harness.checkpoints import (
     SETTINGS_FILE,
     Checkpoints,
@@ -62,10 +62,12 @@ from dsformer.harness.checkpoints import (
     latest_checkpoint,
 )
 from dsformer.harness.lm import (
+    LM_TASKS,
     calibration_batches,
     context_length,
     cut_windows,
     eval_windows,
+    held_out,
     perplexity,
     read_text,
     tokenize,
@@ -120,6 +122,8 @@ def heal(
     ``output_dir`` holds the Trainer's checkpoints; ``resume`` continues from the latest exactly.
     With ``stf`` the model trains straight-through (the caller finalizes it).
     """
+    if steps < 1:
+        raise TrainingError(f"healing needs at least 1 step (got {steps})")
     out = Path(output_dir)
     checkpoint = latest_checkpoint(out)
     if resume and checkpoint is None:
@@ -238,8 +242,20 @@ def check_lm_run(config: Any) -> str:
         )
     if config.schedule.polish:
         raise DsformerError("--polish is not offered for LM healing yet")
-    if config.tokens < 1 or config.samples < 1:
-        raise DsformerError(f"--tokens and --samples must be at least 1 (got {config.tokens}, {config.samples})")
+    check_run_device(config.device)
+    for name, least in (("tokens", 0), ("samples", 1), ("max_windows", 1)):
+        value = getattr(config, name)
+        if (value is not None or name != "max_windows") and (not isinstance(value, int) or value < least):
+            raise DsformerError(f"{name} must be a whole number of at least {least} (got {value!r})")
+    if config.tokens == 0:  # the training-free fit: no trainer
+        if config.trainer is not None or not config.schedule.is_default():
+            raise DsformerError("--tokens 0 fits without training: --trainer and the STF flags do not apply")
+        return "-"
+    if trainer == "stf" and chosen.global_budget:
+        raise DsformerError(
+            f"{config.method} gives each layer its own ratio, which STF's projections do not keep yet: "
+            "heal it with --trainer conventional"
+        )
     return trainer
 
 
@@ -250,13 +266,16 @@ def finetune_lm(config: Any, work: Path, trainer: str, resume: bool) -> tuple[nn
     chosen = POST_TRAINING[config.method]
     test_text = read_text(config.task, "test", config.data_dir)  # a missing file fails before the model loads
     text = read_text(config.task, "calibration", config.data_dir)
+    own_text = config.task not in LM_TASKS
+    if own_text:  # one file: train on it all but its last tenth, which is the test text
+        text, test_text = held_out(text)
     teacher, tokenizer = load_pretrained(config.model)
     if tokenizer is None or teacher.get_output_embeddings() is None:
         name = config.model or "the model"
         raise DsformerError(f"{name} is not a causal LM with a tokenizer; it cannot heal on text")
     window = context_length(teacher, config.train.max_length)
     windows = cut_windows(tokenize(tokenizer, text), window)
-    if len(windows) < config.train.batch_size:
+    if config.tokens > 0 and len(windows) < config.train.batch_size:
         raise DsformerError(
             f"the calibration text makes {len(windows)} windows of {window} tokens, fewer than one batch "
             f"of {config.train.batch_size}"
@@ -268,8 +287,10 @@ def finetune_lm(config: Any, work: Path, trainer: str, resume: bool) -> tuple[nn
     structure = structure_config(chosen.structure, ratio=config.ratio, **chosen.options)
     student, moments, report, fit_seconds = _fitted_start(config, teacher, tokenizer, text, window, work, resume)
     student.to(device)
-    stf = None
-    if trainer == "stf":
+    stf, result = None, HealResult(steps=0, tokens=0, seconds=0.0, mean_step_seconds=0.0, losses=[])
+    if config.tokens == 0:
+        model = student.eval()
+    elif trainer == "stf":
         start = {name: layer.factors for name, layer in compact_layers(student).items()}
         model = copy.deepcopy(teacher).train()
         stf = STF.wrap(model, structure, schedule=config.schedule, inputs=moments, start=start)
@@ -278,14 +299,17 @@ def finetune_lm(config: Any, work: Path, trainer: str, resume: bool) -> tuple[nn
         model = student.train()
     for param in teacher.parameters():
         param.requires_grad_(False)
-    steps = max(1, math.ceil(config.tokens / (config.train.batch_size * window)))
-    torch.manual_seed(config.train.seed)
-    result = heal(model, windows, config.train, steps, work, teacher, stf, resume)
+    if config.tokens > 0:
+        steps = math.ceil(config.tokens / (config.train.batch_size * window))
+        torch.manual_seed(config.train.seed)
+        resume = resume and latest_checkpoint(work) is not None  # else only the fit was done: training starts
+        result = heal(model, windows, config.train, steps, work, teacher, stf, resume)
     if stf is not None:
         report = stf.finalize(iters=0)  # exactly the projection training last computed with
     del teacher
     test = perplexity(model, test_windows, progress=config.train.progress)
-    protocol = f"{config.task} test, {test['windows']} non-overlapping windows of {window} tokens"
+    split = f"the last tenth of {config.task}'s lines (the rest trained)" if own_text else f"{config.task} test"
+    protocol = f"{split}, {test['windows']} non-overlapping windows of {window} tokens"
     metrics = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "method": config.method,
@@ -318,14 +342,16 @@ def _fitted_start(
     """The compressed model training starts from, its calibration moments (STF's projections use them) and
     report: fitted now (and kept in ``work``), or, resuming, the kept one."""
     folder = work / START
-    if resume and (folder / META_FILE).exists():
+    chosen = POST_TRAINING[config.method]
+    if resume and fitted_start(work):
         student = load(folder)
-        moments = load_file(str(work / MOMENTS_FILE)) if (work / MOMENTS_FILE).exists() else None
+        if chosen.calibrated and not (work / MOMENTS_FILE).exists():
+            raise TrainingError(f"{work} holds a fit without its calibration moments: delete {work} to start over")
+        moments = load_file(str(work / MOMENTS_FILE)) if chosen.calibrated else None
         for name, layer in compact_layers(student).items():
             if moments is not None and tuple(moments.get(name, torch.empty(0)).shape) != (layer.in_features,) * 2:
                 raise TrainingError(f"{work / MOMENTS_FILE} does not fit {name}: delete {work} to start over")
         return student, moments, Report.from_json(read_meta(folder)["report"]), None
-    chosen = POST_TRAINING[config.method]
     structure = structure_config(chosen.structure, ratio=config.ratio, **chosen.options)
     student = copy.deepcopy(teacher)
     begun = time.perf_counter()
@@ -338,7 +364,14 @@ def _fitted_start(
     else:
         report = compress(student, CompressConfig(structure), progress=config.train.progress)
     fit_seconds = time.perf_counter() - begun
+    if moments:  # before the start, which marks the fit done; a tensor of its own each (inputs share moments)
+        partial = work / (MOMENTS_FILE + ".partial")
+        save_file({name: gram.contiguous().clone() for name, gram in moments.items()}, str(partial))
+        os.replace(partial, work / MOMENTS_FILE)
     save(student.cpu(), folder, report=report)
-    if moments:  # a file of its own per tensor: layers that read one input share their moment in memory
-        save_file({name: gram.contiguous().clone() for name, gram in moments.items()}, str(work / MOMENTS_FILE))
     return student, moments or None, report, fit_seconds
+
+
+def fitted_start(work: Path) -> bool:
+    """Whether the work folder of an LM run holds its finished fit (a resumed run trains from it)."""
+    return (work / START / META_FILE).exists()

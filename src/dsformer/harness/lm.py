@@ -48,6 +48,24 @@ def is_lm_task(task: str | None) -> bool:
     return task in LM_TASKS or (task is not None and Path(task).is_file())
 
 
+def task_label(task: str) -> str:
+    """A task's name in run names: a text file's stem (never a path), else the task itself."""
+    return Path(task).stem if task not in LM_TASKS and Path(task).is_file() else task
+
+
+def held_out(text: str, share: float = 0.1) -> tuple[str, str]:
+    """A text cut in two at a line break: the first ``1 - share`` to train on, the rest to test on.
+
+    >>> held_out("a\nb\nc\nd\ne\nf\ng\nh\ni\nj\n")
+    ('a\nb\nc\nd\ne\nf\ng\nh\ni\n', 'j\n')
+    """
+    lines = text.splitlines(keepends=True)
+    cut = len(lines) - max(1, round(share * len(lines)))
+    if cut < 1:
+        raise DataError("the text has too few lines to hold some out for testing")
+    return "".join(lines[:cut]), "".join(lines[cut:])
+
+
 def read_text(task: str, split: str, data_dir: str | None = None) -> str:
     """The ``test`` (evaluation) or ``calibration`` text of an LM task, or of a plain text file.
 

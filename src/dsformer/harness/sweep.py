@@ -49,7 +49,9 @@ import yaml
 from dsformer.errors import DsformerError
 from dsformer.files import atomic_write_text
 from dsformer.harness.finetune import RunConfig, check_run, finetune, has_checkpoint
-from dsformer.harness.methods import COMPRESSION
+from dsformer.harness.healing import check_lm_run
+from dsformer.harness.lm import is_lm_task, task_label
+from dsformer.harness.methods import COMPRESSION, POST_TRAINING
 from dsformer.harness.tasks import task_spec
 from dsformer.harness.training import TrainConfig
 from dsformer.stf import Schedule
@@ -91,8 +93,10 @@ class MethodSpec:
         unknown = set(entry) - known
         if unknown:
             raise SweepError(f"methods: unknown key(s) {sorted(unknown)} in {entry!r}")
-        if entry["method"] not in COMPRESSION:
-            raise SweepError(f"methods: {entry['method']!r} is not a compression method ({', '.join(COMPRESSION)})")
+        known_methods = [m for m in (*COMPRESSION, *POST_TRAINING) if m != "dense"]  # dense: each task's start
+        if entry["method"] not in known_methods:
+            names = ", ".join(known_methods)
+            raise SweepError(f"methods: {entry['method']!r} is not a compression method ({names})")
         schedule = dict(entry.get("schedule") or {})
         if set(schedule) - _SCHEDULE_FIELDS:
             raise SweepError(f"methods: unknown schedule key(s) {sorted(set(schedule) - _SCHEDULE_FIELDS)}")
@@ -123,7 +127,12 @@ class PlannedRun:
     config: RunConfig
     output: Path
     result: Path
-    dense: Path | None  # the dense run this one starts from (None: it is the dense run)
+    dense: Path | None  # the dense run this one starts from (None: it is one, or an LM run from the pretrained model)
+
+    @property
+    def is_start(self) -> bool:
+        """Whether this is a task's dense fine-tuning, the start of the task's other runs."""
+        return self.dense is None and self.config.method == "dense"
 
 
 @dataclass
@@ -147,6 +156,9 @@ class Sweep:
         first = self.seeds[0]
         for task, options in self.tasks.items():
             base = RunConfig(model=self.model, task=task, **options)
+            if is_lm_task(task):
+                runs += self._lm_runs(task, base)
+                continue
             dense_name = f"{task}-dense-s{first}"
             dense_out = self.outputs / dense_name
             dense_train = TrainConfig(**{**self.train, **self.dense, "seed": first, "progress": True})
@@ -183,6 +195,30 @@ class Sweep:
                                 self.outputs / name, self.results / f"{name}.json", dense_out,
                             )
                         )  # fmt: skip
+        return runs
+
+    def _lm_runs(self, task: str, base: RunConfig) -> list[PlannedRun]:
+        """An LM task's grid: every run compresses and heals the pretrained model, its own dense teacher."""
+        runs, seen = [], set()
+        for spec in (s for s in self.methods if s.tasks is None or task in s.tasks):
+            for ratio in spec.ratios or self.ratios:
+                for seed in spec.seeds or self.seeds:
+                    name = f"{task_label(task)}-{spec.label}-{ratio:g}x-s{seed}"
+                    if name in seen:
+                        continue
+                    seen.add(name)
+                    train = {"batch_size": 4, "max_length": 512, **self.train, "seed": seed, "progress": True}
+                    config = replace(
+                        base, method=spec.method, ratio=ratio, trainer=spec.trainer, fisher=spec.fisher,
+                        teacher="the pretrained model" if spec.teacher else None,  # refused: it is the teacher already
+                        train=TrainConfig(**train), schedule=Schedule(**spec.schedule),
+                    )  # fmt: skip
+                    runs.append(
+                        PlannedRun(
+                            name, task, spec.label, ratio, seed, config, self.outputs / name,
+                            self.results / f"{name}.json", None,
+                        )
+                    )  # fmt: skip
         return runs
 
 
@@ -223,13 +259,16 @@ def load_sweep(path: str | Path) -> Sweep:
         if options is not None and not isinstance(options, dict):
             raise SweepError(f"{file}: task {task}: its options are a mapping (data_dir, max_train), got {options!r}")
         options = dict(options or {})
-        if set(options) - {"data_dir", "max_train"}:
-            raise SweepError(f"{file}: task {task}: only data_dir and max_train can be set")
+        allowed = {"data_dir", "tokens", "samples", "max_windows"} if is_lm_task(task) else {"data_dir", "max_train"}
+        if set(options) - allowed:
+            *some, last = sorted(allowed)
+            raise SweepError(f"{file}: task {task}: only {', '.join(some)} and {last} can be set")
         if "data_dir" in options:  # a local folder, relative to the config; anything else names a hub dataset
             options["data_dir"] = _local_or_hub(here, str(options["data_dir"]))
         tasks[str(task)] = options
     for task in tasks:
-        task_spec(task)  # unknown task names fail here
+        if not is_lm_task(task):
+            task_spec(task)  # unknown task names fail here
     ratios = _numbers(raw["ratios"], float, f"{file}: ratios")
     for ratio in ratios:
         check_ratio(ratio)
@@ -265,7 +304,7 @@ def load_sweep(path: str | Path) -> Sweep:
     )
     for planned in sweep.plan():  # every run's options, before the first run trains for an hour
         try:
-            check_run(planned.config)
+            (check_lm_run if is_lm_task(planned.task) else check_run)(planned.config)
         except DsformerError as err:
             raise SweepError(f"{file}: run {planned.name}: {err}") from None
     return sweep
@@ -318,7 +357,7 @@ def run_sweep(
     refits = [
         r
         for r in planned_runs
-        if r.dense is None
+        if r.is_start
         and r.result.exists()
         and not (r.output / "metrics.json").exists()
         and any(t.dense == r.output for t in todo)
@@ -352,9 +391,9 @@ def run_sweep(
         names = {"sweep": sweep.name, "run": planned.name, "label": planned.label, "seed": planned.seed}
         planned.result.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(planned.result, json.dumps({**names, **metrics}, indent=2) + "\n")
-        if planned.dense is not None and not sweep.keep_models:
+        if not planned.is_start and not sweep.keep_models:
             shutil.rmtree(planned.output, ignore_errors=True)
-        ratio = "" if planned.dense is None else f" ({metrics.get('ratios', {}).get('ratio_params', 0):.2f}x)"
+        ratio = "" if planned.is_start else f" ({metrics.get('ratios', {}).get('ratio_params', 0):.2f}x)"
         echo(f"    {metrics['metric']} {metrics['test'][metrics['metric']]:.4f}{ratio}")
     return todo
 
@@ -379,7 +418,7 @@ def _select(
     sweep: Sweep, tasks: list[str] | None, labels: list[str] | None, ratios: list[float] | None
 ) -> list[PlannedRun]:
     planned = sweep.plan()
-    runs = [r for r in planned if r.dense is not None]
+    runs = [r for r in planned if not r.is_start]
     for name, asked, known in (
         ("task", tasks, {r.task for r in planned}),
         ("label", labels, {r.label for r in runs}),
@@ -394,5 +433,5 @@ def _select(
         r
         for r in planned
         if (tasks is None or r.task in tasks)
-        and (r.dense is None or ((labels is None or r.label in labels) and (ratios is None or r.ratio in ratios)))
+        and (r.is_start or ((labels is None or r.label in labels) and (ratios is None or r.ratio in ratios)))
     ]

@@ -166,7 +166,8 @@ def _key(layer: CompactLinear, tokens: int, seq: int, x: torch.Tensor) -> str:
 
 @functools.cache
 def _machine() -> str:
-    return describe()["cpu"]
+    info = describe()
+    return f"{info['cpu']}|native={info['native_kernel']}"  # a timing of one kernel variant is not another's
 
 
 def _time_backends(layer: CompactLinear, tokens: int, seq: int, dtype: torch.dtype, device: torch.device) -> dict:

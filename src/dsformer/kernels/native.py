@@ -3,15 +3,19 @@
 ``weighted_bags(rows, index, weights, bag_size=s)`` computes, for every sequence ``t`` and bag
 ``b``, ``out[t, b] = Σ weights[e] · rows[t, index[e]]`` over the entries ``e`` of the bag: the
 same as ``F.embedding_bag(index, rows[t], offsets, per_sample_weights=weights, mode="sum")``
-for every sequence, in one call. The C source (``bags.c``) keeps each output row in AVX-512
-registers over its whole bag, so it reads each gathered row once and writes each output once;
-the embedding-bag adds into its output in memory, one load and one store more per multiply-add.
+for every sequence, in one call. The kernel keeps each output row in vector registers over its
+whole bag, so it reads each gathered row once and writes each output once; the embedding-bag
+adds into its output in memory, one load and one store more per multiply-add.
 
-The kernel is compiled on first use with the system's C compiler (``$CC``, else ``cc`` or ``gcc``)
-into the dsformer cache (``$DSFORMER_CACHE`` or ``~/.cache/dsformer``), keyed by a hash of the
-source and flags, and loaded with ``ctypes``. It needs x86-64 with AVX-512 (as torch detects
-it); anywhere else, without a compiler, or with ``DSFORMER_NATIVE=0``, :func:`available` is
-false and the gather path uses the embedding-bag: the result is the same either way.
+One variant per CPU family, chosen at run time (:func:`variant`): ``avx512`` (``bags.c``,
+AVX-512 intrinsics) where torch detects AVX-512, else ``avx2`` (``bags_portable.c``, the C
+compiler's vector extensions built with AVX2 + FMA) on x86-64, and ``neon`` (the same portable
+source) on ARM64 Linux. ``DSFORMER_NATIVE=avx2`` (or another variant's name) asks for one that
+this CPU runs; ``DSFORMER_NATIVE=0`` turns the kernel off. It is compiled on first use with the
+system's C compiler (``$CC``, else ``cc`` or ``gcc``) into the dsformer cache (``$DSFORMER_CACHE``
+or ``~/.cache/dsformer``), keyed by a hash of the sources and flags, and loaded with ``ctypes``.
+Without a variant for this CPU or a compiler, :func:`available` is false and the gather path uses
+the embedding-bag: the result is the same either way.
 
 Example:
     >>> import torch
@@ -44,13 +48,45 @@ import torch
 
 from dsformer.kernels.choice import cache_dir
 
-SOURCE = Path(__file__).with_name("bags.c")
-FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC")
+HERE = Path(__file__).parent
+DRIVER = HERE / "bags_driver.h"  # included by every variant's source
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
+VARIANTS = {  # name: (source, the ISA's flags)
+    "avx512": (HERE / "bags.c", ("-mavx512f", "-mfma")),
+    "avx2": (HERE / "bags_portable.c", ("-mavx2", "-mfma")),
+    "neon": (HERE / "bags_portable.c", ()),  # NEON is part of every ARM64 CPU
+}
 
 
 def available() -> bool:
     """Whether the compiled kernel runs here (compiling it on the first call)."""
     return _library() is not None
+
+
+def runnable() -> list[str]:
+    """The variants this CPU runs, fastest first (AVX-512 machines run the AVX2 one too)."""
+    if platform.system() != "Linux":
+        return []
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return ["neon"]
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    capability = torch.backends.cpu.get_cpu_capability()  # AVX2 means AVX2 with FMA to torch
+    if capability in ("AVX512", "AVX512_BF16", "AMX"):
+        return ["avx512", "avx2"]
+    return ["avx2"] if capability == "AVX2" else []
+
+
+@functools.cache
+def variant() -> str | None:
+    """The variant in use: ``$DSFORMER_NATIVE`` when it names one this CPU runs, else the fastest (None: off)."""
+    asked = os.environ.get("DSFORMER_NATIVE", "1").lower()
+    here = runnable()
+    if asked == "0" or not here:
+        return None
+    if asked in VARIANTS and asked not in here:
+        warnings.warn(f"dsformer: DSFORMER_NATIVE={asked} does not run on this CPU; using {here[0]}", stacklevel=2)
+    return asked if asked in here else here[0]
 
 
 def weighted_bags(
@@ -141,19 +177,18 @@ def _(rows, index, weights, offsets, bag_size, bias, token_major, gelu):
     return _output(rows, index, offsets, bag_size, token_major)
 
 
-@functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("DSFORMER_NATIVE", "1") == "0":
-        return None
-    if platform.machine().lower() not in ("x86_64", "amd64") or platform.system() != "Linux":
-        return None
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
-        return None
+    chosen = variant()
+    return None if chosen is None else _built(chosen)
+
+
+@functools.cache
+def _built(name: str) -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         return None
     try:
-        lib = ctypes.CDLL(str(_compiled(compiler)))
+        lib = ctypes.CDLL(str(_compiled(compiler, name)))
     except (OSError, subprocess.SubprocessError) as err:
         warnings.warn(f"dsformer: native gather kernel not built ({err}); using the embedding-bag", stacklevel=2)
         return None
@@ -170,18 +205,19 @@ def _private(path: Path) -> bool:
     return not stat.S_ISLNK(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
-def _compiled(compiler: str) -> Path:
-    """The shared library for this source and these flags, built once per machine and cached.
+def _compiled(compiler: str, name: str) -> Path:
+    """The shared library of variant ``name`` (its sources and flags), built once per machine and cached.
 
     Loading a library runs its code, so only one this user built is loaded: the cache folder must be
     the user's own and writable by no one else, and a library found there that is not (planted, or
     left writable) is built again over it. A library is built under a private temporary name and
     renamed into place, so no other process ever loads half of it.
     """
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    source, isa = VARIANTS[name]
+    flags = (*FLAGS, *isa)
+    key = hashlib.sha256(source.read_bytes() + DRIVER.read_bytes() + " ".join((compiler, *flags)).encode())
     folder = cache_dir() / "native"
-    target = folder / f"bags-{key}.so"
+    target = folder / f"bags-{name}-{key.hexdigest()[:16]}.so"
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     if not _private(folder):
         raise OSError(f"{folder} is not yours alone (owner or permissions); the compiled kernel is not loaded from it")
@@ -190,7 +226,7 @@ def _compiled(compiler: str) -> Path:
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         built = Path(tmp) / target.name
         result = subprocess.run(
-            [compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True, timeout=300
+            [compiler, *flags, "-o", str(built), str(source)], capture_output=True, text=True, timeout=300
         )
         if result.returncode != 0:
             raise subprocess.SubprocessError(result.stderr.strip()[-500:] or f"{compiler} exited {result.returncode}")

@@ -1,0 +1,51 @@
+/* The part of a weighted-bags kernel that does not depend on the vector ISA: the split of the bags
+ * over OpenMP threads and the walk over sequences, bags and slices of each row. A kernel source
+ * defines SLICE (floats per slice: what its accumulators hold) and bag_1 .. bag_8 (a bag over a
+ * slice of 1 .. 8 vectors of LANES floats), then includes this file.
+ */
+#include <stdint.h>
+
+typedef void (*BagFn)(const float *, int64_t, const int32_t *, const float *, int64_t, int64_t, float, float *,
+                      int64_t, int64_t, int);
+static const BagFn BAGS[9] = {0, bag_1, bag_2, bag_3, bag_4, bag_5, bag_6, bag_7, bag_8};
+
+/* The first bag of thread t's share: equal numbers of bags, or of entries when bag sizes vary
+   (a column layer's atoms are used very unevenly). */
+static int64_t split(const int32_t *offsets, int64_t bags, int t, int threads) {
+    if (!offsets) return bags * t / threads;
+    const int64_t target = (int64_t)offsets[bags] * t / threads;
+    int64_t lo = 0, hi = bags;
+    while (lo < hi) {  /* the first bag starting at or after target */
+        const int64_t mid = (lo + hi) / 2;
+        if (offsets[mid] < target) lo = mid + 1; else hi = mid;
+    }
+    return t == threads ? bags : lo;
+}
+
+int dsformer_weighted_bags(const float *rows, int64_t sequences, int64_t rows_per_sequence, int64_t row_len,
+                           const int32_t *index, const int32_t *offsets, int64_t bag_size, const float *weights,
+                           const float *bias, int64_t bags, float *out, int token_major, int gelu, int threads) {
+    if (threads < 1) threads = 1;
+    if (threads > bags) threads = (int)(bags > 0 ? bags : 1);
+    const int64_t step = token_major ? bags : 1;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int t = 0; t < threads; t++) {
+        const int64_t first = split(offsets, bags, t, threads), stop = split(offsets, bags, t + 1, threads);
+        for (int64_t s = 0; s < sequences; s++) {
+            const float *seq = rows + s * rows_per_sequence * row_len;
+            float *seq_out = out + s * bags * row_len;
+            for (int64_t b = first; b < stop; b++) {
+                const int64_t e0 = offsets ? offsets[b] : b * bag_size;
+                const int64_t e1 = offsets ? offsets[b + 1] : (b + 1) * bag_size;
+                const float start = bias ? bias[b] : 0.0f;
+                for (int64_t l0 = 0; l0 < row_len; l0 += SLICE) {
+                    const int64_t n = row_len - l0 < SLICE ? row_len - l0 : SLICE;
+                    const float *r = seq + l0;
+                    float *o = token_major ? seq_out + l0 * bags + b : seq_out + b * row_len + l0;
+                    BAGS[(n + LANES - 1) / LANES](r, row_len, index, weights, e0, e1, start, o, step, n, gelu);
+                }
+            }
+        }
+    }
+    return 0;
+}
