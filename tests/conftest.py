@@ -213,3 +213,17 @@ def minilm_path() -> Path:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+
+
+@pytest.fixture
+def lm_folder(tmp_path):
+    """A tiny Llama with a word-level tokenizer, and a text of those words, as a user would have them."""
+    from test_lm import tiny_lm  # here: test_lm imports this module
+
+    folder = tmp_path / "tiny-llama"
+    tiny_lm("llama").save_pretrained(folder)
+    toy_tokenizer(tmp_path).save_pretrained(folder)
+    rng = random.Random(0)
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(" ".join(rng.choices(TOY_NEUTRAL, k=12)) for _ in range(40)) + "\n")
+    return folder, text

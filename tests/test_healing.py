@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TOY_NEUTRAL, toy_tokenizer
 from test_lm import tiny_lm
 
 from dsformer.checkpoint import load
@@ -20,18 +18,6 @@ from dsformer.harness.checkpoints import latest_checkpoint
 from dsformer.harness.healing import _HealTrainer, heal, lm_distillation_loss
 from dsformer.harness.training import TrainConfig
 from dsformer.surgery import compact_layers
-
-
-@pytest.fixture
-def lm_corpus(tmp_path):
-    """A tiny Llama with a word-level tokenizer, and a text of those words."""
-    folder = tmp_path / "tiny-llama"
-    tiny_lm("llama").save_pretrained(folder)
-    toy_tokenizer(tmp_path).save_pretrained(folder)
-    rng = random.Random(0)
-    text = tmp_path / "corpus.txt"
-    text.write_text("\n".join(" ".join(rng.choices(TOY_NEUTRAL, k=12)) for _ in range(40)) + "\n")
-    return folder, text
 
 
 def heal_args(folder, text, output, *extra) -> list[str]:
@@ -45,8 +31,8 @@ def heal_args(folder, text, output, *extra) -> list[str]:
     [("ds-aware", "stf", "DenseSparseLinear"), ("ds-aware-bytes", "conventional", "DenseSparseLinear"),
      ("svd-llm", None, "LowRankLinear"), ("wanda-nm", "stf", "NMLinear")],
 )  # fmt: skip
-def test_cli_heals_a_compressed_lm_and_saves_it(lm_corpus, tmp_path, capsys, method, trainer, layer):
-    folder, text = lm_corpus
+def test_cli_heals_a_compressed_lm_and_saves_it(lm_folder, tmp_path, capsys, method, trainer, layer):
+    folder, text = lm_folder
     out = tmp_path / "healed"
     extra = ["--method", method] + (["--trainer", trainer] if trainer else [])
     assert main(heal_args(folder, text, out, *extra)) == 0
@@ -117,8 +103,8 @@ def interrupt_at(monkeypatch, k: int) -> None:
 
 
 @pytest.mark.parametrize("trainer", ["stf", "conventional"])
-def test_an_interrupted_healing_resumes_exactly_without_refitting(lm_corpus, tmp_path, capsys, monkeypatch, trainer):
-    folder, text = lm_corpus
+def test_an_interrupted_healing_resumes_exactly_without_refitting(lm_folder, tmp_path, capsys, monkeypatch, trainer):
+    folder, text = lm_folder
     extra = ["--method", "ds-aware", "--trainer", trainer, "--refresh-every", "2"] if trainer == "stf" else [
         "--method", "ds-aware", "--trainer", trainer]  # fmt: skip
     whole = tmp_path / "whole"
@@ -154,8 +140,8 @@ def test_an_interrupted_healing_resumes_exactly_without_refitting(lm_corpus, tmp
         (["--method", "ds-aware", "--tokens", "0", "--trainer", "stf"], "fits without training"),
     ],
 )
-def test_bad_healing_runs_are_refused_with_nothing_written(lm_corpus, tmp_path, capsys, extra, message):
-    folder, text = lm_corpus
+def test_bad_healing_runs_are_refused_with_nothing_written(lm_folder, tmp_path, capsys, extra, message):
+    folder, text = lm_folder
     out = tmp_path / "never"
     assert main(heal_args(folder, text, out, *extra)) == 2
     err = capsys.readouterr().err
@@ -163,8 +149,8 @@ def test_bad_healing_runs_are_refused_with_nothing_written(lm_corpus, tmp_path, 
     assert not out.exists() and not out.with_name("never.work").exists()
 
 
-def test_zero_tokens_is_the_training_free_fit(lm_corpus, tmp_path, capsys):
-    folder, text = lm_corpus
+def test_zero_tokens_is_the_training_free_fit(lm_folder, tmp_path, capsys):
+    folder, text = lm_folder
     fitted, healed = tmp_path / "fitted", tmp_path / "healed"
     args = [a if a != "96" else "0" for a in heal_args(folder, text, fitted, "--method", "ds-aware")]
     assert main(args) == 0
@@ -178,10 +164,10 @@ def test_zero_tokens_is_the_training_free_fit(lm_corpus, tmp_path, capsys):
         assert torch.equal(layer.indices, trained[name].indices)
 
 
-def test_a_sweep_heals_an_lm_from_the_pretrained_model(lm_corpus, tmp_path, capsys):
+def test_a_sweep_heals_an_lm_from_the_pretrained_model(lm_folder, tmp_path, capsys):
     from dsformer.harness.sweep import load_sweep, run_sweep
 
-    folder, text = lm_corpus
+    folder, text = lm_folder
     config = tmp_path / "lm.yaml"
     config.write_text(
         f"name: lm\nmodel: {folder}\nkeep_models: false\ntrain: {{batch_size: 2, max_length: 16}}\n"
@@ -199,10 +185,10 @@ def test_a_sweep_heals_an_lm_from_the_pretrained_model(lm_corpus, tmp_path, caps
         assert not run.output.exists()  # keep_models: false
 
 
-def test_a_run_interrupted_after_its_fit_resumes_from_the_fit(lm_corpus, tmp_path, capsys, monkeypatch):
+def test_a_run_interrupted_after_its_fit_resumes_from_the_fit(lm_folder, tmp_path, capsys, monkeypatch):
     import dsformer.harness.healing as healing
 
-    folder, text = lm_corpus
+    folder, text = lm_folder
     out = tmp_path / "run"
 
     def stop(*args, **kwargs):
@@ -217,10 +203,10 @@ def test_a_run_interrupted_after_its_fit_resumes_from_the_fit(lm_corpus, tmp_pat
     assert json.loads((out / "metrics.json").read_text())["steps"] == 3
 
 
-def test_runs_on_a_text_file_are_named_by_its_stem(lm_corpus):
+def test_runs_on_a_text_file_are_named_by_its_stem(lm_folder):
     from dsformer.harness.finetune import RunConfig, default_output
 
-    _, text = lm_corpus
+    _, text = lm_folder
     config = RunConfig.from_settings({"task": str(text), "method": "ds-aware", "ratio": 2.0})
     assert default_output(config) == Path("outputs") / "corpus-ds-aware-2x"
     assert (config.train.batch_size, config.train.max_length, config.train.checkpoint_every) == (4, 512, 10)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
-from conftest import TOY_NEUTRAL, toy_tokenizer
+from conftest import toy_tokenizer
 from transformers import (
     Gemma3ForCausalLM,
     Gemma3TextConfig,
@@ -198,18 +197,6 @@ def test_perplexity_is_the_exponential_of_the_mean_token_loss():
 def test_perplexity_needs_a_language_model_head(make_model):
     with pytest.raises(Exception, match="language-model head"):
         perplexity(make_model("bert"), torch.zeros(1, 8, dtype=torch.long), progress=False)
-
-
-@pytest.fixture
-def lm_folder(tmp_path):
-    """A tiny Llama with a word-level tokenizer, and a text of those words, as a user would have them."""
-    folder = tmp_path / "tiny-llama"
-    tiny_lm("llama").save_pretrained(folder)
-    toy_tokenizer(tmp_path).save_pretrained(folder)
-    rng = random.Random(0)
-    text = tmp_path / "corpus.txt"
-    text.write_text("\n".join(" ".join(rng.choices(TOY_NEUTRAL, k=12)) for _ in range(40)) + "\n")
-    return folder, text
 
 
 def test_text_windows_and_seeded_calibration(lm_folder):

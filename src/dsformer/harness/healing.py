@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments, default_data_collator
+from transformers import PrinterCallback, ProgressCallback, Trainer, default_data_collator
 
 from dsformer.calibration import compress_calibrated
 from dsformer.callbacks import STFCallback
@@ -74,7 +74,7 @@ from dsformer.harness.lm import (
 )
 from dsformer.harness.methods import POST_TRAINING, TRAINERS
 from dsformer.harness.models import load_pretrained
-from dsformer.harness.training import Progress, TrainConfig, check_finite, settings_of
+from dsformer.harness.training import Progress, TrainConfig, check_finite, settings_of, trainer_arguments
 from dsformer.report import Report, model_bytes
 from dsformer.stf import STF
 from dsformer.structures import structure_config
@@ -140,27 +140,9 @@ def heal(
         atomic_write_text(out / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
         checkpoint = None
     device = next(model.parameters()).device
-    args = TrainingArguments(
-        output_dir=str(out),
-        max_steps=steps,
-        per_device_train_batch_size=config.batch_size,
-        learning_rate=config.lr,
-        weight_decay=config.weight_decay,
-        warmup_steps=max(1, round(config.warmup * steps)),
-        lr_scheduler_type="linear",
-        max_grad_norm=config.grad_clip,
-        seed=config.seed,
-        bf16=config.bf16(device),
-        use_cpu=device.type == "cpu",
-        eval_strategy="no",
-        save_strategy="no",  # Checkpoints below decides
-        save_total_limit=2,
-        logging_strategy="steps",
-        logging_steps=1,
-        report_to="none",
-        disable_tqdm=True,
-        remove_unused_columns=False,
-    )
+    args = trainer_arguments(
+        config, out, steps, device, eval_strategy="no", save_strategy="no", save_total_limit=2
+    )  # Checkpoints below decides when to save
     step_times: list[float] = []
     with StopRequest() as stop:
         callbacks = [STFCallback(stf)] if stf is not None else []

@@ -209,29 +209,17 @@ class _Run:
     def trainer_for(self, stf: STF | None, stop: StopRequest | None, stop_at: int | None = None) -> TaskTrainer:
         config, device = self.config, next(self.model.parameters()).device
         world = distributed()[1]
-        args = TrainingArguments(
-            output_dir=str(self.out),
-            max_steps=self.total,
-            per_device_train_batch_size=config.batch_size,
-            learning_rate=config.lr,
-            weight_decay=config.weight_decay,
-            warmup_steps=max(1, round(config.warmup * self.total)),
-            lr_scheduler_type="linear",
-            max_grad_norm=config.grad_clip,
-            seed=config.seed,
-            bf16=config.bf16(device),
-            use_cpu=device.type == "cpu",
+        args = trainer_arguments(
+            config,
+            self.out,
+            self.total,
+            device,
             eval_strategy="epoch",
             save_strategy="epoch",
             save_total_limit=2,  # the latest, and the best (kept while it is)
             load_best_model_at_end=stop_at is None,
             metric_for_best_model=self.data.spec.metrics[0],
             greater_is_better=True,
-            logging_strategy="steps",
-            logging_steps=1,
-            report_to="none",
-            disable_tqdm=True,
-            remove_unused_columns=False,
             # each process takes its share of every global batch, so any number of processes trains alike
             accelerator_config={"split_batches": world > 1},
             ddp_broadcast_buffers=False,  # STF's buffers are computed alike on every process
@@ -353,6 +341,32 @@ class TaskTrainer(Trainer):
         if self.stf is not None and self.stf.layers and "loss" in logs:
             logs["support_change"] = self.stf.support_change
         super().log(logs, start_time)
+
+
+def trainer_arguments(
+    config: TrainConfig, output_dir: str | os.PathLike, steps: int, device: torch.device, **more: Any
+) -> TrainingArguments:
+    """The ``TrainingArguments`` of a run of ``config`` for ``steps`` steps (linear decay after warm-up,
+    a log line per step, no reporting service), with ``more`` on top."""
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_steps=max(1, round(config.warmup * steps)),
+        lr_scheduler_type="linear",
+        max_grad_norm=config.grad_clip,
+        seed=config.seed,
+        bf16=config.bf16(device),
+        use_cpu=device.type == "cpu",
+        logging_strategy="steps",
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        **more,
+    )
 
 
 def check_finite(loss: torch.Tensor, out: Path, step: int) -> None:
