@@ -204,7 +204,7 @@ class _HealTrainer(Trainer):
 
 def check_lm_run(config: Any) -> str:
     """The checks of an LM healing run (``config``: a :class:`dsformer.harness.finetune.RunConfig`) that need no
-    model or data; returns its trainer (``stf`` by default for our methods, ``conventional`` for baselines)."""
+    model or data; returns its trainer (``conventional`` unless asked)."""
     if config.method not in POST_TRAINING or POST_TRAINING[config.method].structure is None:
         names = ", ".join(name for name, m in POST_TRAINING.items() if m.structure is not None)
         raise DsformerError(f"--task {config.task} heals a compressed LM: choose --method from {names}")
@@ -212,7 +212,9 @@ def check_lm_run(config: Any) -> str:
     check_ratio(config.ratio)
     if config.trainer is not None and config.trainer not in TRAINERS:
         raise DsformerError(f"unknown trainer {config.trainer!r}; choose {' or '.join(TRAINERS)}")
-    trainer = config.trainer or ("stf" if chosen.ours else "conventional")
+    # conventional by default: on SmolLM2 at 2x and 65K tokens it healed DS and svd-llm better than STF
+    # (docs/lm.md); STF, the default of task fine-tuning, is --trainer stf here
+    trainer = config.trainer or "conventional"
     if config.fisher or config.calibrate or config.teacher:
         raise DsformerError(
             "--fisher, --calibrate and --teacher apply to task fine-tuning; an LM heals from its calibration "
