@@ -56,8 +56,9 @@ def task_label(task: str) -> str:
 def held_out(text: str, share: float = 0.1) -> tuple[str, str]:
     """A text cut in two at a line break: the first ``1 - share`` to train on, the rest to test on.
 
-    >>> held_out("a\nb\nc\nd\ne\nf\ng\nh\ni\nj\n")
-    ('a\nb\nc\nd\ne\nf\ng\nh\ni\n', 'j\n')
+    >>> train, test = held_out("".join(f"line {i}\\n" for i in range(20)))
+    >>> train.count("\\n"), test
+    (18, 'line 18\\nline 19\\n')
     """
     lines = text.splitlines(keepends=True)
     cut = len(lines) - max(1, round(share * len(lines)))
