@@ -133,10 +133,10 @@ def test_a_planted_library_is_never_loaded(tmp_path, monkeypatch):
         int dsformer_weighted_bags(void) {{ return 0; }}
         """)
     )
-    target = native._compiled(compiler)  # where a build of this source lands
+    target = native._compiled(compiler, "avx2")  # where a build of this source lands
     subprocess.run([compiler, "-shared", "-fPIC", "-o", str(target), str(planted_source)], check=True)
     os.chmod(target, 0o777)  # planted by someone else through a writable cache
-    assert native._compiled(compiler) == target
+    assert native._compiled(compiler, "avx2") == target
     import ctypes
 
     ctypes.CDLL(str(target))  # what the kernel loader then opens: the real build, not the plant
@@ -151,7 +151,7 @@ def test_a_cache_folder_others_can_write_is_not_used(tmp_path, monkeypatch):
     folder.mkdir(parents=True)
     os.chmod(folder, 0o777)
     with pytest.raises(OSError, match="not yours alone"):
-        native._compiled(native.shutil.which("cc") or native.shutil.which("gcc"))
+        native._compiled(native.shutil.which("cc") or native.shutil.which("gcc"), "avx2")
 
 
 def test_an_empty_cache_variable_means_the_default(monkeypatch):

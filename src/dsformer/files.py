@@ -212,3 +212,9 @@ def _umask() -> int:
     umask = os.umask(0)  # the only way to read it is to set it
     os.umask(umask)
     return umask
+
+
+def cache_dir() -> Path:
+    """Where dsformer keeps per-machine state: kernel timings and the compiled native kernel
+    (``$DSFORMER_CACHE``; unset or empty: ``~/.cache/dsformer``)."""
+    return Path(os.environ.get("DSFORMER_CACHE") or Path.home() / ".cache" / "dsformer")

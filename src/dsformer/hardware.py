@@ -29,7 +29,6 @@ def describe() -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "cpu_features": torch.backends.cpu.get_cpu_capability(),  # the vector paths torch runs: AVX512, AVX2, ...
-        "native_kernel": _native_variant(),  # dsformer's compiled gather kernel: avx512, avx2, neon or off
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -38,12 +37,6 @@ def describe() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-def _native_variant() -> str:
-    from dsformer.kernels import native  # the kernels need this module: imported when first asked
-
-    return native.variant() or "off"
 
 
 def triton_installed() -> bool:

@@ -26,7 +26,7 @@ from dsformer.harness.finetune import METRICS_FILE
 from dsformer.harness.lm import calibration_batches, context_length, eval_windows, is_lm_task, perplexity, read_text
 from dsformer.harness.models import load_pretrained, resolve
 from dsformer.harness.tasks import TaskData, load_task
-from dsformer.kernels import check_backend, use_backend
+from dsformer.kernels import check_backend, native, use_backend
 from dsformer.kernels.int8 import int8_linears
 from dsformer.quantize import quantize_int8
 from dsformer.report import Report, format_table
@@ -37,7 +37,8 @@ from dsformer.surgery import CompressConfig, compress, find_targets
 
 def write_record(path: str | Path, command: str, result: dict[str, Any]) -> None:
     """A result as JSON, with the command that made it and the machine it ran on."""
-    atomic_write_text(path, json.dumps({"command": command, **result, "hardware": describe()}, indent=2) + "\n")
+    hardware = {**describe(), "native_kernel": native.variant() or "off"}  # the compiled gather kernel's variant
+    atomic_write_text(path, json.dumps({"command": command, **result, "hardware": hardware}, indent=2) + "\n")
 
 
 def compress_pretrained(

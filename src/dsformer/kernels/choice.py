@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import statistics
 import time
 import warnings
@@ -36,8 +35,9 @@ import torch
 from torch import nn
 
 from dsformer.errors import DsformerError
-from dsformer.files import atomic_write_text
+from dsformer.files import atomic_write_text, cache_dir
 from dsformer.hardware import describe
+from dsformer.kernels import native
 from dsformer.structures import CompactLinear, backends
 from dsformer.structures.backends import available, backend_of, registered, set_chooser
 from dsformer.surgery import fuse_activations, unfuse_activations
@@ -166,8 +166,7 @@ def _key(layer: CompactLinear, tokens: int, seq: int, x: torch.Tensor) -> str:
 
 @functools.cache
 def _machine() -> str:
-    info = describe()
-    return f"{info['cpu']}|native={info['native_kernel']}"  # a timing of one kernel variant is not another's
+    return f"{describe()['cpu']}|native={native.variant()}"  # a timing of one kernel variant is not another's
 
 
 def _time_backends(layer: CompactLinear, tokens: int, seq: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -243,12 +242,6 @@ class _DiskCache:
 
 
 _CACHE: _DiskCache | None = None
-
-
-def cache_dir() -> Path:
-    """Where dsformer keeps per-machine state: kernel timings and the compiled native kernel
-    (``$DSFORMER_CACHE``; unset or empty: ``~/.cache/dsformer``)."""
-    return Path(os.environ.get("DSFORMER_CACHE") or Path.home() / ".cache" / "dsformer")
 
 
 def _disk_cache() -> _DiskCache:

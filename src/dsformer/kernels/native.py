@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from dsformer.kernels.choice import cache_dir
+from dsformer.files import cache_dir
 
 HERE = Path(__file__).parent
 DRIVER = HERE / "bags_driver.h"  # included by every variant's source
