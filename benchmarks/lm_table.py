@@ -60,18 +60,26 @@ def healed_table(healed: list[dict], free: list[dict]) -> str:
 
 
 def plot(runs: list[dict], path: Path, healed: list[dict] = ()) -> None:
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(8.4, 4.4))
     # the data-free fits (perplexity in the thousands to millions) would flatten every other curve
     shown = [r for r in runs if r["test"]["perplexity"] < 1000]
     methods = sorted({r["method"] for r in shown if r["method"] != "dense"})
+    colors = {}
     for name in methods:
         points = sorted(
             (r["report"]["totals"]["ratio_bytes"], r["test"]["perplexity"]) for r in shown if r["method"] == name
         )
-        ax.plot(*zip(*points, strict=True), marker="o", label=name)
-    for run in healed:  # one point each: a healed run at its byte ratio
-        ax.plot(run["ratios"]["ratio_bytes"], run["test"]["perplexity"], marker="*" if run["trainer"] == "stf" else "^",
-                linestyle="none", markersize=9, label=f"{run['method']} healed, {run['trainer']}")  # fmt: skip
+        (line,) = ax.plot(*zip(*points, strict=True), marker="o", label=name)
+        colors[name] = line.get_color()
+    for trainer, marker in (("conventional", "^"), ("stf", "*")):  # healed runs: their method's colour
+        for name in sorted({r["method"] for r in healed if r["trainer"] == trainer}):
+            points = sorted(
+                (r["ratios"]["ratio_bytes"], r["test"]["perplexity"])
+                for r in healed
+                if r["method"] == name and r["trainer"] == trainer
+            )
+            ax.plot(*zip(*points, strict=True), marker=marker, markersize=10, linestyle=":", color=colors.get(name),
+                    label=f"{name} healed, {trainer}")  # fmt: skip
     dense = next((r for r in runs if r["method"] == "dense"), None)
     if dense:
         ax.axhline(dense["test"]["perplexity"], color="black", linestyle="--", label="dense")
@@ -79,7 +87,7 @@ def plot(runs: list[dict], path: Path, healed: list[dict] = ()) -> None:
     ax.set_ylabel("WikiText-2 perplexity (log scale)")
     ax.set_yscale("log")
     ax.set_title("SmolLM2-135M: lines training-free (data-free fits off the scale), marks healed", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
