@@ -14,7 +14,8 @@ from dsformer import kernels
 from dsformer.errors import DsformerError
 from dsformer.kernels import choice, native
 from dsformer.kernels.gather import column_plan
-from dsformer.structures import backends, structure_config
+from dsformer.structures import DenseSparseLinear, backends, structure_config
+from dsformer.structures.dense_sparse.layout import DenseSparseFactors, DenseSparseLayout
 
 SHAPES = {"rows": (96, 64), "columns": (64, 96), "square": (48, 48)}
 
@@ -76,7 +77,7 @@ def test_gather_output_feeds_the_next_layer_without_a_copy():
     up, down = layer_of("ds", (96, 64)), layer_of("ds", (64, 96), seed=1)
     kernels.use_backend(up, "gather")
     kernels.use_backend(down, "gather")
-    x = torch.randn(2, 5, 64)
+    x = torch.randn(2, 20, 64)  # sequences of 16 tokens or more: gathered one at a time
     hidden = torch.nn.functional.gelu(up(x))
     assert hidden.transpose(1, 2).is_contiguous()
     assert relative_error(down(hidden), down.reference(torch.nn.functional.gelu(up.reference(x)))) < 1e-5
@@ -224,6 +225,29 @@ native_only = pytest.mark.skipif(
 )
 
 
+@pytest.mark.parametrize(
+    "lead", [(1, 1), (4, 1), (2, 3), (1, 40), (5,)], ids=["decode", "batch-decode", "short", "prefill", "2d"]
+)
+@pytest.mark.parametrize("shape", [(600, 300), (300, 600)], ids=["rows", "columns"])
+def test_gather_reads_int16_indices_as_stored_at_every_token_count(shape, lead):
+    """A basis of more than 256 atoms stores int16 indices; the gather reads them without a wider copy, from one
+    token (a decode step) to a prefill, the short sequences of a batch decoding gathered as one."""
+    out, inp = shape
+    layout = DenseSparseLayout(out, inp, k=300, s=12)
+    gen = torch.Generator().manual_seed(0)
+    indices = torch.rand(layout.n, layout.k, generator=gen).argsort(dim=1)[:, : layout.s]
+    basis, values = torch.randn(layout.k, layout.d, generator=gen), torch.randn(layout.n, layout.s, generator=gen)
+    layer = DenseSparseLinear(DenseSparseFactors(layout, basis, values, indices), torch.randn(out, generator=gen))
+    layer.requires_grad_(False)
+    assert layer.indices.dtype == torch.int16
+    x = torch.randn(*lead, inp, generator=gen)
+    kernels.use_backend(layer, "gather")
+    assert relative_error(layer(x), layer.reference(x)) < 1e-5
+    cache = layer.__dict__["_kernel_cache"]  # what the kernel reads: (key, value) per slot
+    read = cache["indices"][1] if layer.rows else cache["plan"][1].vectors
+    assert read.dtype == torch.int16
+
+
 @pytest.fixture(params=list(native.VARIANTS))
 def native_variant(request, monkeypatch):
     """Each variant of the native kernel this CPU runs, in turn (an AVX-512 machine runs the AVX2 one too)."""
@@ -237,14 +261,16 @@ def native_variant(request, monkeypatch):
     native.variant.cache_clear()
 
 
+@pytest.mark.parametrize("index_type", [torch.int32, torch.int16, torch.uint8], ids=str)
 @pytest.mark.parametrize("row_len", [1, 16, 37, 64, 128, 200], ids=lambda n: f"L{n}")
 @pytest.mark.parametrize("sequences", [1, 3])
-def test_native_bags_match_the_embedding_bag(native_variant, row_len, sequences):
+def test_native_bags_match_the_embedding_bag(native_variant, row_len, sequences, index_type):
     gen = torch.Generator().manual_seed(row_len)
     rows = torch.randn(sequences, 11, row_len, generator=gen)
     index = torch.randint(0, 11, (7, 4), generator=gen, dtype=torch.int32)
     weights = torch.randn(7, 4, generator=gen)
     want = torch.stack([F.embedding_bag(index, r, per_sample_weights=weights, mode="sum") for r in rows])
+    index = index.to(index_type)  # read as stored: the kernel has a path per index type
     got = native.weighted_bags(rows, index.reshape(-1), weights.reshape(-1), bag_size=4)
     assert torch.allclose(got, want, atol=1e-5)
     # the same entries as variable bags, some of them empty (an atom no output uses)
@@ -273,7 +299,7 @@ def test_native_bags_refuse_what_they_cannot_run():
     rows, index, weights = torch.randn(1, 4, 8), torch.zeros(4, dtype=torch.int32), torch.ones(4)
     with pytest.raises(ValueError, match="exactly one"):
         native.weighted_bags(rows, index, weights)
-    with pytest.raises(ValueError, match="int32"):
+    with pytest.raises(ValueError, match="int32, int16 or uint8"):
         native.weighted_bags(rows, index.long(), weights, bag_size=2)
     with pytest.raises(ValueError, match="float32 CPU"):
         native.weighted_bags(rows.double(), index, weights, bag_size=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -333,3 +334,51 @@ def test_too_little_calibration_text_is_damped_and_said():
     assert "note: " in report.table()
     enough = compress_calibrated(tiny_lm("llama"), CompressConfig(fast("svd")), batches(8), progress=False)
     assert not enough.notes
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generation_is_the_same_through_every_backend(family):
+    """The decode path (one token a step, the KV cache) computes what the reference path computes: the
+    compressed model's greedy tokens are the same on every backend it has."""
+    from dsformer.harness.bench import greedy
+    from dsformer.kernels import use_backend
+
+    model = tiny_lm(family)
+    compress(model, CompressConfig(fast("ds")), progress=False)
+    prompt = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    generated = {}
+    for backend in ("reference", "gather", "dense", "auto"):
+        use_backend(model, backend)
+        generated[backend] = greedy(model, prompt, 10)[0]
+    assert len(generated["reference"]) == 10
+    assert all(tokens == generated["reference"] for tokens in generated.values()), generated
+
+
+def test_bench_of_a_causal_lm_times_prefill_and_decode(capsys, lm_folder, tmp_path):
+    folder, _ = lm_folder
+    out = tmp_path / "bench.json"
+    argv = ["bench", str(folder), "--ratio", "2", "--option", "iters=4", "search_iters=1", "search_points=2",
+            "--seq", "16", "--new-tokens", "6", "--repeats", "1", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "prefill 1 x 16" in printed and "decode at batch 1, 6 greedy tokens" in printed
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["prefill_end_to_end"]["speedup"] > 0 and run["decode_end_to_end"]["speedup"] > 0
+    assert {len(tokens) for tokens in run["generations"].values()} == {6}
+    assert len(run["decode_layers"]) == len(run["prefill_layers"]) == 14  # 7 linears in each of 2 blocks
+    assert all(layer["byte_limit"] > 1 for layer in run["decode_layers"].values())
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--batch", "2"], "batch 1"),
+        (["--seq", "60"], "--new-tokens 32: the model reads at most 64"),
+        (["--seq", "16", "--new-tokens", "1"], "at least 2"),
+    ],
+)
+def test_bench_of_a_causal_lm_refuses_what_it_cannot_time(capsys, lm_folder, extra, words):
+    folder, _ = lm_folder
+    assert main(["bench", str(folder), "--ratio", "2", "--repeats", "1", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1

@@ -125,8 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     verb("bench", "latency and throughput of a compact model against its dense original",
          ("folder", {"nargs": "?", "help": "a saved compact model, or a dense model to compress first "
                      "(default: the embedded all-MiniLM-L6-v2)"}),
-         ("--batch", {"type": _count, "nargs": "+", "default": [32, 1], "help": "batch sizes (default: 32 1)"}),
-         ("--seq", {"type": _count, "nargs": "+", "default": [128, 64], "help": "sequence lengths, with --batch"}),
+         ("--batch", {"type": _count, "nargs": "+", "help": "batch sizes (default: 32 1; a causal LM: 1)"}),
+         ("--seq", {"type": _count, "nargs": "+", "help": "sequence lengths, with --batch (default: 128 64; a "
+                    "causal LM: 512, its prefill)"}),
+         ("--new-tokens", {"type": _count, "default": 32, "help": "a causal LM's greedy tokens timed at batch 1 "
+                           "with the KV cache, after a 32-token prompt (default: 32)"}),
          ("--device", {"default": "cpu", "help": "cpu or cuda (default: cpu)"}),
          ("--dtype", {"choices": ["float32", "float16", "bfloat16"], "default": "float32", "help": "for both models"}),
          ("--backend", {"default": "auto", "help": BACKEND + " (default: auto)"}),
@@ -230,16 +233,28 @@ def summary(args: argparse.Namespace) -> None:
 
 
 def bench(args: argparse.Namespace) -> None:
-    from dsformer.harness.bench import bench_model, bench_subject, bench_table, paired
+    from dsformer.harness.bench import (
+        bench_lm,
+        bench_lm_table,
+        bench_model,
+        bench_subject,
+        bench_table,
+        is_causal_lm_model,
+    )
     from dsformer.harness.runs import write_record
     from dsformer.structures.registry import parse_options
 
     check_file_output(args.output, "--output")
-    shapes, options = paired(args.batch, args.seq), parse_options(args.option)
-    model, source = bench_subject(args.folder, args.structure, args.ratio, args.device, args.dtype, options, shapes,
-                                  args.backend)  # fmt: skip
-    runs = [bench_model(model, b, s, args.backend, args.repeats, layers=not args.no_layers) for b, s in shapes]
-    print("\n".join(bench_table(run) for run in runs))
+    options = parse_options(args.option)
+    model, source, shapes = bench_subject(args.folder, args.structure, args.ratio, args.device, args.dtype, options,
+                                          args.batch, args.seq, args.backend, args.new_tokens)  # fmt: skip
+    if is_causal_lm_model(model):
+        runs = [bench_lm(model, s, args.new_tokens, backend=args.backend, repeats=args.repeats,
+                         layers=not args.no_layers) for _, s in shapes]  # fmt: skip
+        print("\n".join(bench_lm_table(run) for run in runs))
+    else:
+        runs = [bench_model(model, b, s, args.backend, args.repeats, layers=not args.no_layers) for b, s in shapes]
+        print("\n".join(bench_table(run) for run in runs))
     if args.output:
         write_record(args.output, args.command_line, {"model": source, "runs": runs})
 

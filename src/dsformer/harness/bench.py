@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -122,8 +124,17 @@ def bench_model(
     if "dense_int8" in total:
         result["end_to_end"]["dense_int8_ms"] = 1000 * total["dense_int8"]
         result["end_to_end"]["speedup_vs_dense_int8"] = total["dense_int8"] / total["compact"]
-    if not layers:
-        return result
+    if layers:
+        result["layers"], result["parts"] = layer_timings(compact, batch, seq, device, repeats)
+    return result
+
+
+@torch.inference_mode()
+def layer_timings(
+    compact: dict[str, nn.Module], batch: int, seq: int, device: torch.device, repeats: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each compact layer on its own ``(batch, seq)`` input against its merged linear, and the sums per part
+    of a block (attention, FFN): the backend it runs on, ms, speedup, and its multiply-add and byte limits."""
     rows, parts = {}, {}
     for name, layer in compact.items():
         linear = layer.merge()
@@ -156,8 +167,126 @@ def bench_model(
         part["layers"] += 1
     for part in parts.values():
         part["speedup"] = part["dense_ms"] / part["compact_ms"]
-    result["layers"], result["parts"] = rows, parts
+    return rows, parts
+
+
+def is_causal_lm_model(model: nn.Module) -> bool:
+    """Whether ``model`` generates text (a ``...ForCausalLM`` with a KV cache)."""
+    return type(model).__name__.endswith("ForCausalLM") and hasattr(model, "generate")
+
+
+@torch.inference_mode()
+def greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int], float]:
+    """Greedy generation with the KV cache: the ``new_tokens`` token ids after ``prompt (1, P)``, and the seconds
+    its decode steps took (the forward of the prompt, the prefill, is not counted)."""
+    # transformers 5 calls the KV cache `cache`; 4.x `past_key_values`
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    cache, token = out[name], out.logits[:, -1].argmax(-1, keepdim=True)
+    tokens, device = [int(token)], prompt.device
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=token, use_cache=True, **{name: cache})
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(int(token))  # a host read per step, as every generation loop makes
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return tokens, time.perf_counter() - start
+
+
+@torch.inference_mode()
+def bench_lm(
+    model: nn.Module,
+    prefill: int = 512,
+    new_tokens: int = 32,
+    prompt: int = 32,
+    backend: str = "auto",
+    repeats: int = 5,
+    layers: bool = True,
+) -> dict[str, Any]:
+    """Prefill and decode speed of a causal LM with compact layers against its merged dense copy.
+
+    Prefill: one forward of ``1 x prefill`` tokens filling the KV cache (logits of the last position only,
+    as generation computes them). Decode: ``new_tokens`` greedy tokens at batch 1 with the KV cache after a
+    seeded random ``prompt`` of that many tokens; the steps after the prompt's forward are timed, and tokens
+    per second are steps over their time. Dense and compact runs alternate; medians. Per layer
+    (``layers``): every compact layer at one token and at ``1 x prefill`` against its merged linear, with
+    its multiply-add and byte limits. ``generations`` holds both models' greedy tokens.
+    """
+    if new_tokens < 2:
+        raise DsformerError(f"--new-tokens {new_tokens}: time at least 2 tokens (the first comes from the prompt)")
+    model.eval()
+    device = next(model.parameters()).device
+    compact = compact_layers(model)
+    use_backend(model, backend)
+    calibrate(model, [(1, prefill), (1, 1)])
+    dense = merge(copy.deepcopy(model)).eval()
+    long = _inputs(model, 1, prefill, device)["input_ids"]
+    start = _inputs(model, 1, prompt, device)["input_ids"]
+    models = {"dense": dense, "compact": model}
+    fill = alternate(
+        {name: functools.partial(m, input_ids=long, use_cache=True, logits_to_keep=1) for name, m in models.items()},
+        device,
+        repeats,
+    )
+    generations = {name: greedy(m, start, new_tokens)[0] for name, m in models.items()}  # a warm-up too
+    decode: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, m in models.items():
+            decode[name].append(greedy(m, start, new_tokens)[1])
+    step = {name: statistics.median(t) / (new_tokens - 1) for name, t in decode.items()}
+    result: dict[str, Any] = {
+        "prefill": prefill,
+        "prompt": prompt,
+        "new_tokens": new_tokens,
+        "backend": backend,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "repeats": repeats,
+        "prefill_end_to_end": {
+            "dense_ms": 1000 * fill["dense"],
+            "compact_ms": 1000 * fill["compact"],
+            "dense_tokens_per_s": prefill / fill["dense"],
+            "compact_tokens_per_s": prefill / fill["compact"],
+            "speedup": fill["dense"] / fill["compact"],
+        },
+        "decode_end_to_end": {
+            "dense_ms_per_token": 1000 * step["dense"],
+            "compact_ms_per_token": 1000 * step["compact"],
+            "dense_tokens_per_s": 1 / step["dense"],
+            "compact_tokens_per_s": 1 / step["compact"],
+            "speedup": step["dense"] / step["compact"],
+        },
+        "generations": generations,
+    }
+    if layers:
+        result["decode_layers"], result["decode_parts"] = layer_timings(compact, 1, 1, device, max(repeats, 20))
+        result["prefill_layers"], result["prefill_parts"] = layer_timings(compact, 1, prefill, device, repeats)
     return result
+
+
+def bench_lm_table(result: dict[str, Any]) -> str:
+    """A plain-text table of one :func:`bench_lm` result."""
+    f, d = result["prefill_end_to_end"], result["decode_end_to_end"]
+    lines = [
+        f"causal LM, backend {result['backend']}, {result['dtype']}, median of {result['repeats']} alternating runs",
+        f"  prefill 1 x {result['prefill']}: dense {f['dense_ms']:.1f} ms, compact {f['compact_ms']:.1f} ms -> "
+        f"{f['speedup']:.2f}x ({f['compact_tokens_per_s']:.0f} tokens/s against {f['dense_tokens_per_s']:.0f})",
+        f"  decode at batch 1, {result['new_tokens']} greedy tokens after {result['prompt']}: dense "
+        f"{d['dense_ms_per_token']:.2f} ms, compact {d['compact_ms_per_token']:.2f} ms a token -> {d['speedup']:.2f}x "
+        f"({d['compact_tokens_per_s']:.1f} tokens/s against {d['dense_tokens_per_s']:.1f})",
+    ]
+    for label in ("decode", "prefill"):
+        for part, p in sorted(result.get(f"{label}_parts", {}).items()):
+            lines.append(
+                f"  {label}, {part} linears ({p['layers']}): dense {p['dense_ms']:.2f} ms, compact "
+                f"{p['compact_ms']:.2f} ms -> {p['speedup']:.2f}x"
+            )
+    for name, r in result.get("decode_layers", {}).items():
+        lines.append(
+            f"  one token: {name[-40:]:<40} {r['layout']:<12} {r['backend']:<9} {r['dense_ms']:>7.3f} "
+            f"{r['compact_ms']:>7.3f} ms {r['speedup']:>5.2f}x (byte limit {r['byte_limit']:.2f}x)"
+        )
+    return "\n".join(lines)
 
 
 def bench_table(result: dict[str, Any]) -> str:
@@ -206,12 +335,15 @@ def paired(batches: list[int], seqs: list[int]) -> list[tuple[int, int]]:
 
 def bench_subject(
     path: str | None, structure: str = "ds", ratio: float = 2.8, device: str = "cpu", dtype: str = "float32",
-    options: dict[str, Any] | None = None, shapes: list[tuple[int, int]] = (), backend: str = "auto",
-) -> tuple[nn.Module, str]:  # fmt: skip
+    options: dict[str, Any] | None = None, batches: list[int] | None = None, seqs: list[int] | None = None,
+    backend: str = "auto", new_tokens: int = 0,
+) -> tuple[nn.Module, str, list[tuple[int, int]]]:  # fmt: skip
     """What ``dsformer bench`` times: a saved compact model as it is, or a dense model (a folder or hub name,
     a saved dense run, the embedded default) factorized with ``structure`` at ``ratio`` (fit only; the
-    structure's ``options`` too); and a description of it. The device, the backend and the ``(batch, seq)``
-    shapes to be timed are checked first, the sequences against the model's positions before any fit."""
+    structure's ``options`` too); a description of it; and the ``(batch, seq)`` shapes to time (``batches``
+    and ``seqs`` paired, by default 32 x 128 and 1 x 64, or a causal LM's prefill of 1 x 512). The device,
+    the backend and the shapes are checked first, the sequences (and a causal LM's prefill plus
+    ``new_tokens``) against the model's positions, before any fit."""
     check_device(device)
     check_backend(backend)
     options = options or {}
@@ -222,13 +354,20 @@ def bench_subject(
         model, source = load(path, device=device), path
     else:
         model, source = load_pretrained(path)[0], None
+    lm = is_causal_lm_model(model)
+    shapes = paired(batches or ([1] if lm else [32, 1]), seqs or ([512] if lm else [128, 64]))
+    if lm and any(b != 1 for b, _ in shapes):
+        raise DsformerError("a causal LM is timed at batch 1: give --seq for its prefill, not --batch")
+    if lm and new_tokens < 2:
+        raise DsformerError(f"--new-tokens {new_tokens}: time at least 2 tokens (the first comes from the prompt)")
     positions = getattr(model.config, "max_position_embeddings", None)
     seq = max((s for _, s in shapes), default=0)
-    if positions is not None and seq > positions:
-        raise DsformerError(f"--seq {seq}: the model reads at most {positions} tokens")
+    if positions is not None and seq + (new_tokens if lm else 0) > positions:
+        more = f" and --new-tokens {new_tokens}" if lm else ""
+        raise DsformerError(f"--seq {seq}{more}: the model reads at most {positions} tokens")
     if source is None:
         model = model.to(device).float().eval()  # a half-precision checkpoint is fitted in float32
         print(f"factorizing {resolve(path)} with {structure} at {ratio:g}x (fit only, no training)")
         compress(model, CompressConfig(config), progress=True)
         source = f"{resolve(path)} factorized with {structure} at {ratio:g}x"
-    return model.to(getattr(torch, dtype)), source  # factorized in float32 first: the fit wants the precision
+    return model.to(getattr(torch, dtype)), source, shapes  # factorized in float32 first: the fit wants the precision

@@ -73,11 +73,12 @@ void dsformer_gelu(const float *in, float *out, int64_t n) {
 #define ACC_STORE(v) if ((v) < nv) _mm512_mask_storeu_ps(out + 16 * (v), MASK_OF(v), a##v);
 #define ACC_SCATTER(v) if ((v) < nv) _mm512_mask_i32scatter_ps(out + 16 * (v) * out_step, MASK_OF(v), down, a##v, 4);
 
-#define DEFINE_BAG(NV)                                                                              \
-    static void bag_##NV(const float *rows, int64_t row_len, const int32_t *index, const float *weights, \
-                         int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n,  \
-                         int gelu) {                                                                \
+#define DEFINE_BAG(NV, T, SUFFIX)                                                                   \
+    static void bag_##NV##SUFFIX(const float *rows, int64_t row_len, const void *index_, const float *weights, \
+                                 int64_t e0, int64_t e1, float start, float *out, int64_t out_step,     \
+                                 int64_t n, int gelu) {                                             \
         enum { nv = NV }; /* a constant: the tests on it fold away */                               \
+        const T *index = (const T *)index_;                                                         \
         const __mmask16 full = 0xFFFF, last = tail_mask(n - 16 * (nv - 1));                         \
         ALL8(ACC_INIT)                                                                              \
         for (int64_t e = e0; e < e1; e++) {                                                         \
@@ -96,7 +97,10 @@ void dsformer_gelu(const float *in, float *out, int64_t n) {
         }                                                                                           \
     }
 
-DEFINE_BAG(1) DEFINE_BAG(2) DEFINE_BAG(3) DEFINE_BAG(4) DEFINE_BAG(5) DEFINE_BAG(6) DEFINE_BAG(7) DEFINE_BAG(8)
+#define DEFINE_BAGS(T, SUFFIX) DEFINE_BAG(1, T, SUFFIX) DEFINE_BAG(2, T, SUFFIX) DEFINE_BAG(3, T, SUFFIX) \
+    DEFINE_BAG(4, T, SUFFIX) DEFINE_BAG(5, T, SUFFIX) DEFINE_BAG(6, T, SUFFIX) DEFINE_BAG(7, T, SUFFIX) \
+    DEFINE_BAG(8, T, SUFFIX)
+DEFINE_BAGS(int32_t, _i32) DEFINE_BAGS(int16_t, _i16) DEFINE_BAGS(uint8_t, _u8)
 
 enum { LANES = 16, SLICE = 128 };
 #include "bags_driver.h"

@@ -5,9 +5,13 @@
  */
 #include <stdint.h>
 
-typedef void (*BagFn)(const float *, int64_t, const int32_t *, const float *, int64_t, int64_t, float, float *,
+typedef void (*BagFn)(const float *, int64_t, const void *, const float *, int64_t, int64_t, float, float *,
                       int64_t, int64_t, int);
-static const BagFn BAGS[9] = {0, bag_1, bag_2, bag_3, bag_4, bag_5, bag_6, bag_7, bag_8};
+/* by index type (0: int32, 1: int16, 2: uint8; a DS layer stores the smallest its basis fits), then by
+   vectors in the slice */
+#define BAG_ROW(SUFFIX) {0, bag_1##SUFFIX, bag_2##SUFFIX, bag_3##SUFFIX, bag_4##SUFFIX, bag_5##SUFFIX, \
+                         bag_6##SUFFIX, bag_7##SUFFIX, bag_8##SUFFIX}
+static const BagFn BAGS[3][9] = {BAG_ROW(_i32), BAG_ROW(_i16), BAG_ROW(_u8)};
 
 /* The first bag of thread t's share: equal numbers of bags, or of entries when bag sizes vary
    (a column layer's atoms are used very unevenly). */
@@ -23,8 +27,11 @@ static int64_t split(const int32_t *offsets, int64_t bags, int t, int threads) {
 }
 
 int dsformer_weighted_bags(const float *rows, int64_t sequences, int64_t rows_per_sequence, int64_t row_len,
-                           const int32_t *index, const int32_t *offsets, int64_t bag_size, const float *weights,
-                           const float *bias, int64_t bags, float *out, int token_major, int gelu, int threads) {
+                           const void *index, int index_type, const int32_t *offsets, int64_t bag_size,
+                           const float *weights, const float *bias, int64_t bags, float *out, int token_major,
+                           int gelu, int threads) {
+    if (index_type < 0 || index_type > 2) return 1;
+    const BagFn *bag_of = BAGS[index_type];
     if (threads < 1) threads = 1;
     if (threads > bags) threads = (int)(bags > 0 ? bags : 1);
     const int64_t step = token_major ? bags : 1;
@@ -42,7 +49,7 @@ int dsformer_weighted_bags(const float *rows, int64_t sequences, int64_t rows_pe
                     const int64_t n = row_len - l0 < SLICE ? row_len - l0 : SLICE;
                     const float *r = seq + l0;
                     float *o = token_major ? seq_out + l0 * bags + b : seq_out + b * row_len + l0;
-                    BAGS[(n + LANES - 1) / LANES](r, row_len, index, weights, e0, e1, start, o, step, n, gelu);
+                    bag_of[(n + LANES - 1) / LANES](r, row_len, index, weights, e0, e1, start, o, step, n, gelu);
                 }
             }
         }

@@ -79,11 +79,12 @@ void dsformer_gelu(const float *in, float *out, int64_t n) {
         for (int64_t i = 0; i < WIDTH(v); i++) out[(LANES * (v) + i) * out_step] = a##v[i];         \
     }
 
-#define DEFINE_BAG(NV)                                                                              \
-    static void bag_##NV(const float *rows, int64_t row_len, const int32_t *index, const float *weights, \
-                         int64_t e0, int64_t e1, float start, float *out, int64_t out_step, int64_t n,  \
-                         int gelu) {                                                                \
+#define DEFINE_BAG(NV, T, SUFFIX)                                                                   \
+    static void bag_##NV##SUFFIX(const float *rows, int64_t row_len, const void *index_, const float *weights, \
+                                 int64_t e0, int64_t e1, float start, float *out, int64_t out_step,     \
+                                 int64_t n, int gelu) {                                             \
         enum { nv = NV }; /* a constant: the tests on it fold away */                               \
+        const T *index = (const T *)index_;                                                         \
         const int64_t last = n - LANES * (nv - 1);                                                  \
         ALL8(ACC_INIT)                                                                              \
         for (int64_t e = e0; e < e1; e++) {                                                         \
@@ -99,6 +100,9 @@ void dsformer_gelu(const float *in, float *out, int64_t n) {
         }                                                                                           \
     }
 
-DEFINE_BAG(1) DEFINE_BAG(2) DEFINE_BAG(3) DEFINE_BAG(4) DEFINE_BAG(5) DEFINE_BAG(6) DEFINE_BAG(7) DEFINE_BAG(8)
+#define DEFINE_BAGS(T, SUFFIX) DEFINE_BAG(1, T, SUFFIX) DEFINE_BAG(2, T, SUFFIX) DEFINE_BAG(3, T, SUFFIX) \
+    DEFINE_BAG(4, T, SUFFIX) DEFINE_BAG(5, T, SUFFIX) DEFINE_BAG(6, T, SUFFIX) DEFINE_BAG(7, T, SUFFIX) \
+    DEFINE_BAG(8, T, SUFFIX)
+DEFINE_BAGS(int32_t, _i32) DEFINE_BAGS(int16_t, _i16) DEFINE_BAGS(uint8_t, _u8)
 
 #include "bags_driver.h"

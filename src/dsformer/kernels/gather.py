@@ -41,7 +41,7 @@ from dsformer.kernels import native
 class ColumnPlan(NamedTuple):
     """The ELL coefficients of a column-vector layer regrouped by atom (a CSR of ``Cᵀ``)."""
 
-    vectors: torch.Tensor  # (N·s,) int32: which input row each entry reads, grouped by atom
+    vectors: torch.Tensor  # (N·s,) which input row each entry reads, grouped by atom: uint8 or int16 where N fits
     offsets: torch.Tensor  # (k + 1,) int32: where each atom's group starts, then the total
     values: torch.Tensor  # (N·s,) the coefficients in the same order
 
@@ -53,7 +53,8 @@ def column_plan(indices: torch.Tensor, values: torch.Tensor, k: int) -> ColumnPl
     order = torch.argsort(atoms, stable=True)
     vectors = torch.arange(n, device=indices.device).repeat_interleave(s)[order]
     offsets = torch.searchsorted(atoms[order], torch.arange(k + 1, device=indices.device))
-    return ColumnPlan(vectors.int(), offsets.int(), values.reshape(-1)[order])
+    narrow = torch.uint8 if n <= 256 else torch.int16 if n <= 32768 else torch.int32
+    return ColumnPlan(vectors.to(narrow), offsets.int(), values.reshape(-1)[order])
 
 
 def _bags(
@@ -72,12 +73,14 @@ def _bags(
     applies GELU to the result. The compiled kernel where it runs (:mod:`dsformer.kernels.native`),
     else an embedding-bag per sequence; both give the same sums.
     """
-    index = index if index.dtype == torch.int32 else index.int()
     if rows.dtype == torch.float32 and rows.device.type == "cpu" and native.available():
+        # the stored uint8 or int16 indices as they are: widening them would move more bytes than the product
+        index = index if index.dtype in native.INDEX_TYPES else index.int()
         ell = {"bag_size": index.shape[1]} if offsets is None else {"offsets": offsets}
         return native.weighted_bags(
             rows, index.reshape(-1), weights.reshape(-1), bias=bias, token_major=token_major, gelu=gelu, **ell
         )
+    index = index if index.dtype in (torch.int32, torch.int64) else index.int()
     bags = index.shape[0] if offsets is None else offsets.shape[0] - 1
     out = rows.new_empty(rows.shape[0], bags, rows.shape[2])
     for i in range(rows.shape[0]):
@@ -91,9 +94,15 @@ def _bags(
     return out.mT.contiguous() if token_major else out
 
 
+SHORT = 16  # sequences shorter than this (decode steps) are gathered as one
+
+
 def _sequences(x: torch.Tensor) -> torch.Tensor:
-    """``x (..., L, f)`` as ``(S, L, f)``: a 2-D input is one sequence of ``T`` tokens."""
-    return x.unsqueeze(0) if x.dim() == 2 else x.reshape(-1, *x.shape[-2:])
+    """``x (..., L, f)`` as ``(S, L, f)``: a 2-D input is one sequence of ``T`` tokens, and so are short
+    sequences (a batch decoding a token each), whose rows of a few floats would leave the vectors idle."""
+    if x.dim() == 2 or x.shape[-2] < SHORT:
+        return x.reshape(1, -1, x.shape[-1])
+    return x.reshape(-1, *x.shape[-2:])
 
 
 def ds_rows(

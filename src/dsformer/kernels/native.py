@@ -51,6 +51,7 @@ from dsformer.files import cache_dir
 HERE = Path(__file__).parent
 DRIVER = HERE / "bags_driver.h"  # included by every variant's source
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
+INDEX_TYPES = {torch.int32: 0, torch.int16: 1, torch.uint8: 2}  # the kernel's codes for its index types
 VARIANTS = {  # name: (source, the ISA's flags)
     "avx512": (HERE / "bags.c", ("-mavx512f", "-mfma")),
     "avx2": (HERE / "bags_portable.c", ("-mavx2", "-mfma")),
@@ -100,14 +101,16 @@ def weighted_bags(
     token_major: bool = False,
     gelu: bool = False,
 ) -> torch.Tensor:
-    """``rows (S, R, L)`` float32 on CPU, ``index (E,)`` int32, ``weights (E,)`` -> ``(S, B, L)``.
+    """``rows (S, R, L)`` float32 on CPU, ``index (E,)`` int32, int16 or uint8, ``weights (E,)`` -> ``(S, B, L)``.
 
     Bags are given either by ``offsets (B + 1,)`` int32 (bag ``b`` is ``offsets[b]:offsets[b + 1]``,
     empty bags give zeros) or by a fixed ``bag_size`` (``E = B * bag_size``). ``bias (B,)`` is added
     to every bag's row and ``gelu`` applies GELU (erf form, absolute error below 5e-7) before each
     output is stored; ``token_major`` returns ``(S, L, B)`` instead, written in place of a
-    transposing copy. Indices are not checked: callers pass indices below ``R`` (a DS layer's are,
-    by construction).
+    transposing copy. Indices are read in their own type (a DS layer's uint8 or int16 indices are not
+    widened first, which would read and write more bytes than the product itself). They are not checked:
+    callers pass indices below ``R`` (a DS layer's are, by construction; a loaded one's are checked on
+    loading).
     """
     if _library() is None:
         raise RuntimeError("the native kernel is not available here (dsformer.kernels.native.available())")
@@ -115,8 +118,8 @@ def weighted_bags(
         raise ValueError("give exactly one of offsets and bag_size")
     if rows.dtype != torch.float32 or rows.device.type != "cpu" or rows.dim() != 3:
         raise ValueError(f"rows must be a 3-D float32 CPU tensor, got {tuple(rows.shape)} {rows.dtype} {rows.device}")
-    if index.dtype != torch.int32 or (offsets is not None and offsets.dtype != torch.int32):
-        raise ValueError("index and offsets must be int32")
+    if index.dtype not in INDEX_TYPES or (offsets is not None and offsets.dtype != torch.int32):
+        raise ValueError(f"index must be int32, int16 or uint8 and offsets int32, got {index.dtype}")
     if index.dim() != 1 or weights.shape != index.shape:
         raise ValueError(
             f"index and weights must be 1-D of one length, got {tuple(index.shape)}, {tuple(weights.shape)}"
@@ -149,7 +152,7 @@ def _weighted_bags(
     bias = bias.to(torch.float32).contiguous() if bias is not None else None
     out = _output(rows, index, offsets, bag_size, token_major)
     _library().dsformer_weighted_bags(
-        rows.data_ptr(), rows.shape[0], rows.shape[1], rows.shape[2], index.data_ptr(),
+        rows.data_ptr(), rows.shape[0], rows.shape[1], rows.shape[2], index.data_ptr(), INDEX_TYPES[index.dtype],
         None if offsets is None else offsets.data_ptr(), bag_size, weights.data_ptr(),
         None if bias is None else bias.data_ptr(), _bag_count(index, offsets, bag_size), out.data_ptr(),
         int(token_major), int(gelu), torch.get_num_threads(),
@@ -194,7 +197,8 @@ def _built(name: str) -> ctypes.CDLL | None:
         return None
     fn = lib.dsformer_weighted_bags
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    c_int = ctypes.c_int
+    fn.argtypes = [ptr, i64, i64, i64, ptr, c_int, ptr, i64, ptr, ptr, i64, ptr, c_int, c_int, c_int]
     fn.restype = ctypes.c_int
     return lib
 
