@@ -13,6 +13,25 @@ typedef void (*BagFn)(const float *, int64_t, const void *, const float *, int64
                          bag_6##SUFFIX, bag_7##SUFFIX, bag_8##SUFFIX}
 static const BagFn BAGS[3][9] = {BAG_ROW(_i32), BAG_ROW(_i16), BAG_ROW(_u8)};
 
+/* A bag of one-float rows (one token: a decode step): the sum runs along the bag, in eight independent
+   partial sums, where the vector bags above would run one scalar multiply-add chain through one
+   register (each add waiting for the last). The compiler vectorizes the eight lanes (gathers where the
+   ISA has them). */
+typedef float (*SingleFn)(const float *, const void *, const float *, int64_t, int64_t);
+#define DEFINE_SINGLE(T, SUFFIX)                                                                     \
+    static float single##SUFFIX(const float *rows, const void *index_, const float *weights, int64_t e0, \
+                                int64_t e1) {                                                       \
+        const T *index = (const T *)index_;                                                         \
+        float part[8] = {0};                                                                        \
+        int64_t e = e0;                                                                             \
+        for (; e + 8 <= e1; e += 8)                                                                 \
+            for (int j = 0; j < 8; j++) part[j] += weights[e + j] * rows[index[e + j]];             \
+        for (; e < e1; e++) part[0] += weights[e] * rows[index[e]];                                 \
+        return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])); \
+    }
+DEFINE_SINGLE(int32_t, _i32) DEFINE_SINGLE(int16_t, _i16) DEFINE_SINGLE(uint8_t, _u8)
+static const SingleFn SINGLES[3] = {single_i32, single_i16, single_u8};
+
 /* The first bag of thread t's share: equal numbers of bags, or of entries when bag sizes vary
    (a column layer's atoms are used very unevenly). */
 static int64_t split(const int32_t *offsets, int64_t bags, int t, int threads) {
@@ -41,6 +60,14 @@ int dsformer_weighted_bags(const float *rows, int64_t sequences, int64_t rows_pe
         for (int64_t s = 0; s < sequences; s++) {
             const float *seq = rows + s * rows_per_sequence * row_len;
             float *seq_out = out + s * bags * row_len;
+            if (row_len == 1 && !gelu) {  /* one token: out[b] either way round */
+                for (int64_t b = first; b < stop; b++) {
+                    const int64_t e0 = offsets ? offsets[b] : b * bag_size;
+                    const int64_t e1 = offsets ? offsets[b + 1] : (b + 1) * bag_size;
+                    seq_out[b] = (bias ? bias[b] : 0.0f) + SINGLES[index_type](seq, index, weights, e0, e1);
+                }
+                continue;
+            }
             for (int64_t b = first; b < stop; b++) {
                 const int64_t e0 = offsets ? offsets[b] : b * bag_size;
                 const int64_t e1 = offsets ? offsets[b + 1] : (b + 1) * bag_size;

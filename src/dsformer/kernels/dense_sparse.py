@@ -30,8 +30,9 @@ def _sparse(name: str, layer: DenseSparseLinear, x: torch.Tensor, gelu: bool = F
     bias = layer.bias.detach() if layer.bias is not None else None
     plan = None
     if not layer.rows:
-        build = functools.partial(gather.column_plan, _checked(layer), values, layer.k)
-        plan = layer.cached("plan", build, layer.values, layer.indices)
+        # built (and its indices checked) once, not per call: the check reads every index
+        plan = layer.cached("plan", lambda: gather.column_plan(_checked(layer), values, layer.k), layer.values,
+                            layer.indices)  # fmt: skip
     if name == "triton":
         if layer.rows:
             return triton_ds.ds_rows(x, basis, layer.indices, values, bias, gelu=gelu)

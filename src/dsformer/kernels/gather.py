@@ -76,9 +76,9 @@ def _bags(
     if rows.dtype == torch.float32 and rows.device.type == "cpu" and native.available():
         # the stored uint8 or int16 indices as they are: widening them would move more bytes than the product
         index = index if index.dtype in native.INDEX_TYPES else index.int()
-        ell = {"bag_size": index.shape[1]} if offsets is None else {"offsets": offsets}
-        return native.weighted_bags(
-            rows, index.reshape(-1), weights.reshape(-1), bias=bias, token_major=token_major, gelu=gelu, **ell
+        bag_size = index.shape[1] if offsets is None else 0
+        return native.bags_of_checked(
+            rows, index.reshape(-1), weights.reshape(-1), offsets, bag_size, bias, token_major, gelu
         )
     index = index if index.dtype in (torch.int32, torch.int64) else index.int()
     bags = index.shape[0] if offsets is None else offsets.shape[0] - 1
@@ -121,7 +121,9 @@ def ds_rows(
     ``gelu`` returns ``gelu(y)``, applied in the kernel before each output is stored.
     """
     seqs = _sequences(x)
-    if dense_stage is None:
+    if dense_stage is None and seqs.shape[1] == 1:  # one token: (S, 1, k) is (S, k, 1) in memory
+        zt = F.linear(seqs, basis).mT
+    elif dense_stage is None:
         zt = torch.matmul(basis, seqs.mT)  # (S, k, L)
     else:
         zt = dense_stage(seqs).mT.contiguous()

@@ -131,9 +131,25 @@ def weighted_bags(
     bags = _bag_count(index, offsets, bag_size or 0)
     if bias is not None and bias.shape != (bags,):
         raise ValueError(f"bias must have one value per bag ({bags}), got {tuple(bias.shape)}")
+    return bags_of_checked(rows, index, weights, offsets, bag_size or 0, bias, token_major, gelu)
+
+
+def bags_of_checked(
+    rows: torch.Tensor,
+    index: torch.Tensor,
+    weights: torch.Tensor,
+    offsets: torch.Tensor | None,
+    bag_size: int,
+    bias: torch.Tensor | None,
+    token_major: bool,
+    gelu: bool,
+) -> torch.Tensor:
+    """:func:`weighted_bags` without its checks, for callers whose arguments are proved once, not per call
+    (a DS layer checks its indices when it first builds them; at one token the checks cost as much as the
+    sums)."""
     if torch.compiler.is_compiling():  # an opaque op to the compiler, with its output shape known
-        return torch.ops.dsformer.weighted_bags(rows, index, weights, offsets, bag_size or 0, bias, token_major, gelu)
-    return _weighted_bags(rows, index, weights, offsets, bag_size or 0, bias, token_major, gelu)
+        return torch.ops.dsformer.weighted_bags(rows, index, weights, offsets, bag_size, bias, token_major, gelu)
+    return _weighted_bags(rows, index, weights, offsets, bag_size, bias, token_major, gelu)
 
 
 def _weighted_bags(
