@@ -196,11 +196,16 @@ class CompactLinear(nn.Module):
         return {}
 
     def factor_tensors(self) -> list[torch.Tensor]:
-        """The tensors that store the weight (bias excluded), borrowed ones included."""
-        return [t for name, t in self.state_dict().items() if name != "bias"]
+        """The tensors that store the weight (bias excluded), borrowed ones included: what ``state_dict`` holds
+        besides the bias, read without building one (a backend keys its cache on them at every call)."""
+        return [t.detach() for name, t in self._stored() if name != "bias"]
 
     def own_factor_tensors(self) -> list[torch.Tensor]:
-        return [t for name, t in self.state_dict().items() if name != "bias" and name not in self.borrowed]
+        return [t.detach() for name, t in self._stored() if name != "bias" and name not in self.borrowed]
+
+    def _stored(self) -> list[tuple[str, torch.Tensor]]:
+        buffers = [(n, t) for n, t in self._buffers.items() if n not in self._non_persistent_buffers_set]
+        return [(n, t) for n, t in [*self._parameters.items(), *buffers] if t is not None]
 
     def value_params(self) -> int:
         """Stored weight values (indices excluded): the parameter count that ratios use."""
