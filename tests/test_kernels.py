@@ -83,6 +83,17 @@ def test_gather_output_feeds_the_next_layer_without_a_copy():
     assert relative_error(down(hidden), down.reference(torch.nn.functional.gelu(up.reference(x)))) < 1e-5
 
 
+def test_bench_finds_the_layers_whose_input_arrives_token_minor():
+    from dsformer.harness.bench import token_minor_inputs
+
+    up, down = layer_of("ds", (96, 64)), layer_of("ds", (64, 96), seed=1)
+    x = torch.randn(2, 20, 64)
+    for backend, minor in (("gather", {"down"}), ("dense", set())):
+        kernels.use_backend(up, backend)
+        kernels.use_backend(down, backend)
+        assert token_minor_inputs({"up": up, "down": down}, lambda: down(F.gelu(up(x)))) == minor
+
+
 def test_column_plan_groups_every_entry_by_atom():
     indices = torch.tensor([[0, 2], [2, 3], [0, 3]])
     values = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])

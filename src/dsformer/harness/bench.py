@@ -133,24 +133,51 @@ def bench_model(
         result["end_to_end"]["dense_int8_ms"] = 1000 * total["dense_int8"]
         result["end_to_end"]["speedup_vs_dense_int8"] = total["dense_int8"] / total["compact"]
     if layers:
-        result["layers"], result["parts"] = layer_timings(compact, batch, seq, device, repeats)
+        minor = token_minor_inputs(compact, lambda: model(**inputs))
+        result["layers"], result["parts"] = layer_timings(compact, batch, seq, device, repeats, minor)
     return result
 
 
 @torch.inference_mode()
+def token_minor_inputs(compact: dict[str, nn.Module], forward: Any) -> set[str]:
+    """The compact layers whose input arrives token-minor (stored ``(..., f, L)``) in a real ``forward()``: a
+    gather layer before them keeps that layout (see :mod:`dsformer.kernels.gather`), which the layer is then
+    timed on; every other layer gets token-major input, as a dense model would."""
+    seen: set[str] = set()
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda _, args, name=name: seen.add(name) if args[0].dim() >= 2 and args[0].mT.is_contiguous() else None
+        )
+        for name, layer in compact.items()
+    ]
+    try:
+        forward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+@torch.inference_mode()
 def layer_timings(
-    compact: dict[str, nn.Module], batch: int, seq: int, device: torch.device, repeats: int
+    compact: dict[str, nn.Module],
+    batch: int,
+    seq: int,
+    device: torch.device,
+    repeats: int,
+    token_minor: set[str] = frozenset(),
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Each compact layer on its own ``(batch, seq)`` input against its merged linear, and the sums per part
-    of a block (attention, FFN): the backend it runs on, ms, speedup, and its multiply-add and byte limits."""
+    of a block (attention, FFN): the backend it runs on, ms, speedup, and its multiply-add and byte limits.
+    The layers named in ``token_minor`` (:func:`token_minor_inputs`) get their input in that layout."""
     rows, parts = {}, {}
     for name, layer in compact.items():
         linear = layer.merge()
         x = torch.randn(batch, seq, layer.in_features, generator=torch.Generator().manual_seed(1))
         x = x.to(device, linear.weight.dtype)
-        # a narrowing layer gets its input as the compact layer before it leaves it (token-minor, see
-        # dsformer.kernels.gather); the dense one gets it as a dense model would (token-major)
-        xc = x.mT.contiguous().mT if layer.in_features > layer.out_features else x
+        # the compact layer gets its input as the layer before it leaves it in the model; the dense one gets
+        # it as a dense model would (token-major)
+        xc = x.mT.contiguous().mT if name in token_minor and seq > 1 else x
         backend = layer.backend if layer.backend != "auto" else choose(layer, xc)
         # the backend alone: an activation fused into the layer (surgery.fuse_activations) is not part of the linear
         compact_call = functools.partial(layer.run, backend, xc)
@@ -268,7 +295,9 @@ def bench_lm(
     }
     if layers:
         result["decode_layers"], result["decode_parts"] = layer_timings(compact, 1, 1, device, max(repeats, 20))
-        result["prefill_layers"], result["prefill_parts"] = layer_timings(compact, 1, prefill, device, repeats)
+        minor = token_minor_inputs(compact, lambda: model(input_ids=long, use_cache=True, logits_to_keep=1))
+        timed = layer_timings(compact, 1, prefill, device, repeats, minor)
+        result["prefill_layers"], result["prefill_parts"] = timed
     return result
 
 
