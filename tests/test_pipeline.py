@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -633,7 +634,9 @@ def test_regression_task_with_dsformer(capsys, tmp_path, model_dir, stsb_dir):
     assert model.config.num_labels == 1
     line = evaluate_line(capsys, output)
     assert "stsb test (16 examples)" in line
-    assert f"pearson {metrics['test']['pearson']:.4f}" in line
+    # the same score, to float rounding: loaded, the layers may run on another backend, summing in another order
+    shown = float(re.search(r"pearson (-?[0-9.]+)", line).group(1))
+    assert shown == pytest.approx(metrics["test"]["pearson"], abs=2e-4)
     assert not work_folder(output).exists()
 
 

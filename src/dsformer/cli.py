@@ -233,30 +233,17 @@ def summary(args: argparse.Namespace) -> None:
 
 
 def bench(args: argparse.Namespace) -> None:
-    from dsformer.harness.bench import (
-        bench_lm,
-        bench_lm_table,
-        bench_model,
-        bench_subject,
-        bench_table,
-        is_causal_lm_model,
-    )
+    from dsformer.harness.bench import bench_run
     from dsformer.harness.runs import write_record
     from dsformer.structures.registry import parse_options
 
     check_file_output(args.output, "--output")
-    options = parse_options(args.option)
-    model, source, shapes = bench_subject(args.folder, args.structure, args.ratio, args.device, args.dtype, options,
-                                          args.batch, args.seq, args.backend, args.new_tokens)  # fmt: skip
-    if is_causal_lm_model(model):
-        runs = [bench_lm(model, s, args.new_tokens, backend=args.backend, repeats=args.repeats,
-                         layers=not args.no_layers) for _, s in shapes]  # fmt: skip
-        print("\n".join(bench_lm_table(run) for run in runs))
-    else:
-        runs = [bench_model(model, b, s, args.backend, args.repeats, layers=not args.no_layers) for b, s in shapes]
-        print("\n".join(bench_table(run) for run in runs))
+    record, text = bench_run(args.folder, args.structure, args.ratio, args.device, args.dtype,
+                             parse_options(args.option), args.batch, args.seq, args.backend, args.new_tokens,
+                             args.repeats, layers=not args.no_layers)  # fmt: skip
+    print(text)
     if args.output:
-        write_record(args.output, args.command_line, {"model": source, "runs": runs})
+        write_record(args.output, args.command_line, record)
 
 
 def evaluate(args: argparse.Namespace) -> None:

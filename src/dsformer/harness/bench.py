@@ -408,3 +408,20 @@ def bench_subject(
         compress(model, CompressConfig(config), progress=True)
         source = f"{resolve(path)} factorized with {structure} at {ratio:g}x"
     return model.to(getattr(torch, dtype)), source, shapes  # factorized in float32 first: the fit wants the precision
+
+
+def bench_run(
+    path: str | None, structure: str = "ds", ratio: float = 2.8, device: str = "cpu", dtype: str = "float32",
+    options: dict[str, Any] | None = None, batches: list[int] | None = None, seqs: list[int] | None = None,
+    backend: str = "auto", new_tokens: int = 32, repeats: int = 10, layers: bool = True,
+) -> tuple[dict[str, Any], str]:  # fmt: skip
+    """``dsformer bench``: the model of :func:`bench_subject` timed at each shape (a causal LM: prefill and
+    decode, :func:`bench_lm`; else :func:`bench_model`); the record to store and the tables to print."""
+    model, source, shapes = bench_subject(
+        path, structure, ratio, device, dtype, options, batches, seqs, backend, new_tokens
+    )
+    if is_causal_lm_model(model):
+        runs = [bench_lm(model, s, new_tokens, backend=backend, repeats=repeats, layers=layers) for _, s in shapes]
+        return {"model": source, "runs": runs}, "\n".join(bench_lm_table(run) for run in runs)
+    runs = [bench_model(model, b, s, backend, repeats, layers=layers) for b, s in shapes]
+    return {"model": source, "runs": runs}, "\n".join(bench_table(run) for run in runs)
