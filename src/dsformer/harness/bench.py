@@ -80,6 +80,17 @@ def dense_original(model: nn.Module) -> nn.Module:
         return merge(copy.deepcopy(model)).eval()
 
 
+def compared(dense_s: float, compact_s: float, tokens: int) -> dict[str, float]:
+    """Dense and compact seconds for ``tokens`` tokens as milliseconds, tokens per second and the speedup."""
+    return {
+        "dense_ms": 1000 * dense_s,
+        "compact_ms": 1000 * compact_s,
+        "dense_tokens_per_s": tokens / dense_s,
+        "compact_tokens_per_s": tokens / compact_s,
+        "speedup": dense_s / compact_s,
+    }
+
+
 def _part(name: str) -> str:
     """Which part of a block a linear belongs to: ``ffn`` or ``attention``."""
     if "attention" in name or "attn" in name:
@@ -121,13 +132,7 @@ def bench_model(
         "backend": backend,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "repeats": repeats,
-        "end_to_end": {
-            "dense_ms": 1000 * total["dense"],
-            "compact_ms": 1000 * total["compact"],
-            "dense_tokens_per_s": tokens / total["dense"],
-            "compact_tokens_per_s": tokens / total["compact"],
-            "speedup": total["dense"] / total["compact"],
-        },
+        "end_to_end": compared(total["dense"], total["compact"], tokens),
     }
     if "dense_int8" in total:
         result["end_to_end"]["dense_int8_ms"] = 1000 * total["dense_int8"]
@@ -277,13 +282,7 @@ def bench_lm(
         "backend": backend,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "repeats": repeats,
-        "prefill_end_to_end": {
-            "dense_ms": 1000 * fill["dense"],
-            "compact_ms": 1000 * fill["compact"],
-            "dense_tokens_per_s": prefill / fill["dense"],
-            "compact_tokens_per_s": prefill / fill["compact"],
-            "speedup": fill["dense"] / fill["compact"],
-        },
+        "prefill_end_to_end": compared(fill["dense"], fill["compact"], prefill),
         "decode_end_to_end": {
             "dense_ms_per_token": 1000 * step["dense"],
             "compact_ms_per_token": 1000 * step["compact"],
