@@ -7,6 +7,7 @@ import gc
 import os
 import socket
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,8 @@ def _join(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
     env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
     os.environ.update({key: str(value) for key, value in env.items()})
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    # a short timeout: processes that disagree fail the test in minutes, not gloo's default half hour
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=3))
 
 
 def _leave() -> None:

@@ -373,7 +373,8 @@ def test_bench_of_a_causal_lm_times_prefill_and_decode(capsys, lm_folder, tmp_pa
     "extra, words",
     [
         (["--batch", "2"], "batch 1"),
-        (["--seq", "60"], "--new-tokens 32: the model reads at most 64"),
+        (["--seq", "80"], "--seq 80: the model reads at most 64"),
+        (["--seq", "16", "--new-tokens", "40"], "--new-tokens 40 after the 32-token prompt"),
         (["--seq", "16", "--new-tokens", "1"], "at least 2"),
     ],
 )

@@ -36,6 +36,7 @@ from dsformer.errors import DsformerError
 from dsformer.hardware import check_device
 from dsformer.harness.models import load_pretrained, resolve
 from dsformer.kernels import calibrate, check_backend, choose, seconds, use_backend
+from dsformer.kernels.gather import SHORT
 from dsformer.kernels.int8 import int8_linears
 from dsformer.structures import backends
 from dsformer.structures.budget import check_ratio
@@ -123,7 +124,7 @@ def bench_model(
     inputs = _inputs(model, batch, seq, device)
     runs = {"dense": lambda: dense(**inputs), "compact": lambda: model(**inputs)}
     if backend == "int8":  # int8 compact layers also face the dense model with int8 linears
-        dense8 = int8_linears(merge(copy.deepcopy(model)).eval(), list(compact))
+        dense8 = int8_linears(dense_original(model), list(compact))
         runs["dense_int8"] = lambda: dense8(**inputs)
     total = alternate(runs, device, repeats)
     result: dict[str, Any] = {
@@ -145,13 +146,13 @@ def bench_model(
 
 @torch.inference_mode()
 def token_minor_inputs(compact: dict[str, nn.Module], forward: Any) -> set[str]:
-    """The compact layers whose input arrives token-minor (stored ``(..., f, L)``) in a real ``forward()``: a
+    """The compact layers whose input arrives token-minor (tokens adjacent in memory) in a real ``forward()``: a
     gather layer before them keeps that layout (see :mod:`dsformer.kernels.gather`), which the layer is then
     timed on; every other layer gets token-major input, as a dense model would."""
     seen: set[str] = set()
     hooks = [
         layer.register_forward_pre_hook(
-            lambda _, args, name=name: seen.add(name) if args[0].dim() >= 2 and args[0].mT.is_contiguous() else None
+            lambda _, args, name=name: seen.add(name) if args[0].dim() >= 2 and args[0].stride(-2) == 1 else None
         )
         for name, layer in compact.items()
     ]
@@ -177,12 +178,15 @@ def layer_timings(
     The layers named in ``token_minor`` (:func:`token_minor_inputs`) get their input in that layout."""
     rows, parts = {}, {}
     for name, layer in compact.items():
-        linear = layer.merge()
+        with torch.inference_mode(False):  # as dense_original makes its linears
+            linear = layer.merge()
         x = torch.randn(batch, seq, layer.in_features, generator=torch.Generator().manual_seed(1))
         x = x.to(device, linear.weight.dtype)
         # the compact layer gets its input as the layer before it leaves it in the model; the dense one gets
         # it as a dense model would (token-major)
-        xc = x.mT.contiguous().mT if name in token_minor and seq > 1 else x
+        xc = x
+        if name in token_minor and seq > 1:  # short sequences are gathered as one: tokens adjacent across them
+            xc = x.mT.contiguous().mT if seq >= SHORT else x.reshape(-1, x.shape[-1]).mT.contiguous().mT.view(x.shape)
         backend = layer.backend if layer.backend != "auto" else choose(layer, xc)
         # the backend alone: an activation fused into the layer (surgery.fuse_activations) is not part of the linear
         compact_call = functools.partial(layer.run, backend, xc)
@@ -208,6 +212,9 @@ def layer_timings(
     for part in parts.values():
         part["speedup"] = part["dense_ms"] / part["compact_ms"]
     return rows, parts
+
+
+PROMPT = 32  # tokens before a timed decode
 
 
 def is_causal_lm_model(model: nn.Module) -> bool:
@@ -239,7 +246,7 @@ def bench_lm(
     model: nn.Module,
     prefill: int = 512,
     new_tokens: int = 32,
-    prompt: int = 32,
+    prompt: int = PROMPT,
     backend: str = "auto",
     repeats: int = 5,
     layers: bool = True,
@@ -386,6 +393,7 @@ def bench_subject(
     if "ratio" in options:
         raise DsformerError("give the ratio with --ratio, not as an option")
     config = structure_config(structure, ratio=check_ratio(ratio), **options)  # checked even where unused
+    paired(batches or [1], seqs or [1])  # the counts and values, before loading anything
     if path is not None and (Path(path) / META_FILE).exists() and read_meta(path)["layers"]:
         model, source = load(path, device=device), path
     else:
@@ -398,9 +406,12 @@ def bench_subject(
         raise DsformerError(f"--new-tokens {new_tokens}: time at least 2 tokens (the first comes from the prompt)")
     positions = getattr(model.config, "max_position_embeddings", None)
     seq = max((s for _, s in shapes), default=0)
-    if positions is not None and seq + (new_tokens if lm else 0) > positions:
-        more = f" and --new-tokens {new_tokens}" if lm else ""
-        raise DsformerError(f"--seq {seq}{more}: the model reads at most {positions} tokens")
+    if positions is not None and seq > positions:
+        raise DsformerError(f"--seq {seq}: the model reads at most {positions} tokens")
+    if positions is not None and lm and PROMPT + new_tokens - 1 > positions:
+        raise DsformerError(
+            f"--new-tokens {new_tokens} after the {PROMPT}-token prompt: the model reads at most {positions} tokens"
+        )
     if source is None:
         model = model.to(device).float().eval()  # a half-precision checkpoint is fitted in float32
         print(f"factorizing {resolve(path)} with {structure} at {ratio:g}x (fit only, no training)")

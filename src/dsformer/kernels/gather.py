@@ -11,7 +11,8 @@ row is ``T`` contiguous floats and the work is ``N·s·T`` multiply-adds instead
 
 The bags run on the compiled CPU kernel of :mod:`dsformer.kernels.native` where it builds,
 else on ``F.embedding_bag`` (CUDA, other CPUs). Both work one sequence at a time
-(``x (..., L, f)``): the gathered rows are that sequence's ``L`` tokens, which stay in cache.
+(``x (..., L, f)``): the gathered rows are that sequence's ``L`` tokens, which stay in cache;
+sequences shorter than ``SHORT`` tokens (decode steps) are gathered together as one.
 A widening row layer (an FFN's up-projection) returns a transposed view of its ``(N, L)``
 storage rather than copying it back: the activation keeps that layout, and the column-vector
 layer after it reads it without a copy. Other layers write token-major rows, which attention
