@@ -43,15 +43,9 @@ def _sparse(name: str, layer: DenseSparseLinear, x: torch.Tensor, gelu: bool = F
         weight8 = layer.cached("int8_basis", lambda: int8_weight(basis if layer.rows else basis.T), layer.basis)
         dense_stage = functools.partial(int8_linear, weight=weight8)
     if layer.rows:
-        indices = layer.cached("indices", lambda: _narrow(_checked(layer)), layer.indices)
+        indices = layer.cached("indices", lambda: native.readable(_checked(layer)), layer.indices)
         return gather.ds_rows(x, basis, indices, values, bias, dense_stage, gelu=gelu)
     return gather.ds_columns(x, plan, basis, bias, dense_stage)
-
-
-def _narrow(indices: torch.Tensor) -> torch.Tensor:
-    """Indices as the kernels read them: the stored uint8, int16 or int32 as they are (no wider copy
-    to keep or to read), int64 as int32."""
-    return indices if indices.dtype in native.INDEX_TYPES else indices.int()
 
 
 def _checked(layer: DenseSparseLinear) -> torch.Tensor:

@@ -75,8 +75,7 @@ def _bags(
     else an embedding-bag per sequence; both give the same sums.
     """
     if rows.dtype == torch.float32 and rows.device.type == "cpu" and native.available():
-        # the stored uint8 or int16 indices as they are: widening them would move more bytes than the product
-        index = index if index.dtype in native.INDEX_TYPES else index.int()
+        index = native.readable(index)  # widening stored uint8 or int16 would move more bytes than the product
         bag_size = index.shape[1] if offsets is None else 0
         return native.bags_of_checked(
             rows, index.reshape(-1), weights.reshape(-1), offsets, bag_size, bias, token_major, gelu

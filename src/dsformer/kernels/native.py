@@ -59,6 +59,12 @@ VARIANTS = {  # name: (source, the ISA's flags)
 }
 
 
+def readable(index: torch.Tensor) -> torch.Tensor:
+    """Indices as the kernel reads them: stored uint8, int16 or int32 as they are (no wider copy to keep or
+    to read), any other integer type as int32."""
+    return index if index.dtype in INDEX_TYPES else index.int()
+
+
 def available() -> bool:
     """Whether the compiled kernel runs here (compiling it on the first call)."""
     return _library() is not None
