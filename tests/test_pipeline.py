@@ -296,6 +296,32 @@ def test_calibrated_fits_on_the_training_inputs(capsys, tmp_path, model_dir, sst
     assert output.name == "out" and "calibrated" in default_output(RunConfig(method=method, calibrate=True)).name
 
 
+@pytest.mark.parametrize(("method", "extra"), [("dsformer", ["--calibrate"]), ("ds-conventional", []), ("svd", [])])
+def test_global_budget_gives_layers_their_own_ratios_within_the_total(
+    capsys, tmp_path, model_dir, sst2_dir, method, extra
+):
+    output = tmp_path / "out"
+    argv = _compress_args(model_dir, sst2_dir, output, "--method", method, "--ratio", "2", "--global-budget", *extra)
+    code, out, err = run_cli(capsys, argv)
+    assert code == 0, err
+    metrics = metrics_of(output)
+    assert metrics["config"]["global_budget"] is True
+    layers = compact_layers(dsformer.load(output))
+    dense = {name: layer.in_features * layer.out_features for name, layer in layers.items()}
+    assert len({round(dense[name] / layer.value_params(), 1) for name, layer in layers.items()}) > 1
+    assert sum(dense.values()) / sum(layer.value_params() for layer in layers.values()) >= 2.0 * 0.97
+    assert "global" in default_output(RunConfig(method=method, global_budget=True)).name
+
+
+@pytest.mark.parametrize(("method", "word"), [("nm", "nm"), ("dense", "dense"), ("ds-shared", "shares")])
+def test_global_budget_without_per_layer_ratios_is_rejected(capsys, tmp_path, model_dir, sst2_dir, method, word):
+    output = tmp_path / "out"
+    argv = _compress_args(model_dir, sst2_dir, output, "--method", method, "--global-budget")
+    line = assert_one_error_line(*run_cli(capsys, argv))
+    assert "--global-budget" in line and word in line
+    assert not output.exists() and not work_folder(output).exists()
+
+
 def test_calibrate_without_a_structure_is_rejected(capsys, tmp_path, model_dir, sst2_dir):
     output = tmp_path / "out"
     argv = _compress_args(model_dir, sst2_dir, output, "--method", "dense", "--calibrate")
@@ -764,6 +790,8 @@ def test_sweep_runs_the_grid_skips_what_is_done_and_reports(capsys, tmp_path, mo
         ({"methods": [{"method": "svd", "colour": 1}]}, "unknown key"),
         ({"methods": [{"method": "dsformer", "schedule": {"bogus": 1}}]}, "schedule"),
         ({"methods": [{"method": "dsformer", "fisher": "yes"}]}, "fisher must be true or false"),
+        ({"methods": [{"method": "dsformer", "calibrate": 1}]}, "calibrate must be true or false"),
+        ({"methods": [{"method": "nm", "global_budget": True}]}, "--global-budget gives each layer"),
         ({"methods": [{"method": "svd", "tasks": "sst2"}]}, "non-empty list of task names"),
         ({"methods": ["svd", {"method": "svd", "trainer": "stf"}]}, "label 'svd' names two different"),
         ({"methods": [{"method": "dsformer", "trainer": "conventional"}]}, "use --method ds-conventional"),

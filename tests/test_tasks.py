@@ -176,8 +176,8 @@ def test_data_dir_not_a_folder(tmp_path: Path) -> None:
 
 
 def test_unknown_task() -> None:
-    with pytest.raises(DataError, match=r"unknown task 'squad'; known tasks: mr, sst2, cola"):
-        load_task("squad", "/nonexistent")
+    with pytest.raises(DataError, match=r"unknown task 'squad2'; known tasks: mr, sst2, cola"):
+        load_task("squad2", "/nonexistent")
     with pytest.raises(DataError):
         task_spec("")
 

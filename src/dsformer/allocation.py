@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import heapq
 import math
+from dataclasses import replace
 
 import torch
 
-from dsformer.errors import InfeasibleRatioError
+from dsformer.errors import DsformerError, InfeasibleRatioError
+from dsformer.structures import Structure
 from dsformer.structures.whitening import whitening
 
 # ratios on offer, as multiples of the asked ratio (those at or below 1.05 are dropped); a narrow
@@ -101,3 +103,22 @@ def allocate(
         level[name], spent = i - 1, spent + cost
         push(name)
     return {**fixed, **{name: choices[level[name]] for name in free}}
+
+
+def allocate_structures(
+    base: Structure,
+    structures: dict[str, Structure],
+    weights: dict[str, torch.Tensor],
+    grams: dict[str, torch.Tensor],
+) -> dict[str, Structure]:
+    """Each target's structure at the ratio :func:`allocate` gives it, ``base.ratio`` being the ratio of all
+    targets together; the targets planned with another structure than ``base`` (per-layer overrides)
+    keep theirs and spend their share of the budget first."""
+    if not base.allocatable or getattr(base, "ratio", None) is None:
+        raise DsformerError(f"a global budget needs a structure that takes any ratio (ds, svd); not {base.name}")
+    overridden = {name: s for name, s in structures.items() if s is not base}
+    if any(getattr(s, "ratio", None) is None for s in overridden.values()):
+        raise DsformerError("with a global budget every override needs a ratio (its share of the budget)")
+    ratios = allocate(weights, grams, base.ratio, fixed={name: s.ratio for name, s in overridden.items()})
+    configs = {r: replace(base, ratio=r) for r in set(ratios.values())}
+    return {name: (s if s is not base else configs[ratios[name]]) for name, s in structures.items()}

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsformer.allocation import allocate
+from dsformer.allocation import allocate_structures
 from dsformer.errors import DsformerError
 from dsformer.report import Report, model_bytes
 from dsformer.structures import Structure
@@ -147,24 +146,14 @@ def _global_budget(
     """Each target's structure at the ratio :func:`dsformer.allocation.allocate` gives it (overrides keep theirs),
     from the inputs of every target in one pass of the dense model over a quarter of the batches (the
     estimate ranks layers; it needs fewer tokens than a fit)."""
-    base = config.structure
-    if not base.allocatable or getattr(base, "ratio", None) is None:
-        raise DsformerError(f"a global budget needs a structure that takes any ratio (ds, svd); not {base.name}")
     sources = {name: model.get_submodule(name) for name in structures}
     moments = InputMoments(sources)
     try:
         forward_batches(model, batches[: max(1, len(batches) // 4)])
     finally:
         moments.remove()
-    grams = moments.moments()
     weights = {name: linear_weight(module).detach() for name, module in sources.items()}
-    overridden = {name: s for name, s in structures.items() if s is not base}
-    if any(getattr(s, "ratio", None) is None for s in overridden.values()):
-        raise DsformerError("with a global budget every override needs a ratio (its share of the budget)")
-    fixed = {name: s.ratio for name, s in overridden.items()}
-    ratios = allocate(weights, grams, base.ratio, fixed=fixed)
-    configs = {r: replace(base, ratio=r) for r in set(ratios.values())}
-    return {name: (s if s is not base else configs[ratios[name]]) for name, s in structures.items()}
+    return allocate_structures(config.structure, structures, weights, moments.moments())
 
 
 @torch.no_grad()

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "Fisher information from task gradients; recommended with dsformer"}),
          ("--calibrate", {"action": "store_true", "help": "fit every layer's output on the training inputs instead "
                           "of its weight (the first fit and every STF projection)"}),
+         ("--global-budget", {"action": "store_true", "help": "the ratio holds for all targets together, each layer's "
+                              "own ratio chosen from its weight and training inputs (ds, svd)"}),
          ("--max-train", {"type": int, "help": "train on a seeded subsample of this many examples"}),
          ("--precision", {"choices": ["auto", "fp32", "bf16"], "default": "auto", "help": "auto: bf16 on GPU only"}),
          ("--refresh-every", {"type": int, "default": 10, "help": "STF: re-project every this many steps"}),
@@ -103,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, kind, default in (("--epochs", _number, 3.0), ("--lr", _number, 1e-4), ("--seed", int, 0)):
         fin.add_argument(flag, type=kind, default=default, help=f"default: {default:g}")
     fin.add_argument("--batch-size", type=int, help="default: 32 (LM tasks: 4 windows)")
-    fin.add_argument("--max-length", type=int, help="default: 128 (LM tasks: the window, 512)")
+    fin.add_argument("--max-length", type=int, help="default: 128 (squad: windows of 384; LM tasks: 512)")
+    fin.add_argument("--doc-stride", type=int, default=128, help="squad: tokens shared by a context's windows")
     verb("sweep", "run a grid of fine-tuning runs from a YAML config (resumable)",
          ("--config", {"required": True, "help": "experiments/<name>.yaml"}),
          ("--dry-run", {"action": "store_true", "help": "list the runs still to do and stop"}),
@@ -191,20 +194,13 @@ def compress(args: argparse.Namespace) -> None:
 
 def finetune(args: argparse.Namespace) -> None:
     from dsformer.harness.finetune import RunConfig, default_output, finetune
-    from dsformer.harness.runs import summary_table
+    from dsformer.harness.runs import finished_run
 
     config = RunConfig.from_settings({**vars(args), "follow": not args.hold_projection, "progress": not args.quiet})
     output = Path(args.output or default_output(config))
     metrics = finetune(config, output, resume=args.resume)
-    if metrics is not None and metrics["metric"] == "perplexity":
-        ratios = metrics["ratios"]
-        print(
-            f"{metrics['method']} ({metrics['trainer']}) trained on {metrics['tokens']} tokens: test perplexity "
-            f"{metrics['test']['perplexity']:.3f} ({metrics['protocol']}), {ratios['ratio_params']:.2f}x params, "
-            f"{ratios['ratio_bytes']:.2f}x bytes\nsaved to {output}"
-        )
-    elif metrics is not None:  # None on the processes of a distributed run that do not write
-        print(summary_table([metrics]) + f"\nsaved to {output} (metrics in {output / 'metrics.json'})")
+    if metrics is not None:  # None on the processes of a distributed run that do not write
+        print(finished_run(metrics, output))
 
 
 def sweep(args: argparse.Namespace) -> None:

@@ -18,6 +18,10 @@ class TargetError(DsformerError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class DataError(DsformerError, ValueError):
+    """Task data that cannot be read: a missing file, a malformed row, an unknown label, an empty split."""
+
+
 class CheckpointError(DsformerError, OSError):
     """A saved folder that is missing, corrupt, truncated or does not match its model."""
 

@@ -21,12 +21,19 @@ import torch
 from torch import nn
 
 from dsformer.harness.metrics import compute
+from dsformer.harness.squad import STRIDE, evaluate_qa, training_windows
 from dsformer.harness.tasks import Example, TaskSpec
 
 
-def encode(tokenizer: Any, examples: list[Example], max_length: int, spec: TaskSpec | None = None) -> list[dict]:
+def encode(
+    tokenizer: Any, examples: list[Example], max_length: int, spec: TaskSpec | None = None, stride: int = STRIDE
+) -> list[dict]:
     """Tokenize once, unpadded (batches are padded to their own longest example); with ``spec``, each
-    feature carries its label (a class index, or a float score for regression)."""
+    feature carries its label (a class index, or a float score for regression). For question answering
+    (``spec.is_qa``) the features are the training windows with their span labels
+    (:func:`dsformer.harness.squad.training_windows`)."""
+    if spec is not None and spec.is_qa:
+        return training_windows(tokenizer, examples, max_length, stride)[0]
     a = [e.text_a for e in examples]
     b = [e.text_b for e in examples] if examples and examples[0].text_b is not None else None
     enc = tokenizer(a, b, truncation=True, max_length=max_length)
@@ -62,9 +69,12 @@ def predict(
 
 
 def evaluate(
-    model: nn.Module, tokenizer: Any, examples: list[Example], spec: TaskSpec, max_length: int = 128,
-    batch_size: int = 128, bf16: bool = False,
+    model: nn.Module, tokenizer: Any, examples: list[Example], spec: TaskSpec, max_length: int | None = None,
+    batch_size: int = 128, bf16: bool = False, stride: int = STRIDE,
 ) -> dict[str, float]:  # fmt: skip
-    """The task's official metrics on ``examples``."""
+    """The task's official metrics on ``examples`` (``max_length`` default: the task's own)."""
+    max_length = max_length or spec.max_length
+    if spec.is_qa:
+        return evaluate_qa(model, tokenizer, examples, max_length, stride, batch_size, bf16)
     preds = predict(model, tokenizer, examples, spec, max_length, batch_size, bf16)
     return compute(spec.metrics, preds, [e.label for e in examples])

@@ -29,8 +29,8 @@ from dsformer.harness.healing import check_lm_run, finetune_lm, fitted_start
 from dsformer.harness.lm import is_lm_task, task_label
 from dsformer.harness.methods import check_method, method
 from dsformer.harness.models import load_pretrained
-from dsformer.harness.prepare import make_student, prepare
-from dsformer.harness.tasks import load_task
+from dsformer.harness.prepare import make_student, prepare, structure_for
+from dsformer.harness.tasks import load_task, task_spec
 from dsformer.harness.training import TrainConfig, train
 from dsformer.report import model_bytes
 from dsformer.stf import Schedule
@@ -55,6 +55,7 @@ class RunConfig:
     device: str = "cpu"
     fisher: bool = False  # weight the structure's fit by Fisher information (dsformer.harness.prepare)
     calibrate: bool = False  # fit each layer's output on the task's training inputs (dsformer.harness.prepare)
+    global_budget: bool = False  # the ratio of all targets together, each layer's chosen (dsformer.allocation)
     tokens: int = 65536  # LM tasks: the healing budget in training tokens (dsformer.harness.healing)
     samples: int = 128  # LM tasks: calibration windows of the fit
     max_windows: int | None = None  # LM tasks: perplexity on the first this many test windows (None: all)
@@ -65,10 +66,13 @@ class RunConfig:
     def from_settings(cls, settings: dict[str, Any]) -> RunConfig:
         """A config from one flat mapping of its own, ``TrainConfig``'s and ``Schedule``'s fields (others ignored).
 
-        A ``batch_size`` or ``max_length`` of None takes the task's default: 32 sentences of 128 tokens, or for
-        language modelling 4 windows of 512 tokens."""
+        A ``batch_size`` or ``max_length`` of None takes the task's default: 32 examples of 128 tokens (question
+        answering: windows of 384), or for language modelling 4 windows of 512 tokens."""
         lm = is_lm_task(settings.get("task", cls.task))
-        defaults = {"batch_size": 4 if lm else 32, "max_length": 512 if lm else 128}
+        defaults = {
+            "batch_size": 4 if lm else 32,
+            "max_length": 512 if lm else task_spec(settings.get("task", cls.task)).max_length,
+        }
         defaults |= {"checkpoint_every": 10} if lm else {}  # an LM step takes seconds, not milliseconds
         settings = {**settings, **{k: v for k, v in defaults.items() if settings.get(k) is None}}
 
@@ -84,6 +88,11 @@ def check_run(config: RunConfig) -> str:
     trainer = check_method(config.method, config.ratio, config.trainer, config.fisher)
     if config.calibrate and method(config.method).structure is None:
         raise DsformerError(f"--calibrate fits a structure to its inputs; {config.method} fits none")
+    structure = structure_for(config.method, config.ratio) if config.global_budget else None
+    if config.global_budget and not (structure is not None and structure.allocatable):
+        raise DsformerError(f"--global-budget gives each layer its own ratio; {config.method} takes no such ratios")
+    if config.global_budget and method(config.method).options.get("share_basis"):
+        raise DsformerError(f"--global-budget gives each layer its own ratio; {config.method} shares one basis")
     if config.schedule.polish and trainer != "stf":
         raise DsformerError(f"--polish ends STF training early; {config.method} does not train with STF")
     if trainer != "stf" and not config.schedule.is_default():
@@ -96,6 +105,9 @@ def check_run(config: RunConfig) -> str:
             f"shared by several layers; {config.method} cannot polish"
         )
     check_run_device(config.device)
+    if task_spec(config.task).is_qa and config.train.doc_stride >= config.train.max_length // 2:
+        window, stride = config.train.max_length, config.train.doc_stride
+        raise DsformerError(f"--doc-stride {stride} must be under half the window (--max-length {window})")
     if config.max_train is not None and config.max_train < 1:
         raise DsformerError(f"max_train must be at least 1 example (got {config.max_train})")
     return trainer
@@ -159,7 +171,9 @@ def _finetune(config: RunConfig, out: Path, work: Path, trainer: str, resume: bo
     data = load_task(config.task, config.data_dir, seed=config.train.seed, max_train=config.max_train)
     reference = _reference_metric(config.reference, data.spec.metrics[0]) if config.reference else None
     torch.manual_seed(config.train.seed)  # before loading: the new task head's initialization depends on it
-    model, tokenizer = load_pretrained(config.model, task_head=True, num_labels=data.spec.num_labels)
+    model, tokenizer = load_pretrained(
+        config.model, task_head=True, num_labels=data.spec.num_labels, kind=data.spec.kind
+    )
     if tokenizer is None:
         raise DsformerError(f"model {config.model!r} has no tokenizer; give a folder or hub name that includes one")
     positions = getattr(model.config, "max_position_embeddings", None)
@@ -189,6 +203,8 @@ def _finetune(config: RunConfig, out: Path, work: Path, trainer: str, resume: bo
         progress=config.train.progress,
         fisher=config.fisher,
         calibrate=config.calibrate,
+        global_budget=config.global_budget,
+        stride=config.train.doc_stride,
     )
     if distributed()[0] == 0:
         atomic_write_text(work / RUN_FILE, json.dumps(_run_identity(config), indent=2) + "\n")
@@ -219,6 +235,7 @@ def _finetune(config: RunConfig, out: Path, work: Path, trainer: str, resume: bo
         "history": result.history,
         "start_sha256": _start_checksum(config.model),
         "sizes": data.sizes(),
+        "skipped": data.skipped,  # examples reading or windowing dropped, by split and reason
         "config": {**asdict(config), "train": asdict(config.train), "schedule": asdict(config.schedule)},
         "hardware": describe(),
         "processes": distributed()[1],  # > 1: a DDP run (torchrun / accelerate launch)
@@ -250,6 +267,7 @@ def default_output(config: RunConfig) -> Path:
     parts += [config.trainer] if config.trainer else []
     parts += ["fisher"] if config.fisher else []
     parts += ["calibrated"] if config.calibrate else []
+    parts += ["global"] if config.global_budget else []
     parts += [f"s{config.train.seed}"] if config.train.seed else []
     return Path("outputs") / "-".join(parts)
 

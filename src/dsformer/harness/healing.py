@@ -215,10 +215,10 @@ def check_lm_run(config: Any) -> str:
     # conventional by default: on SmolLM2 at 2x and 65K tokens it healed DS and svd-llm better than STF
     # (docs/lm.md); STF, the default of task fine-tuning, is --trainer stf here
     trainer = config.trainer or "conventional"
-    if config.fisher or config.calibrate or config.teacher:
+    if config.fisher or config.calibrate or config.global_budget or config.teacher:
         raise DsformerError(
-            "--fisher, --calibrate and --teacher apply to task fine-tuning; an LM heals from its calibration "
-            "text (--samples) with KD from the dense model"
+            "--fisher, --calibrate, --global-budget and --teacher apply to task fine-tuning; an LM heals from its "
+            "calibration text (--samples) with KD from the dense model (its global budget: --method ds-aware-global)"
         )
     if trainer != "stf" and not config.schedule.is_default():
         raise DsformerError(

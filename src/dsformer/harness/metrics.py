@@ -1,13 +1,19 @@
-"""GLUE's official metrics, computed with numpy (no hub download, no extra dependency).
+"""GLUE's official metrics, computed with numpy (no hub download, no extra dependency), and the official
+SQuAD v1.1 metric.
 
 Example:
-    >>> from dsformer.harness.metrics import compute
+    >>> from dsformer.harness.metrics import compute, squad_scores
     >>> compute(("accuracy", "f1"), [1, 0, 1, 1], [1, 0, 0, 1])
     {'accuracy': 0.75, 'f1': 0.8}
+    >>> squad_scores(["the Eiffel Tower", "in Paris"], [["Eiffel Tower"], ["Lyon", "Paris, France"]])
+    {'exact_match': 0.5, 'f1': 0.75}
 """
 
 from __future__ import annotations
 
+import re
+import string
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -69,3 +75,35 @@ def compute(names: Sequence[str], predictions: Sequence[float], labels: Sequence
     if not (np.isfinite(pred).all() and np.isfinite(gold).all()):  # a metric of NaN is no result (nor valid JSON)
         raise DsformerError("the predictions or the labels hold values that are not finite numbers")
     return {name: round(METRICS[name](pred, gold), 6) for name in names}
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD v1.1's normalization: lower case, punctuation dropped, then the articles a/an/the, then runs of white
+    space made one space (the order of the official evaluation script)."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def answer_f1(prediction: str, gold: str) -> float:
+    """Token-overlap F1 of the normalized texts; 0 when they share no token (an empty text included)."""
+    predicted, wanted = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    same = sum((Counter(predicted) & Counter(wanted)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(predicted), same / len(wanted)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_scores(predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Exact match and F1 of each predicted answer against the best of its gold answers, averaged over
+    questions (as fractions; the official script prints them ×100)."""
+    if len(predictions) != len(golds) or not predictions or any(not g for g in golds):
+        raise ValueError("need one prediction per question, at least one question, and gold answers for each")
+    pairs = list(zip(predictions, golds, strict=True))
+    exact = sum(max(float(normalize_answer(p) == normalize_answer(g)) for g in gs) for p, gs in pairs)
+    f1_total = sum(max(answer_f1(p, g) for g in gs) for p, gs in pairs)
+    return {"exact_match": round(exact / len(golds), 6), "f1": round(f1_total / len(golds), 6)}

@@ -51,23 +51,33 @@ def is_causal_lm(source: str) -> bool:
     return any(name.endswith("ForCausalLM") for name in getattr(config, "architectures", None) or ())
 
 
-def load_pretrained(model: str | None, task_head: bool = False, num_labels: int | None = None) -> tuple[Any, Any]:
+def load_pretrained(
+    model: str | None, task_head: bool = False, num_labels: int | None = None, kind: str = "sequence"
+) -> tuple[Any, Any]:
     """Load a Hugging Face model and its tokenizer (``None`` when the source has none).
 
     A local folder is read as it is; any other string is a hub name (fetched online, or read from
     the local cache when ``HF_HUB_OFFLINE=1``). ``task_head`` adds a sequence-classification head
-    with ``num_labels`` outputs (1: regression). A causal language model (its config names a
+    with ``num_labels`` outputs (1: regression), or for ``kind="qa"`` a span head (start and end logits
+    per token: ``AutoModelForQuestionAnswering``). A causal language model (its config names a
     ``...ForCausalLM``) loads with its LM head, embeddings tied as the config says.
     """
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForQuestionAnswering,
+        AutoModelForSequenceClassification,
+    )
 
     source = resolve(model)
     looks_local = source.startswith((".", "/", "~")) or Path(source).exists()
     if looks_local and not (Path(source).expanduser() / "config.json").exists():
         raise DsformerError(f"model folder {source} has no config.json; give a Hugging Face model folder or hub name")
     if looks_local and (Path(source).expanduser() / META_FILE).exists():
-        return _load_dense_run(Path(source).expanduser(), task_head, num_labels)
+        return _load_dense_run(Path(source).expanduser(), task_head, num_labels, kind)
     auto = AutoModelForSequenceClassification if task_head else AutoModel
+    if task_head and kind == "qa":
+        auto, num_labels = AutoModelForQuestionAnswering, None
     if not task_head and is_causal_lm(source):
         auto = AutoModelForCausalLM
     options = {"num_labels": num_labels} if task_head and num_labels is not None else {}
@@ -79,7 +89,7 @@ def load_pretrained(model: str | None, task_head: bool = False, num_labels: int 
     return loaded, load_tokenizer(source)
 
 
-def _load_dense_run(folder: Path, task_head: bool, num_labels: int | None) -> tuple[Any, Any]:
+def _load_dense_run(folder: Path, task_head: bool, num_labels: int | None, kind: str) -> tuple[Any, Any]:
     """A dense model saved by dsformer (``dsformer finetune --method dense``): the usual start for compression."""
     if read_meta(folder)["layers"]:
         raise DsformerError(
@@ -87,9 +97,12 @@ def _load_dense_run(folder: Path, task_head: bool, num_labels: int | None) -> tu
             "with `dsformer export` and pass that"
         )
     model = load(folder).train()
-    if task_head and not hasattr(model, "classifier") and not hasattr(model, "score"):
-        raise DsformerError(f"{folder} holds a {type(model).__name__}, not a model with a task head")
-    if task_head and num_labels is not None and model.config.num_labels != num_labels:
+    qa = hasattr(model, "qa_outputs")
+    if task_head and kind == "qa" and not qa:
+        raise DsformerError(f"{folder} holds a {type(model).__name__}, not a question answering model")
+    if task_head and kind != "qa" and (qa or (not hasattr(model, "classifier") and not hasattr(model, "score"))):
+        raise DsformerError(f"{folder} holds a {type(model).__name__}, not a model with a classification head")
+    if task_head and kind != "qa" and num_labels is not None and model.config.num_labels != num_labels:
         raise DsformerError(
             f"{folder} was fine-tuned with {model.config.num_labels} labels; this task has {num_labels}"
         )

@@ -20,15 +20,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from dsformer.allocation import allocate_structures
 from dsformer.calibration import InputMoments, blocks_of
 from dsformer.errors import DsformerError
 from dsformer.harness.evaluation import encode
 from dsformer.harness.methods import check_method, method
+from dsformer.harness.squad import STRIDE
 from dsformer.harness.tasks import TaskData
 from dsformer.report import Report
 from dsformer.stf import STF, Schedule
 from dsformer.structures import Structure, structure_config
-from dsformer.surgery import CompressConfig, compress, find_targets, linear_weight, out_in
+from dsformer.surgery import CompressConfig, compress, find_targets, linear_weight, out_in, plan
 
 
 @dataclass
@@ -56,17 +58,22 @@ def prepare(
     batch_size: int = 32,
     seed: int = 0,
     schedule: Schedule | None = None,
+    stride: int = STRIDE,
     targets: Any = None,
     progress: bool = True,
     fisher: bool = False,
     calibrate: bool = False,
+    global_budget: bool = False,
 ) -> Prepared:
     """Apply method ``name``'s structure to ``model`` in place, ready for :func:`dsformer.harness.training.train`.
 
     Fisher weights (``fisher``, or a method that always uses them) need ``data`` and ``tokenizer``:
-    ``batch_size``, ``max_length`` and ``seed`` say how its batches are drawn. ``calibrate`` (with ``data``
-    and ``tokenizer`` too) fits every layer's output on the training inputs instead of its weight, in
-    the first fit and in every STF projection.
+    ``batch_size``, ``max_length``, ``seed`` (and for question answering ``stride``) say how its batches
+    are drawn. ``calibrate`` (with ``data`` and ``tokenizer`` too) fits every layer's output on the
+    training inputs instead of its weight, in the first fit and in every STF projection.
+    ``global_budget`` (with ``data`` and ``tokenizer``) makes ``ratio`` the ratio of all targets
+    together and gives each layer its own, chosen from its weight and its inputs on the training
+    texts (:mod:`dsformer.allocation`).
     """
     trainer = check_method(name, ratio, trainer, fisher)
     structure = structure_for(name, ratio)
@@ -76,16 +83,25 @@ def prepare(
     if fisher or method(name).fisher == "always":
         if data is None or tokenizer is None:
             raise DsformerError(f"{name} with Fisher weights needs task data to estimate Fisher information")
-        importance = fisher_importance(model, tokenizer, data, max_length, batch_size, seed, targets)
-    inputs = None
-    if calibrate:
+        importance = fisher_importance(model, tokenizer, data, max_length, batch_size, seed, targets, stride=stride)
+    moments = None
+    if calibrate or global_budget:
         if data is None or tokenizer is None:
-            raise DsformerError(f"{name} fitted to its inputs needs task data to run the model on")
-        inputs = task_input_moments(model, tokenizer, data, max_length, batch_size, seed, targets)
-    if trainer == "stf":
-        stf = STF.wrap(model, structure, targets=targets, schedule=schedule, importance=importance, inputs=inputs)
-        return Prepared(stf, None)
+            what = "fitted to its inputs" if calibrate else "with a global budget"
+            raise DsformerError(f"{name} {what} needs task data to run the model on")
+        moments = task_input_moments(model, tokenizer, data, max_length, batch_size, seed, targets, stride=stride)
     config = CompressConfig(structure, target_modules=targets)
+    if global_budget:
+        structures = plan(model, config)
+        weights = {layer: linear_weight(model.get_submodule(layer)).detach() for layer in structures}
+        config.overrides = allocate_structures(structure, structures, weights, moments)
+    inputs = moments if calibrate else None
+    if trainer == "stf":
+        stf = STF.wrap(
+            model, structure, targets=targets, schedule=schedule, importance=importance, overrides=config.overrides,
+            inputs=inputs,
+        )  # fmt: skip
+        return Prepared(stf, None)
     return Prepared(None, compress(model, config, importance=importance, progress=progress, inputs=inputs))
 
 
@@ -116,10 +132,11 @@ def make_student(teacher: nn.Module, ratio: float = 2.0) -> nn.Module:
 
 
 def _training_batches(
-    model: nn.Module, tokenizer: Any, data: TaskData, max_length: int, batch_size: int, seed: int, batches: int
-) -> Iterator[dict[str, torch.Tensor]]:
+    model: nn.Module, tokenizer: Any, data: TaskData, max_length: int, batch_size: int, seed: int, batches: int,
+    stride: int = STRIDE,
+) -> Iterator[dict[str, torch.Tensor]]:  # fmt: skip
     """Seeded, padded batches of the training examples (labels included), on the model's device."""
-    features = encode(tokenizer, data.train, max_length, data.spec)
+    features = encode(tokenizer, data.train, max_length, data.spec, stride)
     order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed)).tolist()
     device = next(model.parameters()).device
     for b in range(min(batches, max(1, len(order) // batch_size))):
@@ -137,6 +154,7 @@ def task_input_moments(
     seed: int = 0,
     targets: Any = None,
     batches: int = 32,
+    stride: int = STRIDE,
 ) -> dict[str, torch.Tensor]:
     """Each target's input second moment on seeded batches of the training texts (padding positions included)."""
     names = find_targets(model, targets)
@@ -144,7 +162,7 @@ def task_input_moments(
     model.eval()
     moments = InputMoments({name: model.get_submodule(name) for name in names})
     try:
-        for batch in _training_batches(model, tokenizer, data, max_length, batch_size, seed, batches):
+        for batch in _training_batches(model, tokenizer, data, max_length, batch_size, seed, batches, stride):
             model(**batch)
     finally:
         moments.remove()
@@ -161,6 +179,7 @@ def fisher_importance(
     seed: int = 0,
     targets: Any = None,
     batches: int = 32,
+    stride: int = STRIDE,
 ) -> dict[str, torch.Tensor]:
     """Row importance of each target weight: squared task-loss gradients summed over inputs (FWSVD)."""
     names = find_targets(model, targets)
@@ -168,7 +187,7 @@ def fisher_importance(
     sums = {name: torch.zeros(linear_weight(m).shape[0]) for name, m in modules.items()}
     was_training = model.training
     model.eval()
-    for batch in _training_batches(model, tokenizer, data, max_length, batch_size, seed, batches):
+    for batch in _training_batches(model, tokenizer, data, max_length, batch_size, seed, batches, stride):
         model.zero_grad(set_to_none=True)
         model(**batch).loss.backward()
         for name, module in modules.items():

@@ -25,6 +25,7 @@ from dsformer.harness.evaluation import evaluate
 from dsformer.harness.finetune import METRICS_FILE
 from dsformer.harness.lm import calibration_batches, context_length, eval_windows, is_lm_task, perplexity, read_text
 from dsformer.harness.models import load_pretrained, resolve
+from dsformer.harness.squad import STRIDE
 from dsformer.harness.tasks import TaskData, load_task
 from dsformer.kernels import check_backend, native, use_backend
 from dsformer.kernels.int8 import int8_linears
@@ -157,14 +158,22 @@ def _task_of(folder: Path, task: str | None, data_dir: str | None) -> tuple[str 
     return task, data_dir, saved
 
 
-def _test_metrics(model: nn.Module, tokenizer: Any, task: str, data_dir: str | None) -> tuple[TaskData, dict]:
-    if not type(model).__name__.endswith("ForSequenceClassification"):
+def _test_metrics(
+    model: nn.Module, tokenizer: Any, task: str, data_dir: str | None, saved: dict | None = None
+) -> tuple[TaskData, dict]:
+    """The test metrics; a run's own task is read as it trained (its windows and stride, for question answering)."""
+    name = type(model).__name__
+    if not name.endswith(("ForSequenceClassification", "ForQuestionAnswering")):
         raise DsformerError(
-            f"this {type(model).__name__} has no task head (a `dsformer compress` output?): it cannot be evaluated "
+            f"this {name} has no task head (a `dsformer compress` output?): it cannot be evaluated "
             "on a task; train one with `dsformer finetune`"
         )
     data = load_task(task, data_dir)
-    return data, evaluate(model, tokenizer, data.test, data.spec)
+    if data.spec.is_qa != name.endswith("ForQuestionAnswering"):
+        raise DsformerError(f"this {name} has no head for {data.spec.name}; give a model fine-tuned on it")
+    train = saved["config"].get("train", {}) if saved is not None and saved["task"] == data.spec.name else {}
+    stride = train.get("doc_stride", STRIDE)
+    return data, evaluate(model, tokenizer, data.test, data.spec, train.get("max_length"), stride=stride)
 
 
 def evaluate_run(
@@ -191,13 +200,13 @@ def evaluate_task(
     tokenizer = load_tokenizer(folder)
     if tokenizer is None:
         raise DsformerError(f"{folder} holds no tokenizer; it cannot be evaluated on text")
-    task, data_dir, _ = _task_of(folder, task, data_dir)
+    task, data_dir, saved = _task_of(folder, task, data_dir)
     if task is None:
         raise DsformerError(f"{folder} has no metrics.json naming its task; pass --task")
     quant = quantize_int8(model) if int8 else None
     if not use_backend(model, backend) and backend == "int8":  # a dense model: its block linears
         int8_linears(model, find_targets(model))
-    data, result = _test_metrics(model, tokenizer, task, data_dir)
+    data, result = _test_metrics(model, tokenizer, task, data_dir, saved)
     line = f"{folder}: {data.spec.name} test ({len(data.test)} examples)"
     line += f", {backend} backend" if backend != "reference" else ""
     line += f", int8 weights ({quant.model_bytes_after / 2**20:.1f} MiB)" if quant else ""
@@ -226,7 +235,7 @@ def quantize_run(
     task, data_dir, saved = _task_of(folder, task, data_dir)
     metrics = None
     if task is not None and tokenizer is not None:
-        data, result = _test_metrics(model, tokenizer, task, data_dir)
+        data, result = _test_metrics(model, tokenizer, task, data_dir, saved)
         metrics = {
             **(saved or {"task": data.spec.name, "metric": data.spec.metrics[0], "config": {"data_dir": data_dir}}),
             "command": command,
@@ -285,3 +294,19 @@ def summary_table(runs: list[dict]) -> str:
             )
         )
     return format_table(head, rows, left=3)
+
+
+def finished_run(metrics: dict[str, Any], output: Path) -> str:
+    """What ``dsformer finetune`` prints at the end: the run's summary row, every test metric and what was skipped."""
+    if metrics["metric"] == "perplexity":
+        ratios = metrics["ratios"]
+        return (
+            f"{metrics['method']} ({metrics['trainer']}) trained on {metrics['tokens']} tokens: test perplexity "
+            f"{metrics['test']['perplexity']:.3f} ({metrics['protocol']}), {ratios['ratio_params']:.2f}x params, "
+            f"{ratios['ratio_bytes']:.2f}x bytes\nsaved to {output}"
+        )
+    scores = ", ".join(f"{name} {100 * value:.2f}" for name, value in metrics["test"].items())
+    skipped = f"\nskipped (counted, never trained or scored on): {metrics['skipped']}" if metrics.get("skipped") else ""
+    return (
+        summary_table([metrics]) + f"\ntest: {scores}{skipped}\nsaved to {output} (metrics in {output / METRICS_FILE})"
+    )

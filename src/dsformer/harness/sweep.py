@@ -81,6 +81,8 @@ class MethodSpec:
     ratios: tuple[float, ...] | None = None  # this method's own ratio axis (None: the sweep's)
     seeds: tuple[int, ...] | None = None
     fisher: bool = False  # weight the fits by Fisher information (dsformer.harness.prepare)
+    calibrate: bool = False  # fit each layer's output on the training inputs
+    global_budget: bool = False  # the ratio of all targets together, each layer's chosen
     tasks: tuple[str, ...] | None = None  # this method's own tasks (None: every task of the sweep)
 
     @classmethod
@@ -89,7 +91,8 @@ class MethodSpec:
             entry = {"method": entry}
         if not isinstance(entry, dict) or "method" not in entry:
             raise SweepError(f"methods: {entry!r} is neither a method name nor a mapping with 'method'")
-        known = {"label", "method", "trainer", "teacher", "schedule", "ratios", "seeds", "fisher", "tasks"}
+        flags = ("fisher", "calibrate", "global_budget")
+        known = {"label", "method", "trainer", "teacher", "schedule", "ratios", "seeds", *flags, "tasks"}
         unknown = set(entry) - known
         if unknown:
             raise SweepError(f"methods: unknown key(s) {sorted(unknown)} in {entry!r}")
@@ -107,14 +110,17 @@ class MethodSpec:
             check_ratio(ratio)
         seeds = tuple(_numbers(entry["seeds"], int, f"{where}: seeds")) if entry.get("seeds") else None
         label = entry.get("label", entry["method"])
-        fisher = entry.get("fisher", False)
-        if not isinstance(fisher, bool):
-            raise SweepError(f"methods: fisher must be true or false (got {fisher!r})")
+        for flag in flags:
+            if not isinstance(entry.get(flag, False), bool):
+                raise SweepError(f"methods: {flag} must be true or false (got {entry[flag]!r})")
         tasks = entry.get("tasks")
         if tasks is not None and (not isinstance(tasks, list) or not tasks):
             raise SweepError(f"methods: tasks must be a non-empty list of task names (got {tasks!r})")
         tasks = tuple(str(t) for t in tasks) if tasks else None
-        return cls(label, entry["method"], entry.get("trainer"), teacher, schedule, ratios, seeds, fisher, tasks)
+        return cls(
+            label, entry["method"], entry.get("trainer"), teacher, schedule, ratios, seeds,
+            *(entry.get(flag, False) for flag in flags), tasks,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -161,7 +167,8 @@ class Sweep:
                 continue
             dense_name = f"{task}-dense-s{first}"
             dense_out = self.outputs / dense_name
-            dense_train = TrainConfig(**{**self.train, **self.dense, "seed": first, "progress": True})
+            train = {"max_length": task_spec(task).max_length, **self.train}  # the task's window unless set
+            dense_train = TrainConfig(**{**train, **self.dense, "seed": first, "progress": True})
             runs.append(
                 PlannedRun(
                     dense_name, task, "dense", 1.0, first,
@@ -185,9 +192,11 @@ class Sweep:
                             trainer=spec.trainer,
                             reference=str(dense_out / "metrics.json"),
                             teacher=str(dense_out) if spec.teacher else None,
-                            train=TrainConfig(**{**self.train, "seed": seed, "progress": True}),
+                            train=TrainConfig(**{**train, "seed": seed, "progress": True}),
                             schedule=Schedule(**spec.schedule),
                             fisher=spec.fisher,
+                            calibrate=spec.calibrate,
+                            global_budget=spec.global_budget,
                         )
                         runs.append(
                             PlannedRun(
@@ -210,6 +219,7 @@ class Sweep:
                     train = {"batch_size": 4, "max_length": 512, **self.train, "seed": seed, "progress": True}
                     config = replace(
                         base, method=spec.method, ratio=ratio, trainer=spec.trainer, fisher=spec.fisher,
+                        calibrate=spec.calibrate, global_budget=spec.global_budget,
                         teacher="the pretrained model" if spec.teacher else None,  # refused: it is the teacher already
                         train=TrainConfig(**train), schedule=Schedule(**spec.schedule),
                     )  # fmt: skip
@@ -324,7 +334,8 @@ def _numbers(value: Any, kind: type, where: str) -> list:
 
 def _options(spec: MethodSpec) -> tuple:
     """A method entry without its axes: two entries with the same options may share a label."""
-    return (spec.method, spec.trainer, spec.teacher, sorted(spec.schedule.items()), spec.fisher)
+    flags = (spec.fisher, spec.calibrate, spec.global_budget)
+    return (spec.method, spec.trainer, spec.teacher, sorted(spec.schedule.items()), *flags)
 
 
 def _local_or_hub(here: Path, value: str) -> str:

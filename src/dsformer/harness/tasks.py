@@ -17,15 +17,12 @@ import io
 import math
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsformer.errors import DsformerError
+from dsformer.errors import DataError
+from dsformer.harness.data import squad
 from dsformer.harness.data.mr import mr_path
-
-
-class DataError(DsformerError, ValueError):
-    """Task data that cannot be read: a missing file, a malformed row, an unknown label, an empty split."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +46,8 @@ class TaskSpec:
     metrics: tuple[str, ...]  # the first is the main metric
     test_file: str = "dev.tsv"
     hub: tuple[str, str] | None = None  # (dataset, config) on the Hugging Face hub
+    kind: str = "sequence"  # "sequence": a label or score per text (pair); "qa": an answer span in a context
+    max_length: int = 128  # tokens per example (per window of a QA context)
 
     @property
     def num_labels(self) -> int:
@@ -56,7 +55,11 @@ class TaskSpec:
 
     @property
     def is_regression(self) -> bool:
-        return self.labels is None
+        return self.labels is None and self.kind == "sequence"
+
+    @property
+    def is_qa(self) -> bool:
+        return self.kind == "qa"
 
 
 def _glue(name, folder, a, b, label, labels, metrics, header=True, test_file="dev.tsv") -> TaskSpec:
@@ -78,16 +81,35 @@ TASKS: dict[str, TaskSpec] = {
         "mnli", "MNLI", 8, 9, -1, ("entailment", "neutral", "contradiction"), ("accuracy",), test_file="dev_matched.tsv"
     ),
     "qqp": _glue("qqp", "QQP", 3, 4, 5, BINARY, ("f1", "accuracy")),
+    # SQuAD v1.1: columns do not apply (JSON); F1 and exact match of the answer text, the official metric
+    "squad": TaskSpec(
+        "squad",
+        "squad",
+        0,
+        None,
+        0,
+        False,
+        None,
+        ("f1", "exact_match"),
+        "dev-v1.1.json",
+        (squad.HUB_DATASET, "plain_text"),
+        kind="qa",
+        max_length=384,
+    ),
 }
 ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "sts": "stsb"}
 
 
 @dataclass
 class TaskData:
+    """A task's three splits: :class:`Example` lists, or for question answering
+    :class:`dsformer.harness.data.squad.Question` lists; ``skipped`` counts what reading dropped, by reason."""
+
     spec: TaskSpec
     train: list[Example]
     validation: list[Example]
     test: list[Example]
+    skipped: dict[str, int] = field(default_factory=dict)
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
@@ -191,8 +213,11 @@ def load_task(
     seed), at most ``max_validation`` examples.
     """
     spec = task_spec(name)
+    skipped: dict[str, int] = {}
     if spec.name == "mr":
         train, test = _load_mr(Path(data_dir) if data_dir else None)
+    elif spec.is_qa:
+        train, test, skipped = _load_squad(data_dir)
     elif data_dir is None:
         train, test = _load_hub(spec)
     elif not _is_local(data_dir):
@@ -213,7 +238,7 @@ def load_task(
     train, validation = _carve(train, validation_fraction, VALIDATION_SEED, cap=max_validation)
     if max_train is not None and max_train < len(train):
         train = random.Random(seed + 1).sample(train, max_train)
-    data = TaskData(spec, train, validation, test)
+    data = TaskData(spec, train, validation, test, skipped)
     for split, size in data.sizes().items():
         if size == 0:
             raise DataError(f"{spec.name}: the {split} split is empty")
@@ -228,6 +253,21 @@ def _load_mr(data_dir: Path | None) -> tuple[list[Example], list[Example]]:
     spec = TASKS["mr"]
     examples = read_tsv(path, spec)
     return _carve(examples, 0.1, seed=20231221)
+
+
+def _load_squad(data_dir: str | Path | None) -> tuple[list, list, dict[str, int]]:
+    """SQuAD v1.1: a folder with one ``train*.json`` and one ``dev*.json`` official file, or a hub dataset
+    (default ``rajpurkar/squad``); what was skipped, counted by split and reason."""
+    if data_dir is not None and _is_local(data_dir):
+        folder = Path(data_dir).expanduser()
+        if not folder.is_dir():
+            raise DataError(f"--data-dir {folder} is not a folder; give one holding train-v1.1.json and dev-v1.1.json")
+        train = squad.read_file(squad.find_split(folder, "train"), train=True)
+        test = squad.read_file(squad.find_split(folder, "dev"), train=False)
+    else:
+        train, test = squad.read_hub(str(data_dir or squad.HUB_DATASET))
+    skipped = {f"{split}: {why}": n for split, q in (("train", train), ("test", test)) for why, n in q.skipped.items()}
+    return train.questions, test.questions, skipped
 
 
 def _is_local(data_dir: str | Path) -> bool:

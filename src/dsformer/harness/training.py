@@ -66,6 +66,7 @@ from dsformer.harness.checkpoints import (
     read_handover_report,
 )
 from dsformer.harness.evaluation import encode, evaluate
+from dsformer.harness.squad import training_windows
 from dsformer.harness.tasks import TaskData, TaskSpec
 from dsformer.stf import STF
 
@@ -80,6 +81,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup: float = 0.06  # fraction of all steps
     max_length: int = 128
+    doc_stride: int = 128  # question answering: tokens shared by consecutive windows of a context
     seed: int = 0
     grad_clip: float = 1.0
     checkpoint_every: int = 200  # steps; 0 = only at epoch ends
@@ -98,6 +100,7 @@ class TrainConfig:
             "eval_batch_size": (1, math.inf),
             "lr": (1e-12, math.inf),
             "max_length": (2, math.inf),  # room for the special tokens
+            "doc_stride": (0, math.inf),
             "weight_decay": (0.0, math.inf),
             "warmup": (0.0, 1.0),
             "grad_clip": (0.0, math.inf),
@@ -156,7 +159,12 @@ def train(
     else:
         atomic_write_text(out / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
         checkpoint = None
-    features = encode(tokenizer, data.train, config.max_length, data.spec)
+    if data.spec.is_qa:
+        features, dropped = training_windows(tokenizer, data.train, config.max_length, config.doc_stride)
+        if dropped:
+            data.skipped["train: answer fits in no window"] = dropped
+    else:
+        features = encode(tokenizer, data.train, config.max_length, data.spec)
     total = max(1, math.ceil(config.epochs * math.ceil(len(features) / config.batch_size)))
     handover = stf.schedule.polish_step(total) if stf is not None else None
     run = _Run(model, tokenizer, data, config, out, features, total, teacher)
@@ -193,8 +201,9 @@ def settings_of(config: TrainConfig) -> dict[str, Any]:
 def _evaluate(model, tokenizer, examples, data: TaskData, config: TrainConfig) -> dict[str, float]:
     device = next(model.parameters()).device
     return evaluate(
-        model, tokenizer, examples, data.spec, config.max_length, config.eval_batch_size, config.bf16(device)
-    )
+        model, tokenizer, examples, data.spec, config.max_length, config.eval_batch_size, config.bf16(device),
+        config.doc_stride,
+    )  # fmt: skip
 
 
 class _Run:
@@ -324,8 +333,9 @@ class TaskTrainer(Trainer):
         loss, teacher = outputs.loss, self.job.teacher
         if teacher is not None:
             with torch.no_grad():
-                target = teacher.eval()(**{k: v for k, v in inputs.items() if k != "labels"}).logits.float()
-            loss = distillation_loss(loss, outputs.logits.float(), target, self.job.data.spec, self.job.config)
+                target = teacher.eval()(**{k: v for k, v in inputs.items() if k not in LABELS})
+            spec = self.job.data.spec
+            loss = distillation_loss(loss, scores_of(outputs, spec), scores_of(target, spec), spec, self.job.config)
         check_finite(loss, self.job.out, self.state.global_step + 1)
         return (loss, outputs) if return_outputs else loss
 
@@ -383,11 +393,22 @@ def check_finite(loss: torch.Tensor, out: Path, step: int) -> None:
         )
 
 
+LABELS = ("labels", "start_positions", "end_positions")
+
+
+def scores_of(outputs: Any, spec: TaskSpec) -> torch.Tensor:
+    """What KD matches: the logits, or for question answering the start and end logits as rows of one batch."""
+    if spec.is_qa:
+        return torch.cat([outputs.start_logits, outputs.end_logits]).float()
+    return outputs.logits.float()
+
+
 def distillation_loss(
     task_loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, spec: TaskSpec, config: TrainConfig
 ) -> torch.Tensor:
     """``(1 - α) · task + α · KD``: KD the squared error to the teacher's scores (regression) or
-    ``T² · KL(teacher ‖ student)`` at temperature ``T`` (classification)."""
+    ``T² · KL(teacher ‖ student)`` at temperature ``T`` (classification; for question answering over the start
+    positions and over the end positions, averaged)."""
     if spec.is_regression:
         kd = nn.functional.mse_loss(logits, target)
     else:
