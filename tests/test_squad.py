@@ -290,3 +290,19 @@ def test_the_model_loads_with_a_span_head(model_dir):
     model, _ = load_pretrained(str(model_dir), task_head=True, kind="qa")
     assert type(model).__name__ == "BertForQuestionAnswering" and isinstance(model.bert, BertModel)
     assert isinstance(model.config, BertConfig)
+
+
+def test_an_interrupted_squad_run_resumes_to_the_same_result(capsys, tmp_path, model_dir, squad_dir, monkeypatch):
+    """Batches grouped by length (QA's sampler) are drawn the same after a resume as in one go."""
+    from test_pipeline import interrupt_at
+
+    extra = ["--method", "dense", "--epochs", "2"]
+    whole = tmp_path / "whole"
+    assert run_cli(capsys, _squad_args(model_dir, squad_dir, whole, *extra))[0] == 0
+    interrupt_at(monkeypatch, metrics_of(whole)["steps"] // 2 + 1)  # in the second epoch
+    cut = tmp_path / "cut"
+    assert run_cli(capsys, _squad_args(model_dir, squad_dir, cut, *extra))[0] == 130
+    monkeypatch.undo()
+    assert run_cli(capsys, _squad_args(model_dir, squad_dir, cut, *extra, "--resume"))[0] == 0
+    a, b = metrics_of(whole), metrics_of(cut)
+    assert a["test"] == b["test"] and a["history"] == b["history"]

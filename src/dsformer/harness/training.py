@@ -46,6 +46,7 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from dsformer.callbacks import STFCallback
 from dsformer.errors import Interrupted
@@ -339,6 +340,13 @@ class TaskTrainer(Trainer):
         check_finite(loss, self.job.out, self.state.global_step + 1)
         return (loss, outputs) if return_outputs else loss
 
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.job.data.spec.is_qa:
+            return super()._get_train_sampler(train_dataset)
+        # QA windows run from a few dozen tokens to the whole window: batches of similar lengths pad less
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return SeededLengthGroupedSampler(batch, train_dataset or self.train_dataset, self.args.seed)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         job = self.job
         metrics = _evaluate(self.model, job.tokenizer, job.data.validation, job.data, job.config)
@@ -351,6 +359,22 @@ class TaskTrainer(Trainer):
         if self.stf is not None and self.stf.layers and "loss" in logs:
             logs["support_change"] = self.stf.support_change
         super().log(logs, start_time)
+
+
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """Batches of similar lengths in an order fixed by the seed and the epoch alone (the Trainer calls
+    ``set_epoch``), so a resumed run draws the batches an uninterrupted one does."""
+
+    def __init__(self, batch_size: int, dataset: Any, seed: int) -> None:
+        super().__init__(batch_size, dataset=dataset)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()
 
 
 def trainer_arguments(
