@@ -161,6 +161,17 @@ def test_a_question_whose_answer_fits_no_window_is_dropped_and_counted(tmp_path)
     assert dropped == 1 and windows and all(w["start_positions"] > 0 for w in windows)
 
 
+def test_an_empty_context_gets_an_empty_answer(tmp_path):
+    from transformers import BertForQuestionAnswering
+
+    tok = _word_tokenizer(tmp_path)
+    model = BertForQuestionAnswering(BertConfig(vocab_size=20, hidden_size=16, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=32))  # fmt: skip
+    questions = [Question("e", "good film", "", ("plot",), (0,)), Question("f", "good", "the plot", ("plot",), (4,))]
+    answers = predict_answers(model, tok, questions, max_length=16, stride=4)
+    assert answers[0] == "" and answers[1] in ("the", "plot", "the plot")
+
+
 class Oracle(torch.nn.Module):
     """Start and end logits that point at the labels of the window (looked up by its tokens): what a perfect
     reader would output, to check that decoding maps windows back to the context's characters."""

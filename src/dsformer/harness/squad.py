@@ -60,10 +60,11 @@ def _windows(tokenizer: Any, questions: list[Question], max_length: int, stride:
         raise DataError(f"cannot cut the contexts into windows of {max_length} tokens: {first}") from None
 
 
-def _context_span(sequence_ids: list[int | None]) -> tuple[int, int]:
-    """The first and last token of the context in a window."""
-    first = sequence_ids.index(1)
-    return first, len(sequence_ids) - 1 - sequence_ids[::-1].index(1)
+def _context_span(sequence_ids: list[int | None]) -> range:
+    """The context's tokens in a window (none for an empty context)."""
+    if 1 not in sequence_ids:
+        return range(0)
+    return range(sequence_ids.index(1), len(sequence_ids) - sequence_ids[::-1].index(1))
 
 
 def training_windows(
@@ -78,12 +79,12 @@ def training_windows(
     answered: set[int] = set()
     for i, offsets in enumerate(enc["offset_mapping"]):
         q = questions[owners[i]]
-        first, last = _context_span(enc.sequence_ids(i))
+        context = _context_span(enc.sequence_ids(i))
         begin, end = q.starts[0], q.starts[0] + len(q.answers[0])
         start = stop = 0  # [CLS]: the answer is not in this window
-        if offsets[first][0] <= begin and offsets[last][1] >= end:
-            start = next(t for t in range(first, last + 1) if offsets[t][1] > begin)
-            stop = next(t for t in range(last, first - 1, -1) if offsets[t][0] < end)
+        if context and offsets[context[0]][0] <= begin and offsets[context[-1]][1] >= end:
+            start = next(t for t in context if offsets[t][1] > begin)
+            stop = next(t for t in reversed(context) if offsets[t][0] < end)
             answered.add(owners[i])
         windows.append((owners[i], {**{k: enc[k][i] for k in keys}, "start_positions": start, "end_positions": stop}))
     kept = [window for owner, window in windows if owner in answered]
@@ -128,9 +129,8 @@ def predict_answers(
                 out = model(**{k: v.to(device) for k, v in batch.items()})
             starts, ends = out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
             for row, i in enumerate(idx):
-                first, last = _context_span(enc.sequence_ids(i))
-                span = _best_span(starts[row], ends[row], enc["offset_mapping"][i], range(first, last + 1),
-                                  max_answer_tokens)  # fmt: skip
+                context = _context_span(enc.sequence_ids(i))
+                span = _best_span(starts[row], ends[row], enc["offset_mapping"][i], context, max_answer_tokens)
                 owner = owners[i]
                 if span is not None and (best[owner] is None or span[0] > best[owner][0]):
                     best[owner] = span
