@@ -536,3 +536,13 @@ def test_ds_search_cut_short_keeps_each_layers_best():
         lay.k: float(alternate(V, initial_state(V, lay.k, lay.s), 3).error[0]) for lay in config.candidates(96, 64)
     }
     assert chosen.layout.k == min(errors, key=errors.get)
+
+
+@pytest.mark.parametrize(
+    ("k", "dtype"),
+    [(1, torch.uint8), (256, torch.uint8), (257, torch.int16), (32768, torch.int16), (32769, torch.int32)],
+)
+def test_indices_are_stored_in_the_narrowest_type_that_holds_them(k, dtype):
+    from dsformer.structures.dense_sparse.layout import index_dtype
+
+    assert index_dtype(k) == dtype and torch.iinfo(dtype).max >= k - 1

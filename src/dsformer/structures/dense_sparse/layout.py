@@ -49,11 +49,16 @@ class DenseSparseLayout:
 
     @property
     def index_dtype(self) -> torch.dtype:
-        return torch.uint8 if self.k <= 256 else torch.int16
+        return index_dtype(self.k)
 
     def stored_bytes(self, element_size: int) -> int:
         """Bytes of the stored weight: the values, and an index per non-zero."""
         return element_size * self.value_params + self.s * self.n * self.index_dtype.itemsize
+
+
+def index_dtype(k: int) -> torch.dtype:
+    """The narrowest type that holds indices into ``k`` basis vectors: uint8 up to 256, int16 up to 32,768."""
+    return torch.uint8 if k <= 256 else torch.int16 if k <= 32768 else torch.int32
 
 
 def max_ratio(out_features: int, in_features: int) -> float:
@@ -67,7 +72,7 @@ def budget_layouts(
     """All layouts with ``1 <= s <= k <= d`` that spend as much of the ratio's budget as possible.
 
     The budget counts value parameters (``value_bytes=None``), or stored bytes: values of
-    ``value_bytes`` each plus an index per non-zero (1 byte for ``k <= 256``, else 2). For each
+    ``value_bytes`` each plus an index per non-zero (:func:`index_dtype`: 1 byte for ``k <= 256``, else 2). For each
     ``k`` the budget fixes ``s``; ``k`` below the rank that low rank would get at this budget
     leaves budget unused, so the list starts at that rank (where ``s == k``).
     """
@@ -78,7 +83,7 @@ def budget_layouts(
     layouts = []
 
     def per_nonzero(k: int) -> int:
-        return unit + (0 if value_bytes is None else (1 if k <= 256 else 2))
+        return unit + (0 if value_bytes is None else index_dtype(k).itemsize)
 
     for k in range(1, d + 1):
         s = min(k, (budget - unit * k * d) // (n * per_nonzero(k)))
