@@ -12,7 +12,7 @@ Example:
     ...     "qas": [{"id": "q1", "question": "Where is Paris?", "answers": [{"text": "France", "answer_start": 12}]},
     ...             {"id": "q2", "question": "Why?", "answers": [{"text": "Spain", "answer_start": 12}]}]}]}]}
     >>> found = questions_of(data, "train.json", train=True)
-    >>> [q.id for q in found.questions], found.skipped
+    >>> [q.id for q in found.questions], dict(found.skipped)
     (['q1'], {'answer not at its answer_start': 1})
 """
 
