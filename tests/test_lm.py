@@ -340,7 +340,7 @@ def test_too_little_calibration_text_is_damped_and_said():
 def test_greedy_generation_is_the_same_through_every_backend(family):
     """The decode path (one token a step, the KV cache) computes what the reference path computes: the
     compressed model's greedy tokens are the same on every backend it has."""
-    from dsformer.harness.bench import greedy
+    from dsformer.harness.lm_bench import greedy
     from dsformer.kernels import use_backend
 
     model = tiny_lm(family)

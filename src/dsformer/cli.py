@@ -229,8 +229,7 @@ def summary(args: argparse.Namespace) -> None:
 
 
 def bench(args: argparse.Namespace) -> None:
-    from dsformer.harness.bench import bench_run
-    from dsformer.harness.runs import write_record
+    from dsformer.harness.runs import bench_run, write_record
     from dsformer.structures.registry import parse_options
 
     check_file_output(args.output, "--output")

@@ -22,29 +22,20 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import statistics
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from dsformer.checkpoint import META_FILE, load, read_meta
-from dsformer.errors import DsformerError
-from dsformer.hardware import check_device
-from dsformer.harness.models import load_pretrained, resolve
-from dsformer.kernels import calibrate, check_backend, choose, seconds, use_backend
+from dsformer.kernels import calibrate, choose, seconds, use_backend
 from dsformer.kernels.gather import SHORT
 from dsformer.kernels.int8 import int8_linears
 from dsformer.structures import backends
-from dsformer.structures.budget import check_ratio
-from dsformer.structures.registry import structure_config
-from dsformer.surgery import CompressConfig, compact_layers, compress, merge
+from dsformer.surgery import compact_layers, merge
 
 
-def _inputs(model: nn.Module, batch: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
+def token_inputs(model: nn.Module, batch: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
     vocab = getattr(getattr(model, "config", None), "vocab_size", 1000)
     ids = torch.randint(5, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -55,7 +46,7 @@ def latency_ms(model: nn.Module, batch: int = 1, seq: int = 64, repeats: int = 2
     """Median forward latency in milliseconds on token ids of shape ``(batch, seq)``."""
     model.eval()
     device = next(model.parameters()).device
-    inputs = _inputs(model, batch, seq, device)
+    inputs = token_inputs(model, batch, seq, device)
     times = [seconds(lambda: model(**inputs), device) for _ in range(warmup + repeats)]
     return 1000 * statistics.median(times[warmup:])
 
@@ -121,7 +112,7 @@ def bench_model(
     use_backend(model, backend)
     calibrate(model, [(batch, seq)])
     dense = dense_original(model)
-    inputs = _inputs(model, batch, seq, device)
+    inputs = token_inputs(model, batch, seq, device)
     runs = {"dense": lambda: dense(**inputs), "compact": lambda: model(**inputs)}
     if backend == "int8":  # int8 compact layers also face the dense model with int8 linears
         dense8 = int8_linears(dense_original(model), list(compact))
@@ -214,124 +205,6 @@ def layer_timings(
     return rows, parts
 
 
-PROMPT = 32  # tokens before a timed decode
-
-
-def is_causal_lm_model(model: nn.Module) -> bool:
-    """Whether ``model`` generates text (a ``...ForCausalLM`` with a KV cache)."""
-    return type(model).__name__.endswith("ForCausalLM") and hasattr(model, "generate")
-
-
-@torch.inference_mode()
-def greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int], float]:
-    """Greedy generation with the KV cache: the ``new_tokens`` token ids after ``prompt (1, P)``, and the seconds
-    its decode steps took (the forward of the prompt, the prefill, is not counted)."""
-    # transformers 5 calls the KV cache `cache`; 4.x `past_key_values`
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-    cache, token = out[name], out.logits[:, -1].argmax(-1, keepdim=True)
-    tokens, device = [int(token)], prompt.device
-    start = time.perf_counter()
-    for _ in range(new_tokens - 1):
-        out = model(input_ids=token, use_cache=True, **{name: cache})
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        tokens.append(int(token))  # a host read per step, as every generation loop makes
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return tokens, time.perf_counter() - start
-
-
-@torch.inference_mode()
-def bench_lm(
-    model: nn.Module,
-    prefill: int = 512,
-    new_tokens: int = 32,
-    prompt: int = PROMPT,
-    backend: str = "auto",
-    repeats: int = 5,
-    layers: bool = True,
-) -> dict[str, Any]:
-    """Prefill and decode speed of a causal LM with compact layers against its merged dense copy.
-
-    Prefill: one forward of ``1 x prefill`` tokens filling the KV cache (logits of the last position only,
-    as generation computes them). Decode: ``new_tokens`` greedy tokens at batch 1 with the KV cache after a
-    seeded random ``prompt`` of that many tokens; the steps after the prompt's forward are timed, and tokens
-    per second are steps over their time. Dense and compact runs alternate; medians. Per layer
-    (``layers``): every compact layer at one token and at ``1 x prefill`` against its merged linear, with
-    its multiply-add and byte limits. ``generations`` holds both models' greedy tokens.
-    """
-    if new_tokens < 2:
-        raise DsformerError(f"--new-tokens {new_tokens}: time at least 2 tokens (the first comes from the prompt)")
-    model.eval()
-    device = next(model.parameters()).device
-    compact = compact_layers(model)
-    use_backend(model, backend)
-    calibrate(model, [(1, prefill), (1, 1)])
-    dense = dense_original(model)
-    long = _inputs(model, 1, prefill, device)["input_ids"]
-    start = _inputs(model, 1, prompt, device)["input_ids"]
-    models = {"dense": dense, "compact": model}
-    fill = alternate(
-        {name: functools.partial(m, input_ids=long, use_cache=True, logits_to_keep=1) for name, m in models.items()},
-        device,
-        repeats,
-    )
-    generations = {name: greedy(m, start, new_tokens)[0] for name, m in models.items()}  # a warm-up too
-    decode: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, m in models.items():
-            decode[name].append(greedy(m, start, new_tokens)[1])
-    step = {name: statistics.median(t) / (new_tokens - 1) for name, t in decode.items()}
-    result: dict[str, Any] = {
-        "prefill": prefill,
-        "prompt": prompt,
-        "new_tokens": new_tokens,
-        "backend": backend,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "repeats": repeats,
-        "prefill_end_to_end": compared(fill["dense"], fill["compact"], prefill),
-        "decode_end_to_end": {
-            "dense_ms_per_token": 1000 * step["dense"],
-            "compact_ms_per_token": 1000 * step["compact"],
-            "dense_tokens_per_s": 1 / step["dense"],
-            "compact_tokens_per_s": 1 / step["compact"],
-            "speedup": step["dense"] / step["compact"],
-        },
-        "generations": generations,
-    }
-    if layers:
-        result["decode_layers"], result["decode_parts"] = layer_timings(compact, 1, 1, device, max(repeats, 20))
-        minor = token_minor_inputs(compact, lambda: model(input_ids=long, use_cache=True, logits_to_keep=1))
-        timed = layer_timings(compact, 1, prefill, device, repeats, minor)
-        result["prefill_layers"], result["prefill_parts"] = timed
-    return result
-
-
-def bench_lm_table(result: dict[str, Any]) -> str:
-    """A plain-text table of one :func:`bench_lm` result."""
-    f, d = result["prefill_end_to_end"], result["decode_end_to_end"]
-    lines = [
-        f"causal LM, backend {result['backend']}, {result['dtype']}, median of {result['repeats']} alternating runs",
-        f"  prefill 1 x {result['prefill']}: dense {f['dense_ms']:.1f} ms, compact {f['compact_ms']:.1f} ms -> "
-        f"{f['speedup']:.2f}x ({f['compact_tokens_per_s']:.0f} tokens/s against {f['dense_tokens_per_s']:.0f})",
-        f"  decode at batch 1, {result['new_tokens']} greedy tokens after {result['prompt']}: dense "
-        f"{d['dense_ms_per_token']:.2f} ms, compact {d['compact_ms_per_token']:.2f} ms a token -> {d['speedup']:.2f}x "
-        f"({d['compact_tokens_per_s']:.1f} tokens/s against {d['dense_tokens_per_s']:.1f})",
-    ]
-    for label in ("decode", "prefill"):
-        for part, p in sorted(result.get(f"{label}_parts", {}).items()):
-            lines.append(
-                f"  {label}, {part} linears ({p['layers']}): dense {p['dense_ms']:.2f} ms, compact "
-                f"{p['compact_ms']:.2f} ms -> {p['speedup']:.2f}x"
-            )
-    for name, r in result.get("decode_layers", {}).items():
-        lines.append(
-            f"  one token: {name[-40:]:<40} {r['layout']:<12} {r['backend']:<9} {r['dense_ms']:>7.3f} "
-            f"{r['compact_ms']:>7.3f} ms {r['speedup']:>5.2f}x (byte limit {r['byte_limit']:.2f}x)"
-        )
-    return "\n".join(lines)
-
-
 def bench_table(result: dict[str, Any]) -> str:
     """A plain-text table of one :func:`bench_model` result."""
     e = result["end_to_end"]
@@ -361,77 +234,3 @@ def bench_table(result: dict[str, Any]) -> str:
                 f"{r['speedup']:>6.2f}x {r['flop_limit']:>7.2f}x {r['byte_limit']:>7.2f}x"
             )
     return "\n".join(lines)
-
-
-def paired(batches: list[int], seqs: list[int]) -> list[tuple[int, int]]:
-    """``--batch 32 1 --seq 128 64`` -> ``[(32, 128), (1, 64)]``; a single value pairs with every other."""
-    if len(batches) == 1:
-        batches = batches * len(seqs)
-    if len(seqs) == 1:
-        seqs = seqs * len(batches)
-    if len(batches) != len(seqs):
-        raise DsformerError(f"--batch and --seq pair up: give as many of each, or one (got {batches} and {seqs})")
-    if min(batches + seqs) < 1:
-        raise DsformerError(f"--batch and --seq must be at least 1 (got {batches} and {seqs})")
-    return list(zip(batches, seqs, strict=True))
-
-
-def bench_subject(
-    path: str | None, structure: str = "ds", ratio: float = 2.8, device: str = "cpu", dtype: str = "float32",
-    options: dict[str, Any] | None = None, batches: list[int] | None = None, seqs: list[int] | None = None,
-    backend: str = "auto", new_tokens: int = 0,
-) -> tuple[nn.Module, str, list[tuple[int, int]]]:  # fmt: skip
-    """What ``dsformer bench`` times: a saved compact model as it is, or a dense model (a folder or hub name,
-    a saved dense run, the embedded default) factorized with ``structure`` at ``ratio`` (fit only; the
-    structure's ``options`` too); a description of it; and the ``(batch, seq)`` shapes to time (``batches``
-    and ``seqs`` paired, by default 32 x 128 and 1 x 64, or a causal LM's prefill of 1 x 512). The device,
-    the backend and the shapes are checked first, the sequences (and a causal LM's prefill plus
-    ``new_tokens``) against the model's positions, before any fit."""
-    check_device(device)
-    check_backend(backend)
-    options = options or {}
-    if "ratio" in options:
-        raise DsformerError("give the ratio with --ratio, not as an option")
-    config = structure_config(structure, ratio=check_ratio(ratio), **options)  # checked even where unused
-    paired(batches or [1], seqs or [1])  # the counts and values, before loading anything
-    if path is not None and (Path(path) / META_FILE).exists() and read_meta(path)["layers"]:
-        model, source = load(path, device=device), path
-    else:
-        model, source = load_pretrained(path)[0], None
-    lm = is_causal_lm_model(model)
-    shapes = paired(batches or ([1] if lm else [32, 1]), seqs or ([512] if lm else [128, 64]))
-    if lm and any(b != 1 for b, _ in shapes):
-        raise DsformerError("a causal LM is timed at batch 1: give --seq for its prefill, not --batch")
-    if lm and new_tokens < 2:
-        raise DsformerError(f"--new-tokens {new_tokens}: time at least 2 tokens (the first comes from the prompt)")
-    positions = getattr(model.config, "max_position_embeddings", None)
-    seq = max((s for _, s in shapes), default=0)
-    if positions is not None and seq > positions:
-        raise DsformerError(f"--seq {seq}: the model reads at most {positions} tokens")
-    if positions is not None and lm and PROMPT + new_tokens - 1 > positions:
-        raise DsformerError(
-            f"--new-tokens {new_tokens} after the {PROMPT}-token prompt: the model reads at most {positions} tokens"
-        )
-    if source is None:
-        model = model.to(device).float().eval()  # a half-precision checkpoint is fitted in float32
-        print(f"factorizing {resolve(path)} with {structure} at {ratio:g}x (fit only, no training)")
-        compress(model, CompressConfig(config), progress=True)
-        source = f"{resolve(path)} factorized with {structure} at {ratio:g}x"
-    return model.to(getattr(torch, dtype)), source, shapes  # factorized in float32 first: the fit wants the precision
-
-
-def bench_run(
-    path: str | None, structure: str = "ds", ratio: float = 2.8, device: str = "cpu", dtype: str = "float32",
-    options: dict[str, Any] | None = None, batches: list[int] | None = None, seqs: list[int] | None = None,
-    backend: str = "auto", new_tokens: int = 32, repeats: int = 10, layers: bool = True,
-) -> tuple[dict[str, Any], str]:  # fmt: skip
-    """``dsformer bench``: the model of :func:`bench_subject` timed at each shape (a causal LM: prefill and
-    decode, :func:`bench_lm`; else :func:`bench_model`); the record to store and the tables to print."""
-    model, source, shapes = bench_subject(
-        path, structure, ratio, device, dtype, options, batches, seqs, backend, new_tokens
-    )
-    if is_causal_lm_model(model):
-        runs = [bench_lm(model, s, new_tokens, backend=backend, repeats=repeats, layers=layers) for _, s in shapes]
-        return {"model": source, "runs": runs}, "\n".join(bench_lm_table(run) for run in runs)
-    runs = [bench_model(model, b, s, backend, repeats, layers=layers) for b, s in shapes]
-    return {"model": source, "runs": runs}, "\n".join(bench_table(run) for run in runs)

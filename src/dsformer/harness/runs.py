@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from dsformer.calibration import compress_calibrated
@@ -20,10 +21,11 @@ from dsformer.checkpoint import META_FILE, check_model_output, load, load_tokeni
 from dsformer.errors import DsformerError
 from dsformer.files import atomic_write_text, exclusive
 from dsformer.hardware import check_device, describe
-from dsformer.harness.bench import latency_ms
+from dsformer.harness.bench import bench_model, bench_table, latency_ms
 from dsformer.harness.evaluation import evaluate
 from dsformer.harness.finetune import METRICS_FILE
 from dsformer.harness.lm import calibration_batches, context_length, eval_windows, is_lm_task, perplexity, read_text
+from dsformer.harness.lm_bench import PROMPT, bench_lm, bench_lm_table, is_causal_lm_model
 from dsformer.harness.models import load_pretrained, resolve
 from dsformer.harness.squad import STRIDE
 from dsformer.harness.tasks import TaskData, load_task
@@ -310,3 +312,77 @@ def finished_run(metrics: dict[str, Any], output: Path) -> str:
     return (
         summary_table([metrics]) + f"\ntest: {scores}{skipped}\nsaved to {output} (metrics in {output / METRICS_FILE})"
     )
+
+
+def paired(batches: list[int], seqs: list[int]) -> list[tuple[int, int]]:
+    """``--batch 32 1 --seq 128 64`` -> ``[(32, 128), (1, 64)]``; a single value pairs with every other."""
+    if len(batches) == 1:
+        batches = batches * len(seqs)
+    if len(seqs) == 1:
+        seqs = seqs * len(batches)
+    if len(batches) != len(seqs):
+        raise DsformerError(f"--batch and --seq pair up: give as many of each, or one (got {batches} and {seqs})")
+    if min(batches + seqs) < 1:
+        raise DsformerError(f"--batch and --seq must be at least 1 (got {batches} and {seqs})")
+    return list(zip(batches, seqs, strict=True))
+
+
+def bench_subject(
+    path: str | None, structure: str = "ds", ratio: float = 2.8, device: str = "cpu", dtype: str = "float32",
+    options: dict[str, Any] | None = None, batches: list[int] | None = None, seqs: list[int] | None = None,
+    backend: str = "auto", new_tokens: int = 0,
+) -> tuple[nn.Module, str, list[tuple[int, int]]]:  # fmt: skip
+    """What ``dsformer bench`` times: a saved compact model as it is, or a dense model (a folder or hub name,
+    a saved dense run, the embedded default) factorized with ``structure`` at ``ratio`` (fit only; the
+    structure's ``options`` too); a description of it; and the ``(batch, seq)`` shapes to time (``batches``
+    and ``seqs`` paired, by default 32 x 128 and 1 x 64, or a causal LM's prefill of 1 x 512). The device,
+    the backend and the shapes are checked first, the sequences (and a causal LM's prefill plus
+    ``new_tokens``) against the model's positions, before any fit."""
+    check_device(device)
+    check_backend(backend)
+    options = options or {}
+    if "ratio" in options:
+        raise DsformerError("give the ratio with --ratio, not as an option")
+    config = structure_config(structure, ratio=check_ratio(ratio), **options)  # checked even where unused
+    paired(batches or [1], seqs or [1])  # the counts and values, before loading anything
+    if path is not None and (Path(path) / META_FILE).exists() and read_meta(path)["layers"]:
+        model, source = load(path, device=device), path
+    else:
+        model, source = load_pretrained(path)[0], None
+    lm = is_causal_lm_model(model)
+    shapes = paired(batches or ([1] if lm else [32, 1]), seqs or ([512] if lm else [128, 64]))
+    if lm and any(b != 1 for b, _ in shapes):
+        raise DsformerError("a causal LM is timed at batch 1: give --seq for its prefill, not --batch")
+    if lm and new_tokens < 2:
+        raise DsformerError(f"--new-tokens {new_tokens}: time at least 2 tokens (the first comes from the prompt)")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    seq = max((s for _, s in shapes), default=0)
+    if positions is not None and seq > positions:
+        raise DsformerError(f"--seq {seq}: the model reads at most {positions} tokens")
+    if positions is not None and lm and PROMPT + new_tokens - 1 > positions:
+        raise DsformerError(
+            f"--new-tokens {new_tokens} after the {PROMPT}-token prompt: the model reads at most {positions} tokens"
+        )
+    if source is None:
+        model = model.to(device).float().eval()  # a half-precision checkpoint is fitted in float32
+        print(f"factorizing {resolve(path)} with {structure} at {ratio:g}x (fit only, no training)")
+        compress(model, CompressConfig(config), progress=True)
+        source = f"{resolve(path)} factorized with {structure} at {ratio:g}x"
+    return model.to(getattr(torch, dtype)), source, shapes  # factorized in float32 first: the fit wants the precision
+
+
+def bench_run(
+    path: str | None, structure: str = "ds", ratio: float = 2.8, device: str = "cpu", dtype: str = "float32",
+    options: dict[str, Any] | None = None, batches: list[int] | None = None, seqs: list[int] | None = None,
+    backend: str = "auto", new_tokens: int = 32, repeats: int = 10, layers: bool = True,
+) -> tuple[dict[str, Any], str]:  # fmt: skip
+    """``dsformer bench``: the model of :func:`bench_subject` timed at each shape (a causal LM: prefill and
+    decode, :func:`bench_lm`; else :func:`bench_model`); the record to store and the tables to print."""
+    model, source, shapes = bench_subject(
+        path, structure, ratio, device, dtype, options, batches, seqs, backend, new_tokens
+    )
+    if is_causal_lm_model(model):
+        runs = [bench_lm(model, s, new_tokens, backend=backend, repeats=repeats, layers=layers) for _, s in shapes]
+        return {"model": source, "runs": runs}, "\n".join(bench_lm_table(run) for run in runs)
+    runs = [bench_model(model, b, s, backend, repeats, layers=layers) for b, s in shapes]
+    return {"model": source, "runs": runs}, "\n".join(bench_table(run) for run in runs)
