@@ -1,8 +1,9 @@
 """What the command line does with models and saved runs: compress a pretrained model, evaluate a saved run,
-store one as int8, summarize several, and record a result with its command and hardware.
+store one as int8, summarize several, time one against its dense original, and record a result with its
+command and hardware.
 
-Each function is what one verb does (``compress``, ``evaluate``, ``quantize``, ``summary``); the verb
-only prints its result.
+Each function is what one verb does (``compress``, ``evaluate``, ``quantize``, ``summary``, ``bench``); the
+verb only prints its result.
 """
 
 from __future__ import annotations
