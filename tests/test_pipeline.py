@@ -293,7 +293,30 @@ def test_calibrated_fits_on_the_training_inputs(capsys, tmp_path, model_dir, sst
     code, out, err = run_cli(capsys, _compress_args(model_dir, sst2_dir, output, "--method", method, "--calibrate"))
     assert code == 0, err
     assert metrics_of(output)["config"]["calibrate"] is True
-    assert output.name == "out" and "calibrated" in default_output(RunConfig(method=method, calibrate=True)).name
+    assert output.name == "out"
+
+
+@pytest.mark.parametrize(
+    ("method", "calibrate", "fit", "suffix"),
+    [
+        ("dsformer", None, True, ""),  # dsformer fits the layers' outputs by default
+        ("dsformer", True, True, ""),
+        ("dsformer", False, False, "-weight-fit"),
+        ("svd", None, False, ""),
+        ("svd", True, True, "-calibrated"),
+        ("dense", None, False, ""),
+    ],
+)
+def test_calibration_defaults_to_the_methods_own_and_names_a_departure(method, calibrate, fit, suffix):
+    config = RunConfig(method=method, calibrate=calibrate)
+    assert config.fits_outputs is fit
+    assert default_output(config).name.endswith(("2x" if method != "dense" else method) + suffix)
+
+
+def test_no_calibrate_fits_dsformer_to_its_weights(capsys, tmp_path, model_dir, sst2_dir):
+    output = tmp_path / "out"
+    assert run_cli(capsys, _compress_args(model_dir, sst2_dir, output, "--no-calibrate"))[0] == 0
+    assert metrics_of(output)["config"]["calibrate"] is False
 
 
 @pytest.mark.parametrize(("method", "extra"), [("dsformer", ["--calibrate"]), ("ds-conventional", []), ("svd", [])])

@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
          ("--trainer", {"choices": TRAINERS, "help": "default: the method's own"}),
          ("--fisher", {"action": "store_true", "help": "weight the fit (and every STF projection) by the rows' "
                        "Fisher information from task gradients; recommended with dsformer"}),
-         ("--calibrate", {"action": "store_true", "help": "fit every layer's output on the training inputs instead "
-                          "of its weight (the first fit and every STF projection)"}),
+         ("--calibrate", {"action": argparse.BooleanOptionalAction, "help": "fit every layer's output on the training "
+                          "inputs instead of its weight, the first fit and every STF projection (default: dsformer)"}),
          ("--global-budget", {"action": "store_true", "help": "the ratio holds for all targets together, each layer's "
                               "own ratio chosen from its weight and training inputs (ds, svd)"}),
          ("--max-train", {"type": int, "help": "train on a seeded subsample of this many examples"}),

@@ -27,7 +27,7 @@ from dsformer.hardware import check_run_device, describe
 from dsformer.harness.checkpoints import distributed, latest_checkpoint
 from dsformer.harness.healing import check_lm_run, finetune_lm, fitted_start
 from dsformer.harness.lm import is_lm_task, task_label
-from dsformer.harness.methods import check_method, method
+from dsformer.harness.methods import METHODS, check_method, method
 from dsformer.harness.models import load_pretrained
 from dsformer.harness.prepare import make_student, prepare, structure_for
 from dsformer.harness.tasks import load_task, task_spec
@@ -54,13 +54,19 @@ class RunConfig:
     teacher: str | None = None
     device: str = "cpu"
     fisher: bool = False  # weight the structure's fit by Fisher information (dsformer.harness.prepare)
-    calibrate: bool = False  # fit each layer's output on the task's training inputs (dsformer.harness.prepare)
+    # fit each layer's output on the task's training inputs (dsformer.harness.prepare); None: the method's default
+    calibrate: bool | None = None
     global_budget: bool = False  # the ratio of all targets together, each layer's chosen (dsformer.allocation)
     tokens: int = 65536  # LM tasks: the healing budget in training tokens (dsformer.harness.healing)
     samples: int = 128  # LM tasks: calibration windows of the fit
     max_windows: int | None = None  # LM tasks: perplexity on the first this many test windows (None: all)
     train: TrainConfig = field(default_factory=TrainConfig)
     schedule: Schedule = field(default_factory=Schedule)
+
+    @property
+    def fits_outputs(self) -> bool:
+        """Whether the fits minimize each layer's output error: ``calibrate``, else the method's default."""
+        return self.calibrate if self.calibrate is not None else calibrated_by_default(self.method)
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> RunConfig:
@@ -202,7 +208,7 @@ def _finetune(config: RunConfig, out: Path, work: Path, trainer: str, resume: bo
         schedule=config.schedule,
         progress=config.train.progress,
         fisher=config.fisher,
-        calibrate=config.calibrate,
+        calibrate=config.fits_outputs,
         global_budget=config.global_budget,
         stride=config.train.doc_stride,
     )
@@ -236,7 +242,12 @@ def _finetune(config: RunConfig, out: Path, work: Path, trainer: str, resume: bo
         "start_sha256": _start_checksum(config.model),
         "sizes": data.sizes(),
         "skipped": data.skipped,  # examples reading or windowing dropped, by split and reason
-        "config": {**asdict(config), "train": asdict(config.train), "schedule": asdict(config.schedule)},
+        "config": {
+            **asdict(config),
+            "calibrate": config.fits_outputs,
+            "train": asdict(config.train),
+            "schedule": asdict(config.schedule),
+        },  # fmt: skip
         "hardware": describe(),
         "processes": distributed()[1],  # > 1: a DDP run (torchrun / accelerate launch)
         "dsformer": __version__,
@@ -262,14 +273,21 @@ def _finetune_lm(config: RunConfig, out: Path, work: Path, trainer: str, resume:
 
 
 def default_output(config: RunConfig) -> Path:
-    """``outputs/<task>-<method>[-<ratio>x][-<trainer>][-fisher][-s<seed>]``: whatever tells two runs apart."""
+    """``outputs/<task>-<method>[-<ratio>x][-<trainer>][-fisher][-calibrated|-weight-fit][-global][-s<seed>]``:
+    whatever tells two runs apart."""
     parts = [task_label(config.task), config.method] + ([] if config.method == "dense" else [f"{config.ratio:g}x"])
     parts += [config.trainer] if config.trainer else []
     parts += ["fisher"] if config.fisher else []
-    parts += ["calibrated"] if config.calibrate else []
+    if config.fits_outputs != calibrated_by_default(config.method):  # named only where not the method's default
+        parts += ["calibrated" if config.fits_outputs else "weight-fit"]
     parts += ["global"] if config.global_budget else []
     parts += [f"s{config.train.seed}"] if config.train.seed else []
     return Path("outputs") / "-".join(parts)
+
+
+def calibrated_by_default(name: str) -> bool:
+    """Whether method ``name`` fits the layers' outputs unless told otherwise (False for an LM task's methods)."""
+    return name in METHODS and METHODS[name].calibrated
 
 
 def work_folder(output: str | os.PathLike) -> Path:

@@ -81,7 +81,7 @@ class MethodSpec:
     ratios: tuple[float, ...] | None = None  # this method's own ratio axis (None: the sweep's)
     seeds: tuple[int, ...] | None = None
     fisher: bool = False  # weight the fits by Fisher information (dsformer.harness.prepare)
-    calibrate: bool = False  # fit each layer's output on the training inputs
+    calibrate: bool | None = None  # fit each layer's output on the training inputs (None: the method's default)
     global_budget: bool = False  # the ratio of all targets together, each layer's chosen
     tasks: tuple[str, ...] | None = None  # this method's own tasks (None: every task of the sweep)
 
@@ -111,7 +111,7 @@ class MethodSpec:
         seeds = tuple(_numbers(entry["seeds"], int, f"{where}: seeds")) if entry.get("seeds") else None
         label = entry.get("label", entry["method"])
         for flag in flags:
-            if not isinstance(entry.get(flag, False), bool):
+            if flag in entry and not isinstance(entry[flag], bool):
                 raise SweepError(f"methods: {flag} must be true or false (got {entry[flag]!r})")
         tasks = entry.get("tasks")
         if tasks is not None and (not isinstance(tasks, list) or not tasks):
@@ -119,7 +119,7 @@ class MethodSpec:
         tasks = tuple(str(t) for t in tasks) if tasks else None
         return cls(
             label, entry["method"], entry.get("trainer"), teacher, schedule, ratios, seeds,
-            *(entry.get(flag, False) for flag in flags), tasks,
+            entry.get("fisher", False), entry.get("calibrate"), entry.get("global_budget", False), tasks,
         )  # fmt: skip
 
 
