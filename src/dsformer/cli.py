@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
          ("--ratio", {"type": _number, "default": 2.0, "help": "compression of the target layers (default: 2)"}),
          ("--trainer", {"choices": TRAINERS, "help": "default: the method's own"}),
          ("--fisher", {"action": "store_true", "help": "weight the fit (and every STF projection) by the rows' "
-                       "Fisher information from task gradients; recommended with dsformer"}),
+                       "Fisher information from task gradients"}),
          ("--calibrate", {"action": argparse.BooleanOptionalAction, "help": "fit every layer's output on the training "
                           "inputs instead of its weight, the first fit and every STF projection (default: dsformer)"}),
          ("--global-budget", {"action": "store_true", "help": "the ratio holds for all targets together, each layer's "
