@@ -30,6 +30,7 @@ from dsformer.harness.lm import is_lm_task, task_label
 from dsformer.harness.methods import METHODS, check_method, method
 from dsformer.harness.models import load_pretrained
 from dsformer.harness.prepare import make_student, prepare, structure_for
+from dsformer.harness.squad import check_stride
 from dsformer.harness.tasks import load_task, task_spec
 from dsformer.harness.training import TrainConfig, train
 from dsformer.report import model_bytes
@@ -111,9 +112,8 @@ def check_run(config: RunConfig) -> str:
             f"shared by several layers; {config.method} cannot polish"
         )
     check_run_device(config.device)
-    if task_spec(config.task).is_qa and config.train.doc_stride >= config.train.max_length // 2:
-        window, stride = config.train.max_length, config.train.doc_stride
-        raise DsformerError(f"--doc-stride {stride} must be under half the window (--max-length {window})")
+    if task_spec(config.task).is_qa:
+        check_stride(config.train.max_length, config.train.doc_stride)
     if config.max_train is not None and config.max_train < 1:
         raise DsformerError(f"max_train must be at least 1 example (got {config.max_train})")
     return trainer

@@ -45,9 +45,14 @@ N_BEST = 20  # starts and ends each window proposes
 MAX_ANSWER_TOKENS = 30
 
 
-def _windows(tokenizer: Any, questions: list[Question], max_length: int, stride: int) -> Any:
+def check_stride(max_length: int, stride: int) -> None:
+    """Consecutive windows may share less than half a window: more would make windows that add nothing."""
     if stride >= max_length // 2:
-        raise DataError(f"--doc-stride {stride} must be under half the window ({max_length} tokens)")
+        raise DataError(f"--doc-stride {stride} must be under half the window (--max-length {max_length})")
+
+
+def _windows(tokenizer: Any, questions: list[Question], max_length: int, stride: int) -> Any:
+    check_stride(max_length, stride)
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("question answering needs a fast tokenizer (character offsets of its tokens)")
     try:
