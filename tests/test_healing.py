@@ -46,6 +46,17 @@ def test_cli_heals_a_compressed_lm_and_saves_it(lm_folder, tmp_path, capsys, met
     assert not out.with_name(out.name + ".work").exists()
 
 
+def test_stf_keeps_the_layouts_a_global_budget_gave_each_layer(lm_folder, tmp_path):
+    folder, text = lm_folder
+    fitted, healed = tmp_path / "fitted", tmp_path / "healed"
+    assert main(heal_args(folder, text, fitted, "--method", "ds-aware-global", "--tokens", "0")) == 0
+    assert main(heal_args(folder, text, healed, "--method", "ds-aware-global", "--trainer", "stf",
+                          "--refresh-every", "1")) == 0  # fmt: skip
+    layouts = [{name: layer.layout() for name, layer in compact_layers(load(out)).items()} for out in (fitted, healed)]
+    assert layouts[0] == layouts[1]
+    assert len({(v["k"], v["s"]) for v in layouts[0].values()}) > 2  # the layers do have their own ratios
+
+
 def test_healing_lowers_the_distillation_loss(tmp_path):
     torch.manual_seed(0)
     teacher, student = tiny_lm("llama"), tiny_lm("llama")
@@ -135,7 +146,6 @@ def test_an_interrupted_healing_resumes_exactly_without_refitting(lm_folder, tmp
         (["--method", "ds-aware", "--max-length", "4096"], "--window 4096"),
         (["--method", "ds-aware", "--batch-size", "500"], "fewer than one batch"),
         (["--method", "ds-aware", "--tokens", "-1"], "tokens must be a whole number of at least 0"),
-        (["--method", "ds-aware-global", "--trainer", "stf"], "heal it with --trainer conventional"),
         (["--method", "ds-aware", "--device", "gpu"], "give cpu, cuda or cuda:N"),
         (["--method", "ds-aware", "--tokens", "0", "--trainer", "stf"], "fits without training"),
     ],

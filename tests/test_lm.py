@@ -313,6 +313,72 @@ def test_truncation_losses_shrink_as_the_ratio_does():
     assert losses == sorted(losses) and losses[0] >= 0
 
 
+def test_weighed_by_the_loss_the_estimate_is_the_fisher_weighted_output_error():
+    from dsformer.allocation import truncation_losses
+    from dsformer.structures.whitening import whitening
+
+    w, x = torch.randn(24, 16), correlated_inputs(16)
+    gram = x.T @ x / len(x)
+    f = torch.rand(24) + 0.1
+    rank = 16 * 24 // (2 * (16 + 24))  # what 2x buys
+    root = whitening(gram).root
+    u, s, vh = torch.linalg.svd(w.double() @ root, full_matrices=False)
+    delta = (u[:, rank:] * s[rank:]) @ vh[rank:]  # the truncation's error, whitened: its rows are ΔY's
+    expected = float((f.double()[:, None] * delta.pow(2)).sum())
+    assert truncation_losses(w, gram, [2.0], f)[0] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("sensitivity", "keeps_more"),
+    [((1.0, 1.0), None), ((100.0, 1.0), "layer0"), ((1.0, 100.0), "layer1")],
+)
+def test_the_layer_whose_errors_cost_more_keeps_more(sensitivity, keeps_more):
+    from dsformer.allocation import allocate
+
+    gen = torch.Generator().manual_seed(1)
+    weights = {f"layer{i}": torch.randn(32, 32, generator=gen) for i in range(2)}
+    grams = {name: torch.eye(32) for name in weights}
+    sensitivities = {name: torch.full((32,), f) for name, f in zip(weights, sensitivity, strict=True)}
+    ratios = allocate(weights, grams, 2.0, sensitivities=sensitivities)
+    if keeps_more is None:
+        assert abs(ratios["layer0"] - ratios["layer1"]) <= 0.5
+    else:
+        other = next(name for name in weights if name != keeps_more)
+        assert ratios[keeps_more] < ratios[other]
+
+
+def test_output_sensitivity_is_the_mean_squared_gradient_at_each_output():
+    from dsformer.calibration import OutputSensitivity
+
+    layer = torch.nn.Linear(6, 4)
+    x = torch.randn(3, 5, 6)
+    hooks = OutputSensitivity({"layer": layer})
+    y = layer(x)
+    (y.pow(3).sum()).backward()
+    hooks.remove()
+    expected = (3 * y.detach().pow(2)).pow(2).reshape(-1, 4).mean(0)
+    assert torch.allclose(hooks.means()["layer"].float(), expected, rtol=1e-5)
+
+
+def test_a_causal_lm_gives_the_global_budget_its_loss_gradients(monkeypatch):
+    import dsformer.calibration as calibration
+
+    seen = {}
+    real = calibration.allocate_structures
+
+    def spy(base, structures, weights, grams, sensitivities=None):
+        seen["sensitivities"] = sensitivities
+        return real(base, structures, weights, grams, sensitivities)
+
+    monkeypatch.setattr(calibration, "allocate_structures", spy)
+    model = tiny_lm("llama")
+    compress_calibrated(model, CompressConfig(fast("svd", 2.0)), batches(), False, global_budget=True)
+    sensitivities = seen["sensitivities"]
+    assert sensitivities is not None and len(sensitivities) == 14
+    assert all(v.min() >= 0 and v.sum() > 0 for v in sensitivities.values())
+    assert all(p.grad is None for p in model.parameters())  # nothing left behind
+
+
 @pytest.mark.parametrize("name", ["ds", "svd"])
 def test_calibrated_compression_with_a_global_budget(name):
     model = tiny_lm("llama")

@@ -1,17 +1,19 @@
 """A global budget: one compression ratio for all targets together, each layer's own ratio chosen by an
 estimate of its damage.
 
-The damage of compressing a layer at ratio ``r`` is estimated from the spectrum of its whitened
-weight ``W S`` (``S Sᵀ`` the second moment of its inputs): the share of the output energy
-``||W X||²`` that a rank ``k(r)`` truncation loses, ``k(r)`` being the rank that the ratio's
-parameters buy. That is SVD-LLM's truncation loss relative to the layer's output, exact for low
-rank and a proxy for the other structures. A greedy allocator starts every layer at the largest
-ratio on offer and repeatedly gives bytes to the layer whose next smaller ratio removes the most
+The damage of compressing a layer at ratio ``r`` is estimated from the SVD of its whitened weight
+``W S`` (``S Sᵀ`` the second moment of its inputs): a rank ``k(r)`` truncation, ``k(r)`` being the
+rank that the ratio's parameters buy, leaves the output error ``ΔY = U_tail Σ_tail V_tailᵀ X``
+(SVD-LLM's truncation loss; exact for low rank, a proxy for the other structures). What that error
+costs is weighed by the loss: with ``f_i`` the mean squared gradient of the model's loss at the
+layer's output ``i`` (the diagonal Fisher of the outputs), the estimate is ``Σ_i f_i ||ΔY_i||²``, a
+loss increase comparable across layers. A greedy allocator starts every layer at the largest ratio
+on offer and repeatedly gives bytes to the layer whose next smaller ratio removes the most
 estimated loss per byte, while the total stays within the budget.
 
-On SmolLM2 at 2x it loses to one ratio for every layer (``docs/lm.md``): the proxy misjudges
-layers. By absolute energy it starved the first blocks, whose activations are small (6.5x
-there, 1.4x at the end); relative and within 0.625x to 1.6x of the asked ratio it still lost.
+Without gradients (a model without a loss) the estimate falls back to each layer's share of its
+output energy; on SmolLM2 that version lost to one ratio for every layer, and an unweighted
+absolute energy starved the first blocks, whose activations are small (``docs/lm.md``).
 
 Example:
     >>> import torch
@@ -35,22 +37,30 @@ from dsformer.errors import DsformerError, InfeasibleRatioError
 from dsformer.structures import Structure
 from dsformer.structures.whitening import whitening
 
-# ratios on offer, as multiples of the asked ratio (those at or below 1.05 are dropped); a narrow
-# spread, because the estimate is a proxy: with 0.5x to 3x it sent a few layers of SmolLM2 whose
-# spectra a handful of outlier directions dominate to 6x
-SPREAD = (0.625, 0.75, 0.875, 1.0, 1.25, 1.6)
+# ratios on offer, as multiples of the asked ratio (those at or below 1.05 are dropped); by share of
+# the output energy, 0.5x to 3x sent a few layers of SmolLM2 whose spectra a handful of outlier
+# directions dominate to 6x; weighed by the loss, 0.5x to 2.5x did slightly better than 0.625x to 1.6x
+SPREAD = (0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.6, 2.0, 2.5)
 
 
 def choices_for(ratio: float) -> list[float]:
     return sorted({round(ratio * f, 4) for f in SPREAD if ratio * f > 1.05})
 
 
-def truncation_losses(weight: torch.Tensor, gram: torch.Tensor, ratios: list[float]) -> list[float]:
-    """The share of the output energy that a rank ``k(r)`` truncation of ``W S`` loses, for each ratio."""
+def truncation_losses(
+    weight: torch.Tensor, gram: torch.Tensor, ratios: list[float], sensitivity: torch.Tensor | None = None
+) -> list[float]:
+    """For each ratio, what a rank ``k(r)`` truncation of ``W S`` loses: the share of the output energy, or,
+    given ``sensitivity`` (each output's mean squared loss gradient), the estimated loss increase
+    ``Σ_i f_i ||ΔY_i||²`` (comparable across layers; the diagonal Fisher of the outputs)."""
     out_features, in_features = weight.shape
     white = whitening(gram)
-    spectrum = torch.linalg.svdvals(weight.detach().double() @ white.root).pow(2)
-    tail = spectrum.flip(0).cumsum(0).flip(0) / spectrum.sum().clamp_min(1e-30)  # tail[k]: the share from k on
+    u, s, _ = torch.linalg.svd(weight.detach().double() @ white.root, full_matrices=False)
+    if sensitivity is None:
+        energy = s.pow(2) / s.pow(2).sum().clamp_min(1e-30)
+    else:  # ΔY's rows are U's rows over the dropped directions: row i loses Σ_j U_ij² σ_j²
+        energy = s.pow(2) * (sensitivity.double().to(u.device)[:, None] * u.pow(2)).sum(0)
+    tail = energy.flip(0).cumsum(0).flip(0)  # tail[k]: what the directions from k on carry
     losses = []
     for r in ratios:
         rank = math.floor(out_features * in_features / (r * (out_features + in_features)))
@@ -64,11 +74,14 @@ def allocate(
     ratio: float,
     choices: list[float] | None = None,
     fixed: dict[str, float] | None = None,
+    sensitivities: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Each layer's ratio, so that the layers together store their dense bytes over ``ratio``.
 
     ``fixed`` layers keep the ratio given (per-layer overrides) and spend their share of the
-    budget first. Raises InfeasibleRatioError when the choices cannot meet the budget.
+    budget first. ``sensitivities`` (each output's mean squared loss gradient, for every layer) make
+    the estimate a loss increase rather than each layer's share of its output. Raises
+    InfeasibleRatioError when the choices cannot meet the budget.
     """
     choices = sorted(choices or choices_for(ratio))
     fixed = fixed or {}
@@ -81,7 +94,8 @@ def allocate(
         raise InfeasibleRatioError(
             f"a global ratio of {ratio:g} needs layers beyond {choices[-1]:g}x; give a smaller ratio"
         )
-    losses = {name: truncation_losses(weights[name], grams[name], choices) for name in free}
+    sensitivities = sensitivities or {}
+    losses = {name: truncation_losses(weights[name], grams[name], choices, sensitivities.get(name)) for name in free}
     heap: list[tuple[float, str]] = []
 
     def push(name: str) -> None:
@@ -110,6 +124,7 @@ def allocate_structures(
     structures: dict[str, Structure],
     weights: dict[str, torch.Tensor],
     grams: dict[str, torch.Tensor],
+    sensitivities: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Structure]:
     """Each target's structure at the ratio :func:`allocate` gives it, ``base.ratio`` being the ratio of all
     targets together; the targets planned with another structure than ``base`` (per-layer overrides)
@@ -119,6 +134,7 @@ def allocate_structures(
     overridden = {name: s for name, s in structures.items() if s is not base}
     if any(getattr(s, "ratio", None) is None for s in overridden.values()):
         raise DsformerError("with a global budget every override needs a ratio (its share of the budget)")
-    ratios = allocate(weights, grams, base.ratio, fixed={name: s.ratio for name, s in overridden.items()})
+    fixed = {name: s.ratio for name, s in overridden.items()}
+    ratios = allocate(weights, grams, base.ratio, fixed=fixed, sensitivities=sensitivities)
     configs = {r: replace(base, ratio=r) for r in set(ratios.values())}
     return {name: (s if s is not base else configs[ratios[name]]) for name, s in structures.items()}

@@ -140,20 +140,73 @@ def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[torch
     return outputs
 
 
+class OutputSensitivity:
+    """Hooks that add up, per output of named linears, the squared gradient of the loss over tokens
+    (the diagonal Fisher of each layer's outputs: how much an error there costs)."""
+
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self._handles = [module.register_forward_hook(self._hook(name)) for name, module in modules.items()]
+
+    def _hook(self, name: str):
+        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if output.requires_grad:
+                output.register_hook(lambda grad: self._add(name, grad))
+
+        return record
+
+    def _add(self, name: str, grad: torch.Tensor) -> None:
+        flat = grad.detach().reshape(-1, grad.shape[-1]).double()
+        total = flat.pow(2).sum(0)
+        self.sums[name] = self.sums[name] + total if name in self.sums else total
+        self.tokens[name] = self.tokens.get(name, 0) + flat.shape[0]
+
+    def means(self) -> dict[str, torch.Tensor]:
+        return {name: total / max(1, self.tokens[name]) for name, total in self.sums.items()}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _loss(model: nn.Module, batch: Batch) -> torch.Tensor | None:
+    """The model's training loss on ``batch``: its own labels, or next-token prediction for a causal LM."""
+    device = next(model.parameters()).device
+    inputs = {key: value.to(device) for key, value in batch.items()}
+    if "labels" not in inputs:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is None or "input_ids" not in inputs:
+            return None
+        inputs["labels"] = inputs["input_ids"]
+    return getattr(model(**inputs, use_cache=False), "loss", None)
+
+
 def _global_budget(
     model: nn.Module, config: CompressConfig, structures: dict[str, Structure], batches: list[Batch]
 ) -> dict[str, Structure]:
     """Each target's structure at the ratio :func:`dsformer.allocation.allocate` gives it (overrides keep theirs),
-    from the inputs of every target in one pass of the dense model over a quarter of the batches (the
-    estimate ranks layers; it needs fewer tokens than a fit)."""
+    from one pass of the dense model over a quarter of the batches (the estimate ranks layers; it needs
+    fewer tokens than a fit): every target's inputs and, where the model has a loss (a causal LM, or
+    batches with labels), the loss gradient at its outputs, which makes the estimate a loss increase."""
     sources = {name: model.get_submodule(name) for name in structures}
-    moments = InputMoments(sources)
+    moments, sensitivity = InputMoments(sources), OutputSensitivity(sources)
     try:
-        forward_batches(model, batches[: max(1, len(batches) // 4)])
+        with torch.enable_grad():
+            for batch in batches[: max(1, len(batches) // 4)]:
+                loss = _loss(model, batch)
+                if loss is not None:
+                    loss.backward()
+                else:
+                    forward_batches(model, [batch])
     finally:
         moments.remove()
+        sensitivity.remove()
+        model.zero_grad(set_to_none=True)
     weights = {name: linear_weight(module).detach() for name, module in sources.items()}
-    return allocate_structures(config.structure, structures, weights, moments.moments())
+    grads = sensitivity.means()
+    sensitivities = grads if set(grads) == set(sources) else None  # one unit for all layers, or none
+    return allocate_structures(config.structure, structures, weights, moments.moments(), sensitivities)
 
 
 @torch.no_grad()

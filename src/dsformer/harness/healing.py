@@ -208,7 +208,6 @@ def check_lm_run(config: Any) -> str:
     if config.method not in POST_TRAINING or POST_TRAINING[config.method].structure is None:
         names = ", ".join(name for name, m in POST_TRAINING.items() if m.structure is not None)
         raise DsformerError(f"--task {config.task} heals a compressed LM: choose --method from {names}")
-    chosen = POST_TRAINING[config.method]
     check_ratio(config.ratio)
     if config.trainer is not None and config.trainer not in TRAINERS:
         raise DsformerError(f"unknown trainer {config.trainer!r}; choose {' or '.join(TRAINERS)}")
@@ -235,11 +234,6 @@ def check_lm_run(config: Any) -> str:
         if config.trainer is not None or not config.schedule.is_default():
             raise DsformerError("--tokens 0 fits without training: --trainer and the STF flags do not apply")
         return "-"
-    if trainer == "stf" and chosen.global_budget:
-        raise DsformerError(
-            f"{config.method} gives each layer its own ratio, which STF's projections do not keep yet: "
-            "heal it with --trainer conventional"
-        )
     return trainer
 
 

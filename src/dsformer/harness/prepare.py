@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dsformer.allocation import allocate_structures
-from dsformer.calibration import InputMoments, blocks_of
+from dsformer.calibration import InputMoments, OutputSensitivity, blocks_of
 from dsformer.errors import DsformerError
 from dsformer.harness.evaluation import encode
 from dsformer.harness.methods import check_method, method
@@ -84,17 +84,19 @@ def prepare(
         if data is None or tokenizer is None:
             raise DsformerError(f"{name} with Fisher weights needs task data to estimate Fisher information")
         importance = fisher_importance(model, tokenizer, data, max_length, batch_size, seed, targets, stride=stride)
-    moments = None
+    moments = sensitivities = None
     if calibrate or global_budget:
         if data is None or tokenizer is None:
             what = "fitted to its inputs" if calibrate else "with a global budget"
             raise DsformerError(f"{name} {what} needs task data to run the model on")
-        moments = task_input_moments(model, tokenizer, data, max_length, batch_size, seed, targets, stride=stride)
+        moments, sensitivities = task_statistics(
+            model, tokenizer, data, max_length, batch_size, seed, targets, stride=stride, gradients=global_budget
+        )
     config = CompressConfig(structure, target_modules=targets)
     if global_budget:
         structures = plan(model, config)
         weights = {layer: linear_weight(model.get_submodule(layer)).detach() for layer in structures}
-        config.overrides = allocate_structures(structure, structures, weights, moments)
+        config.overrides = allocate_structures(structure, structures, weights, moments, sensitivities)
     inputs = moments if calibrate else None
     if trainer == "stf":
         stf = STF.wrap(
@@ -144,8 +146,7 @@ def _training_batches(
         yield {k: v.to(device) for k, v in batch.items()}
 
 
-@torch.no_grad()
-def task_input_moments(
+def task_statistics(
     model: nn.Module,
     tokenizer: Any,
     data: TaskData,
@@ -155,19 +156,30 @@ def task_input_moments(
     targets: Any = None,
     batches: int = 32,
     stride: int = STRIDE,
-) -> dict[str, torch.Tensor]:
-    """Each target's input second moment on seeded batches of the training texts (padding positions included)."""
+    gradients: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """Each target's input second moment on seeded batches of the training texts (padding positions
+    included) and, with ``gradients``, each of its outputs' mean squared task-loss gradient (what the
+    global budget weighs errors by; :class:`dsformer.calibration.OutputSensitivity`)."""
     names = find_targets(model, targets)
+    modules = {name: model.get_submodule(name) for name in names}
     was_training = model.training
     model.eval()
-    moments = InputMoments({name: model.get_submodule(name) for name in names})
+    moments = InputMoments(modules)
+    sensitivity = OutputSensitivity(modules) if gradients else None
     try:
-        for batch in _training_batches(model, tokenizer, data, max_length, batch_size, seed, batches, stride):
-            model(**batch)
+        with torch.set_grad_enabled(gradients):
+            for batch in _training_batches(model, tokenizer, data, max_length, batch_size, seed, batches, stride):
+                loss = model(**batch).loss
+                if gradients:
+                    loss.backward()
     finally:
         moments.remove()
+        if sensitivity is not None:
+            sensitivity.remove()
+        model.zero_grad(set_to_none=True)
         model.train(was_training)
-    return moments.moments()
+    return moments.moments(), sensitivity.means() if sensitivity is not None else None
 
 
 def fisher_importance(
