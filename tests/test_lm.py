@@ -313,19 +313,20 @@ def test_truncation_losses_shrink_as_the_ratio_does():
     assert losses == sorted(losses) and losses[0] >= 0
 
 
-def test_weighed_by_the_loss_the_estimate_is_the_fisher_weighted_output_error():
+def test_weighed_by_the_loss_the_estimate_is_the_fisher_weighted_output_error_of_svd_llm():
     from dsformer.allocation import truncation_losses
+    from dsformer.structures import LowRankConfig
     from dsformer.structures.whitening import whitening
 
     w, x = torch.randn(24, 16), correlated_inputs(16)
     gram = x.T @ x / len(x)
     f = torch.rand(24) + 0.1
-    rank = 16 * 24 // (2 * (16 + 24))  # what 2x buys
-    root = whitening(gram).root
-    u, s, vh = torch.linalg.svd(w.double() @ root, full_matrices=False)
-    delta = (u[:, rank:] * s[rank:]) @ vh[rank:]  # the truncation's error, whitened: its rows are ΔY's
-    expected = float((f.double()[:, None] * delta.pow(2)).sum())
-    assert truncation_losses(w, gram, [2.0], f)[0] == pytest.approx(expected, rel=1e-6)
+    (fitted,) = LowRankConfig(ratio=2.0).fit([w], inputs=[gram])
+    delta = (w - fitted.reconstruct()).double()
+    metric = whitening(gram).gram  # the damped moment both whiten with
+    expected = float((f.double() * (delta @ metric @ delta.T).diagonal()).sum())  # Σ_i f_i ||ΔY_i||² / tokens
+    assert truncation_losses(w, gram, [2.0], f)[0] == pytest.approx(expected, rel=1e-4)
+    assert truncation_losses(w, gram, [2.0], torch.zeros(24))[0] == 0.0
 
 
 @pytest.mark.parametrize(
@@ -345,6 +346,15 @@ def test_the_layer_whose_errors_cost_more_keeps_more(sensitivity, keeps_more):
     else:
         other = next(name for name in weights if name != keeps_more)
         assert ratios[keeps_more] < ratios[other]
+
+
+def test_a_layer_that_got_no_gradient_is_compressed_most():
+    from dsformer.allocation import allocate, choices_for
+
+    weights, grams = _weights_and_grams()
+    sensitivities = {name: torch.ones(48) for name in weights if name != "layer3"}
+    ratios = allocate(weights, grams, 2.0, sensitivities=sensitivities)
+    assert ratios["layer3"] == max(choices_for(2.0))
 
 
 def test_output_sensitivity_is_the_mean_squared_gradient_at_each_output():
@@ -376,7 +386,24 @@ def test_a_causal_lm_gives_the_global_budget_its_loss_gradients(monkeypatch):
     sensitivities = seen["sensitivities"]
     assert sensitivities is not None and len(sensitivities) == 14
     assert all(v.min() >= 0 and v.sum() > 0 for v in sensitivities.values())
-    assert all(p.grad is None for p in model.parameters())  # nothing left behind
+    assert all(p.grad is None for p in model.parameters())  # no copy of the weights was made
+    assert all(p.requires_grad for p in model.parameters())  # frozen for the pass only
+
+
+def test_without_gradients_the_global_budget_falls_back_to_shares_of_the_output(monkeypatch):
+    import dsformer.calibration as calibration
+
+    seen = {}
+    real = calibration.allocate_structures
+
+    def spy(base, structures, weights, grams, sensitivities=None):
+        seen["sensitivities"] = sensitivities
+        return real(base, structures, weights, grams, sensitivities)
+
+    monkeypatch.setattr(calibration, "allocate_structures", spy)
+    with torch.inference_mode():
+        report = compress_calibrated(tiny_lm("llama"), CompressConfig(fast("svd", 2.0)), batches(), False, True)
+    assert seen["sensitivities"] is None and 1.9 <= report.ratio_params <= 2.2
 
 
 @pytest.mark.parametrize("name", ["ds", "svd"])

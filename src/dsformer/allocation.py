@@ -3,13 +3,13 @@ estimate of its damage.
 
 The damage of compressing a layer at ratio ``r`` is estimated from the SVD of its whitened weight
 ``W S`` (``S Sᵀ`` the second moment of its inputs): a rank ``k(r)`` truncation, ``k(r)`` being the
-rank that the ratio's parameters buy, leaves the output error ``ΔY = U_tail Σ_tail V_tailᵀ X``
+rank that the ratio's parameters buy, leaves the output error ``ΔY = U_tail Σ_tail V_tailᵀ S⁻¹ X``
 (SVD-LLM's truncation loss; exact for low rank, a proxy for the other structures). What that error
 costs is weighed by the loss: with ``f_i`` the mean squared gradient of the model's loss at the
-layer's output ``i`` (the diagonal Fisher of the outputs), the estimate is ``Σ_i f_i ||ΔY_i||²``, a
-loss increase comparable across layers. A greedy allocator starts every layer at the largest ratio
-on offer and repeatedly gives bytes to the layer whose next smaller ratio removes the most
-estimated loss per byte, while the total stays within the budget.
+layer's output ``i`` (the diagonal Fisher of the outputs), the estimate is ``Σ_i f_i ||ΔY_i||²``,
+proportional to the loss increase and so comparable across layers. A greedy allocator starts
+every layer at the largest ratio on offer and repeatedly gives bytes to the layer whose next
+smaller ratio removes the most estimated loss per byte, while the total stays within the budget.
 
 Without gradients (a model without a loss) the estimate falls back to each layer's share of its
 output energy; on SmolLM2 that version lost to one ratio for every layer, and an unweighted
@@ -51,8 +51,8 @@ def truncation_losses(
     weight: torch.Tensor, gram: torch.Tensor, ratios: list[float], sensitivity: torch.Tensor | None = None
 ) -> list[float]:
     """For each ratio, what a rank ``k(r)`` truncation of ``W S`` loses: the share of the output energy, or,
-    given ``sensitivity`` (each output's mean squared loss gradient), the estimated loss increase
-    ``Σ_i f_i ||ΔY_i||²`` (comparable across layers; the diagonal Fisher of the outputs)."""
+    given ``sensitivity`` (each output's mean squared loss gradient), ``Σ_i f_i ||ΔY_i||²``, proportional
+    to the loss increase (comparable across layers; the diagonal Fisher of the outputs)."""
     out_features, in_features = weight.shape
     white = whitening(gram)
     u, s, _ = torch.linalg.svd(weight.detach().double() @ white.root, full_matrices=False)
@@ -79,8 +79,9 @@ def allocate(
     """Each layer's ratio, so that the layers together store their dense bytes over ``ratio``.
 
     ``fixed`` layers keep the ratio given (per-layer overrides) and spend their share of the
-    budget first. ``sensitivities`` (each output's mean squared loss gradient, for every layer) make
-    the estimate a loss increase rather than each layer's share of its output. Raises
+    budget first. ``sensitivities`` (each output's mean squared loss gradient; a layer without one
+    got no gradient: its errors cost nothing) make the estimate proportional to a loss increase
+    rather than each layer's share of its output. Raises
     InfeasibleRatioError when the choices cannot meet the budget.
     """
     choices = sorted(choices or choices_for(ratio))
@@ -94,8 +95,16 @@ def allocate(
         raise InfeasibleRatioError(
             f"a global ratio of {ratio:g} needs layers beyond {choices[-1]:g}x; give a smaller ratio"
         )
-    sensitivities = sensitivities or {}
-    losses = {name: truncation_losses(weights[name], grams[name], choices, sensitivities.get(name)) for name in free}
+    if (
+        sensitivities is not None
+    ):  # a layer whose outputs got no gradient does not reach the loss: its errors cost nothing
+        sensitivities = {name: sensitivities.get(name, torch.zeros(weights[name].shape[0])) for name in free}
+    losses = {
+        name: truncation_losses(
+            weights[name], grams[name], choices, None if sensitivities is None else sensitivities[name]
+        )
+        for name in free
+    }
     heap: list[tuple[float, str]] = []
 
     def push(name: str) -> None:

@@ -25,7 +25,8 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -171,15 +172,40 @@ class OutputSensitivity:
 
 
 def _loss(model: nn.Module, batch: Batch) -> torch.Tensor | None:
-    """The model's training loss on ``batch``: its own labels, or next-token prediction for a causal LM."""
+    """The model's training loss on ``batch``: its own labels, or next-token prediction for a causal LM
+    (None, without running the model, where it has neither)."""
     device = next(model.parameters()).device
     inputs = {key: value.to(device) for key, value in batch.items()}
     if "labels" not in inputs:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if head is None or "input_ids" not in inputs:
+        generates = getattr(model, "can_generate", lambda: False)()
+        if not generates or "input_ids" not in inputs:
             return None
-        inputs["labels"] = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        labels = inputs["input_ids"]
+        inputs["labels"] = labels if mask is None else labels.masked_fill(mask == 0, -100)
     return getattr(model(**inputs, use_cache=False), "loss", None)
+
+
+@contextmanager
+def gradients_at_activations(model: nn.Module) -> Iterator[bool]:
+    """Within it, a backward pass reaches every activation but fills no parameter's ``.grad`` (no copy of
+    the weights' size): the parameters are frozen and the input embeddings' output requires grad
+    instead. Yields whether gradients can flow here at all (not in inference mode, embeddings found)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is None or torch.is_inference_mode_enabled():
+        yield False
+        return
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    for param, _ in flags:
+        param.requires_grad_(False)
+    handle = embeddings.register_forward_hook(lambda module, args, output: output.requires_grad_(True))
+    try:
+        with torch.enable_grad():
+            yield True
+    finally:
+        handle.remove()
+        for param, flag in flags:
+            param.requires_grad_(flag)
 
 
 def _global_budget(
@@ -188,25 +214,24 @@ def _global_budget(
     """Each target's structure at the ratio :func:`dsformer.allocation.allocate` gives it (overrides keep theirs),
     from one pass of the dense model over a quarter of the batches (the estimate ranks layers; it needs
     fewer tokens than a fit): every target's inputs and, where the model has a loss (a causal LM, or
-    batches with labels), the loss gradient at its outputs, which makes the estimate a loss increase."""
+    batches with labels), the loss gradient at its outputs, which weighs each layer's error by its cost."""
     sources = {name: model.get_submodule(name) for name in structures}
     moments, sensitivity = InputMoments(sources), OutputSensitivity(sources)
     try:
-        with torch.enable_grad():
+        with gradients_at_activations(model) as gradients:
             for batch in batches[: max(1, len(batches) // 4)]:
-                loss = _loss(model, batch)
-                if loss is not None:
+                loss = _loss(model, batch) if gradients else None
+                if loss is not None and loss.requires_grad:
                     loss.backward()
-                else:
-                    forward_batches(model, [batch])
+                elif loss is None:
+                    with torch.no_grad():
+                        forward_batches(model, [batch])
     finally:
         moments.remove()
         sensitivity.remove()
-        model.zero_grad(set_to_none=True)
     weights = {name: linear_weight(module).detach() for name, module in sources.items()}
     grads = sensitivity.means()
-    sensitivities = grads if set(grads) == set(sources) else None  # one unit for all layers, or none
-    return allocate_structures(config.structure, structures, weights, moments.moments(), sensitivities)
+    return allocate_structures(config.structure, structures, weights, moments.moments(), grads or None)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from dsformer.allocation import allocate_structures
-from dsformer.calibration import InputMoments, OutputSensitivity, blocks_of
+from dsformer.calibration import InputMoments, OutputSensitivity, blocks_of, gradients_at_activations
 from dsformer.errors import DsformerError
 from dsformer.harness.evaluation import encode
 from dsformer.harness.methods import check_method, method
@@ -168,18 +169,20 @@ def task_statistics(
     moments = InputMoments(modules)
     sensitivity = OutputSensitivity(modules) if gradients else None
     try:
-        with torch.set_grad_enabled(gradients):
+        with ExitStack() as stack:
+            flowing = gradients and stack.enter_context(gradients_at_activations(model))
+            if not flowing:
+                stack.enter_context(torch.no_grad())
             for batch in _training_batches(model, tokenizer, data, max_length, batch_size, seed, batches, stride):
                 loss = model(**batch).loss
-                if gradients:
+                if flowing:
                     loss.backward()
     finally:
         moments.remove()
         if sensitivity is not None:
             sensitivity.remove()
-        model.zero_grad(set_to_none=True)
         model.train(was_training)
-    return moments.moments(), sensitivity.means() if sensitivity is not None else None
+    return moments.moments(), (sensitivity.means() or None) if sensitivity is not None else None
 
 
 def fisher_importance(

@@ -152,13 +152,22 @@ class LowRankConfig(Structure):
         self, weights: Weights, warm: Warm = None, importance: Importance = None, inputs: Inputs = None
     ) -> list[LowRankFactors]:
         """Factorize each weight; ``importance[i]`` (shape ``(out,)``, positive) weights its rows (FWSVD);
-        ``inputs[i]`` whitens its inputs: the truncation then minimizes the output error (SVD-LLM)."""
-        importance = importance or [None] * len(weights)
-        inputs = inputs or [None] * len(weights)
-        return [self._fit_one(*args) for args in zip(weights, importance, inputs, strict=True)]
+        ``inputs[i]`` whitens its inputs: the truncation then minimizes the output error (SVD-LLM).
+        ``warm[i]``, earlier factors, keeps its rank (an SVD needs no start; a layer keeps its layout,
+        as STF's later projections do for every structure)."""
+        count = len(weights)
+        importance, inputs, warm = importance or [None] * count, inputs or [None] * count, warm or [None] * count
+        return [self._fit_one(*args) for args in zip(weights, importance, inputs, warm, strict=True)]
 
-    def _fit_one(self, w: torch.Tensor, importance: torch.Tensor | None, gram: torch.Tensor | None) -> LowRankFactors:
-        (layout,) = self.candidates(*w.shape)
+    def _fit_one(
+        self, w: torch.Tensor, importance: torch.Tensor | None, gram: torch.Tensor | None, warm: Any = None
+    ) -> LowRankFactors:
+        kept = getattr(warm, "layout", None)
+        shape = (w.shape[0], w.shape[1])
+        if isinstance(kept, LowRankLayout) and (kept.out_features, kept.in_features) == shape:
+            layout = kept
+        else:
+            (layout,) = self.candidates(*w.shape)
         a = w.detach().to(torch.promote_types(w.dtype, torch.float32))
         if importance is not None:
             scale = importance.detach().to(a).clamp_min(1e-12).sqrt()
