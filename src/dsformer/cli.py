@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
          ("--calibrate", {"action": argparse.BooleanOptionalAction, "help": "fit every layer's output on the training "
                           "inputs instead of its weight, the first fit and every STF projection (default: dsformer)"}),
          ("--global-budget", {"action": "store_true", "help": "the ratio holds for all targets together, each layer's "
-                              "own ratio chosen from its weight and training inputs (ds, svd)"}),
+                              "own ratio chosen from its weight, training inputs and loss gradients (ds, svd)"}),
          ("--max-train", {"type": int, "help": "train on a seeded subsample of this many examples"}),
          ("--precision", {"choices": ["auto", "fp32", "bf16"], "default": "auto", "help": "auto: bf16 on GPU only"}),
          ("--refresh-every", {"type": int, "default": 10, "help": "STF: re-project every this many steps"}),
