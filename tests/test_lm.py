@@ -370,10 +370,12 @@ def test_output_sensitivity_is_the_mean_squared_gradient_at_each_output():
     assert torch.allclose(hooks.means()["layer"].float(), expected, rtol=1e-5)
 
 
-def test_a_causal_lm_gives_the_global_budget_its_loss_gradients(monkeypatch):
+@pytest.fixture
+def allocated(monkeypatch) -> dict:
+    """What the global budget hands the allocator, recorded (the allocation itself runs as usual)."""
     import dsformer.calibration as calibration
 
-    seen = {}
+    seen: dict = {}
     real = calibration.allocate_structures
 
     def spy(base, structures, weights, grams, sensitivities=None):
@@ -381,29 +383,23 @@ def test_a_causal_lm_gives_the_global_budget_its_loss_gradients(monkeypatch):
         return real(base, structures, weights, grams, sensitivities)
 
     monkeypatch.setattr(calibration, "allocate_structures", spy)
+    return seen
+
+
+def test_a_causal_lm_gives_the_global_budget_its_loss_gradients(allocated):
     model = tiny_lm("llama")
     compress_calibrated(model, CompressConfig(fast("svd", 2.0)), batches(), False, global_budget=True)
-    sensitivities = seen["sensitivities"]
+    sensitivities = allocated["sensitivities"]
     assert sensitivities is not None and len(sensitivities) == 14
     assert all(v.min() >= 0 and v.sum() > 0 for v in sensitivities.values())
     assert all(p.grad is None for p in model.parameters())  # no copy of the weights was made
     assert all(p.requires_grad for p in model.parameters())  # frozen for the pass only
 
 
-def test_without_gradients_the_global_budget_falls_back_to_shares_of_the_output(monkeypatch):
-    import dsformer.calibration as calibration
-
-    seen = {}
-    real = calibration.allocate_structures
-
-    def spy(base, structures, weights, grams, sensitivities=None):
-        seen["sensitivities"] = sensitivities
-        return real(base, structures, weights, grams, sensitivities)
-
-    monkeypatch.setattr(calibration, "allocate_structures", spy)
+def test_without_gradients_the_global_budget_falls_back_to_shares_of_the_output(allocated):
     with torch.inference_mode():
         report = compress_calibrated(tiny_lm("llama"), CompressConfig(fast("svd", 2.0)), batches(), False, True)
-    assert seen["sensitivities"] is None and 1.9 <= report.ratio_params <= 2.2
+    assert allocated["sensitivities"] is None and 1.9 <= report.ratio_params <= 2.2
 
 
 @pytest.mark.parametrize("name", ["ds", "svd"])
