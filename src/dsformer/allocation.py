@@ -95,16 +95,10 @@ def allocate(
         raise InfeasibleRatioError(
             f"a global ratio of {ratio:g} needs layers beyond {choices[-1]:g}x; give a smaller ratio"
         )
-    if (
-        sensitivities is not None
-    ):  # a layer whose outputs got no gradient does not reach the loss: its errors cost nothing
-        sensitivities = {name: sensitivities.get(name, torch.zeros(weights[name].shape[0])) for name in free}
-    losses = {
-        name: truncation_losses(
-            weights[name], grams[name], choices, None if sensitivities is None else sensitivities[name]
-        )
-        for name in free
-    }
+    costs: dict[str, torch.Tensor | None] = dict.fromkeys(free)
+    if sensitivities is not None:  # outputs that got no gradient do not reach the loss: their errors cost nothing
+        costs = {name: sensitivities.get(name, torch.zeros(weights[name].shape[0])) for name in free}
+    losses = {name: truncation_losses(weights[name], grams[name], choices, costs[name]) for name in free}
     heap: list[tuple[float, str]] = []
 
     def push(name: str) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -171,15 +171,12 @@ class OutputSensitivity:
             handle.remove()
 
 
-def _loss(model: nn.Module, batch: Batch) -> torch.Tensor | None:
-    """The model's training loss on ``batch``: its own labels, or next-token prediction for a causal LM
-    (None, without running the model, where it has neither)."""
+def _forward(model: nn.Module, batch: Batch, scored: bool) -> torch.Tensor | None:
+    """Run the model once on ``batch``; its loss where it gives one (the batch's own labels or answer
+    positions), with ``scored`` a causal LM's next-token loss where the batch has no labels."""
     device = next(model.parameters()).device
     inputs = {key: value.to(device) for key, value in batch.items()}
-    if "labels" not in inputs:
-        generates = getattr(model, "can_generate", lambda: False)()
-        if not generates or "input_ids" not in inputs:
-            return None
+    if scored and "labels" not in inputs and "input_ids" in inputs and getattr(model, "can_generate", lambda: False)():
         mask = inputs.get("attention_mask")
         labels = inputs["input_ids"]
         inputs["labels"] = labels if mask is None else labels.masked_fill(mask == 0, -100)
@@ -208,6 +205,29 @@ def gradients_at_activations(model: nn.Module) -> Iterator[bool]:
             param.requires_grad_(flag)
 
 
+def layer_statistics(
+    model: nn.Module, modules: Mapping[str, nn.Module], batches: Iterable[Batch], gradients: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """Each module's input second moment over ``batches`` (:class:`InputMoments`) and, with ``gradients``
+    where the model gives a loss (labels, answer positions, or a causal LM's next tokens), each of its
+    outputs' mean squared loss gradient (:class:`OutputSensitivity`; None where none flowed). One
+    forward (and backward) pass per batch."""
+    moments = InputMoments(modules)
+    sensitivity = OutputSensitivity(modules) if gradients else None
+    try:
+        with gradients_at_activations(model) if gradients else nullcontext(False) as flowing:
+            with torch.set_grad_enabled(flowing):
+                for batch in batches:
+                    loss = _forward(model, batch, flowing)
+                    if flowing and loss is not None and loss.requires_grad:
+                        loss.backward()
+    finally:
+        moments.remove()
+        if sensitivity is not None:
+            sensitivity.remove()
+    return moments.moments(), (sensitivity.means() or None) if sensitivity is not None else None
+
+
 def _global_budget(
     model: nn.Module, config: CompressConfig, structures: dict[str, Structure], batches: list[Batch]
 ) -> dict[str, Structure]:
@@ -216,22 +236,9 @@ def _global_budget(
     fewer tokens than a fit): every target's inputs and, where the model has a loss (a causal LM, or
     batches with labels), the loss gradient at its outputs, which weighs each layer's error by its cost."""
     sources = {name: model.get_submodule(name) for name in structures}
-    moments, sensitivity = InputMoments(sources), OutputSensitivity(sources)
-    try:
-        with gradients_at_activations(model) as gradients:
-            for batch in batches[: max(1, len(batches) // 4)]:
-                loss = _loss(model, batch) if gradients else None
-                if loss is not None and loss.requires_grad:
-                    loss.backward()
-                elif loss is None:
-                    with torch.no_grad():
-                        forward_batches(model, [batch])
-    finally:
-        moments.remove()
-        sensitivity.remove()
+    moments, sensitivities = layer_statistics(model, sources, batches[: max(1, len(batches) // 4)], gradients=True)
     weights = {name: linear_weight(module).detach() for name, module in sources.items()}
-    grads = sensitivity.means()
-    return allocate_structures(config.structure, structures, weights, moments.moments(), grads or None)
+    return allocate_structures(config.structure, structures, weights, moments, sensitivities)
 
 
 @torch.no_grad()

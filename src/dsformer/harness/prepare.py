@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from dsformer.allocation import allocate_structures
-from dsformer.calibration import InputMoments, OutputSensitivity, blocks_of, gradients_at_activations
+from dsformer.calibration import blocks_of, layer_statistics
 from dsformer.errors import DsformerError
 from dsformer.harness.evaluation import encode
 from dsformer.harness.methods import check_method, method
@@ -163,26 +162,13 @@ def task_statistics(
     included) and, with ``gradients``, each of its outputs' mean squared task-loss gradient (what the
     global budget weighs errors by; :class:`dsformer.calibration.OutputSensitivity`)."""
     names = find_targets(model, targets)
-    modules = {name: model.get_submodule(name) for name in names}
     was_training = model.training
     model.eval()
-    moments = InputMoments(modules)
-    sensitivity = OutputSensitivity(modules) if gradients else None
     try:
-        with ExitStack() as stack:
-            flowing = gradients and stack.enter_context(gradients_at_activations(model))
-            if not flowing:
-                stack.enter_context(torch.no_grad())
-            for batch in _training_batches(model, tokenizer, data, max_length, batch_size, seed, batches, stride):
-                loss = model(**batch).loss
-                if flowing:
-                    loss.backward()
+        batched = _training_batches(model, tokenizer, data, max_length, batch_size, seed, batches, stride)
+        return layer_statistics(model, {name: model.get_submodule(name) for name in names}, batched, gradients)
     finally:
-        moments.remove()
-        if sensitivity is not None:
-            sensitivity.remove()
         model.train(was_training)
-    return moments.moments(), (sensitivity.means() or None) if sensitivity is not None else None
 
 
 def fisher_importance(
