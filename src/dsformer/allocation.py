@@ -39,7 +39,7 @@ from dsformer.structures.whitening import whitening
 
 # ratios on offer, as multiples of the asked ratio (those at or below 1.05 are dropped); by share of
 # the output energy, 0.5x to 3x sent a few layers of SmolLM2 whose spectra a handful of outlier
-# directions dominate to 6x; weighed by the loss, 0.5x to 2.5x did slightly better than 0.625x to 1.6x
+# directions dominate to 6x; weighed by the loss, a layer may go from half to 2.5 times the asked ratio
 SPREAD = (0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.6, 2.0, 2.5)
 
 
