@@ -225,6 +225,27 @@ def test_cli_compresses_with_calibration_and_reports_perplexity(lm_folder, tmp_p
 
 
 @pytest.mark.parametrize(
+    "args, global_budget",
+    [
+        (["--structure", "svd"], True),  # a causal LM gets the global budget by default
+        (["--structure", "svd", "--no-global-budget"], False),
+        (["--structure", "ds", "--global-budget"], True),
+        (["--structure", "nm"], False),  # N:M takes no per-layer ratios: one for all, no error
+    ],
+)
+def test_cli_gives_causal_lms_the_global_budget_by_default(lm_folder, tmp_path, args, global_budget):
+    folder, text = lm_folder
+    record = tmp_path / "report.json"
+    argv = ["compress", "--model", str(folder), "--calibration", str(text), "--samples", "4", "--length", "16",
+            "--no-save", "--json", str(record), "--quiet", *args]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(record.read_text())
+    assert any("global budget" in note for note in report["notes"]) == global_budget
+    ratios = [layer["dense_params"] / layer["params"] for layer in report["layers"]]
+    assert (max(ratios) / min(ratios) > 1.25) == global_budget  # one ratio for all differs by rounding only
+
+
+@pytest.mark.parametrize(
     "args, message",
     [
         (["--calibration", "no-such-file.txt"], "neither a language-modelling task"),

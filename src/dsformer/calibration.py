@@ -286,6 +286,7 @@ def compress_calibrated(
         if global_budget:
             structures = _global_budget(model, config, structures, batches)
             check_plan(model, structures)
+            notes.append("a global budget: each layer's ratio chosen by its loss-weighted output error")
         inputs = forward_batches(model, batches, stop_at=blocks[0])
         last = max(owners.values())  # blocks after the last one with targets need no inputs
         for index, block in enumerate(blocks):

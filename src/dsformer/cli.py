@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "wikitext2 (its validation split) or a text file (default: fit the weights alone)"}),
          ("--data-dir", {"help": "folder with wiki.valid.tokens for --calibration wikitext2 (default: the hub)"}),
          ("--samples", {"type": _count, "default": 128, "help": "calibration windows (default: 128)"}),
-         ("--global-budget", {"action": "store_true", "help": "with --calibration: the ratio holds for all targets "
-                              "together, each layer's own ratio chosen to do the least damage (ds, svd)"}),
+         ("--global-budget", {"action": argparse.BooleanOptionalAction, "help": "with --calibration: the ratio "
+                              "holds for all targets together, each layer's own ratio chosen to do the least damage "
+                              "(ds, svd; default: on for causal LMs)"}),
          ("--length", {"type": _count, "help": "tokens per calibration window (default: the context, at most 512)"}),
          ("--no-save", {"action": "store_true", "help": "only report, write no model folder"}),
          ("--quiet", {"action": "store_true", "help": "no progress bar"}))  # fmt: skip

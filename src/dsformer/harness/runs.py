@@ -74,7 +74,8 @@ def compress_pretrained(
         loaded = loaded.to(device).eval()
         if calibration:
             batches = calibration.batches(loaded, tokenizer, text)
-            report = compress_calibrated(loaded, config, batches, progress, calibration.global_budget)
+            budget = calibration.wants_global_budget(loaded, config)
+            report = compress_calibrated(loaded, config, batches, progress, budget)
         else:
             report = compress(loaded, config, progress=progress)
         if folder is not None:
@@ -86,18 +87,19 @@ def compress_pretrained(
 class Calibration:
     """Calibration text for data-aware fits: an LM task's calibration split (``wikitext2``) or a text file;
     ``samples`` windows of ``length`` tokens (default: the model's context, at most 512); ``global_budget``:
-    one ratio for all targets, each layer's chosen (:mod:`dsformer.allocation`)."""
+    one ratio for all targets, each layer's chosen (:mod:`dsformer.allocation`); None: on for causal LMs
+    where the structure takes per-layer ratios (their next-token loss weighs each layer's error)."""
 
     source: str
     data_dir: str | None = None
     samples: int = 128
     length: int | None = None
-    global_budget: bool = False
+    global_budget: bool | None = None
     seed: int = 0
 
     @classmethod
     def from_flags(
-        cls, source: str | None, data_dir: str | None, samples: int, length: int | None, global_budget: bool
+        cls, source: str | None, data_dir: str | None, samples: int, length: int | None, global_budget: bool | None
     ) -> Calibration | None:
         """The calibration the command line asks for (None without ``--calibration``)."""
         if source:
@@ -112,6 +114,14 @@ class Calibration:
 
     def text(self) -> str:
         return read_text(self.source, "calibration", self.data_dir)
+
+    def wants_global_budget(self, model: nn.Module, config: CompressConfig) -> bool:
+        """The global budget as asked, or by default where it won every comparison measured: a causal LM
+        (whose loss gives the gradients that weigh each layer's error) with a structure that takes
+        per-layer ratios and no per-layer overrides."""
+        if self.global_budget is not None:
+            return self.global_budget
+        return is_causal_lm_model(model) and config.structure.allocatable and not config.overrides
 
     def batches(self, model: nn.Module, tokenizer: Any, text: str) -> list[dict]:
         if tokenizer is None:
