@@ -41,6 +41,7 @@ def test_cli_heals_a_compressed_lm_and_saves_it(lm_folder, tmp_path, capsys, met
     assert metrics["protocol"].startswith("the last tenth of")  # one text file: its end is held out for the test
     assert metrics["trainer"] == (trainer or "conventional") and metrics["steps"] == 3 and metrics["tokens"] == 96
     assert metrics["ratios"]["ratio_params"] == pytest.approx(2.0, rel=0.2) and metrics["test"]["perplexity"] > 1
+    assert len(metrics["layers"]) == metrics["ratios"]["layers"]  # each layer's layout and ratio
     model = load(out)
     assert {type(m).__name__ for m in compact_layers(model).values()} == {layer}
     assert not out.with_name(out.name + ".work").exists()

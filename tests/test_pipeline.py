@@ -208,10 +208,10 @@ def test_method_runs_saves_and_evaluates(capsys, tmp_path, model_dir, sst2_dir, 
     assert metrics["start_sha256"] is None  # a plain Hugging Face start has no recorded checksum
     assert metrics["steps"] == 8  # ceil(58 / 8) for one epoch
     if method == "dense":
-        assert metrics["ratios"] is None
+        assert metrics["ratios"] is None and metrics["layers"] is None
         assert metrics["model_bytes"] == metrics["dense_model_bytes"]
     else:
-        assert metrics["ratios"]["layers"] == LAYERS * BLOCK_LINEARS
+        assert metrics["ratios"]["layers"] == len(metrics["layers"]) == LAYERS * BLOCK_LINEARS
         assert metrics["ratios"]["ratio_params"] >= 2.0 - 1e-9
         assert metrics["model_bytes"] < metrics["dense_model_bytes"]
 
@@ -333,6 +333,8 @@ def test_global_budget_gives_layers_their_own_ratios_within_the_total(
     dense = {name: layer.in_features * layer.out_features for name, layer in layers.items()}
     assert len({round(dense[name] / layer.value_params(), 1) for name, layer in layers.items()}) > 1
     assert sum(dense.values()) / sum(layer.value_params() for layer in layers.values()) >= 2.0 * 0.97
+    recorded = {layer["name"]: layer["params"] for layer in metrics["layers"]}  # each layer's choice, in the result
+    assert recorded == {name: layer.value_params() for name, layer in layers.items()}
     assert "global" in default_output(RunConfig(method=method, global_budget=True)).name
 
 

@@ -236,6 +236,7 @@ def _finetune(config: RunConfig, out: Path, work: Path, trainer: str, resume: bo
         "mean_step_seconds": result.mean_step_seconds,
         "wall_seconds": time.perf_counter() - start,
         "ratios": ratios,
+        "layers": report.to_json()["layers"] if report is not None else None,  # each layer's layout and ratio
         "model_bytes": model_bytes(model),
         "dense_model_bytes": dense_bytes,
         "history": result.history,

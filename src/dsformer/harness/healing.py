@@ -304,6 +304,7 @@ def finetune_lm(config: Any, work: Path, trainer: str, resume: bool) -> tuple[nn
         "fit_seconds": fit_seconds,
         "wall_seconds": time.perf_counter() - begun,
         "ratios": report.totals(),
+        "layers": report.to_json()["layers"],  # each layer's layout and ratio (a global budget's choices)
         "model_bytes": model_bytes(model),
         "dense_model_bytes": dense_bytes,
         "history": result.losses,
