@@ -49,7 +49,8 @@ def healed_table(healed: list[dict], free: list[dict]) -> str:
     )
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for run in sorted(healed, key=lambda r: (r["ratio"], r["test"]["perplexity"])):
-        ratios, start = run["ratios"], before.get((run["method"], run["ratio"]))
+        ratios = run["ratios"] or {"ratio_params": 1.0, "ratio_bytes": 1.0}  # None: the dense model trained
+        start = before.get((run["method"], run["ratio"]))
         lines.append(
             f"| {run['method']} | {run['trainer']} | {ratios['ratio_params']:.2f}x | {ratios['ratio_bytes']:.2f}x "
             f"| {'-' if start is None else format(start, '.2f')} | {run['test']['perplexity']:.2f} "
@@ -71,6 +72,9 @@ def plot(runs: list[dict], path: Path, healed: list[dict] = ()) -> None:
         )
         (line,) = ax.plot(*zip(*points, strict=True), marker="o", label=name)
         colors[name] = line.get_color()
+    trained = next((r for r in healed if r["method"] == "dense"), None)
+    if trained:  # the dense model trained by the healing recipe: the reference of the healed marks
+        ax.axhline(trained["test"]["perplexity"], color="grey", linestyle=":", label="dense, trained the same way")
     for trainer, marker in (("conventional", "^"), ("stf", "*")):  # healed runs: their method's colour
         for name in sorted({r["method"] for r in healed if r["trainer"] == trainer}):
             points = sorted(

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_lm import tiny_lm
+from transformers import AutoModelForCausalLM
 
 from dsformer.checkpoint import load
 from dsformer.cli import main
@@ -140,7 +141,7 @@ def test_an_interrupted_healing_resumes_exactly_without_refitting(lm_folder, tmp
     "extra, message",
     [
         (["--method", "dsformer"], "heals a compressed LM: choose --method"),
-        (["--method", "dense"], "heals a compressed LM: choose --method"),
+        (["--method", "dense", "--trainer", "stf"], "dense trains no structure"),
         (["--method", "ds-aware", "--fisher"], "apply to task fine-tuning"),
         (["--method", "svd-llm", "--refresh-every", "3"], "apply to --trainer stf"),
         (["--method", "ds-aware", "--ratio", "0.5"], "ratio"),
@@ -158,6 +159,18 @@ def test_bad_healing_runs_are_refused_with_nothing_written(lm_folder, tmp_path, 
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and not out.with_name("never.work").exists()
+
+
+def test_dense_trains_by_the_same_recipe_as_the_reference_of_healed_runs(lm_folder, tmp_path, capsys):
+    folder, text = lm_folder
+    out = tmp_path / "dense"
+    assert main(heal_args(folder, text, out, "--method", "dense")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["ratio"], metrics["trainer"], metrics["steps"], metrics["ratios"]) == (1.0, "-", 3, None)
+    assert metrics["model_bytes"] == metrics["dense_model_bytes"] and not compact_layers(load(out))
+    before = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    after = load(out).state_dict()
+    assert any(not torch.equal(before[name], after[name]) for name in before)  # it trained
 
 
 def test_zero_tokens_is_the_training_free_fit(lm_folder, tmp_path, capsys):
@@ -183,11 +196,13 @@ def test_a_sweep_heals_an_lm_from_the_pretrained_model(lm_folder, tmp_path, caps
     config.write_text(
         f"name: lm\nmodel: {folder}\nkeep_models: false\ntrain: {{batch_size: 2, max_length: 16}}\n"
         f"tasks:\n  {text}: {{tokens: 64, samples: 4}}\nratios: [2]\nseeds: [0]\n"
-        "methods:\n  - {method: svd-llm}\n  - {label: ds-stf, method: ds-aware-bytes, trainer: stf}\n"
+        "methods:\n  - dense\n  - {method: svd-llm}\n  - {label: ds-stf, method: ds-aware-bytes, trainer: stf}\n"
     )
     sweep = load_sweep(config)
     planned = sweep.plan()
-    assert [r.label for r in planned] == ["svd-llm", "ds-stf"]  # no dense start: the pretrained model is the teacher
+    # no dense start: the pretrained model is the teacher; dense trained by the same recipe is a run beside them
+    assert [r.label for r in planned] == ["dense", "svd-llm", "ds-stf"] and not any(r.is_start for r in planned)
+    assert planned[0].name.endswith("-dense-s0") and planned[0].ratio == 1.0
     assert all(r.config.model == str(folder) and r.config.train.max_length == 16 for r in planned)
     run_sweep(sweep, quiet=True)
     for run in planned:

@@ -205,10 +205,11 @@ class _HealTrainer(Trainer):
 def check_lm_run(config: Any) -> str:
     """The checks of an LM healing run (``config``: a :class:`dsformer.harness.finetune.RunConfig`) that need no
     model or data; returns its trainer (``conventional`` unless asked)."""
-    if config.method not in POST_TRAINING or POST_TRAINING[config.method].structure is None:
-        names = ", ".join(name for name, m in POST_TRAINING.items() if m.structure is not None)
+    if config.method not in POST_TRAINING:
+        names = ", ".join(POST_TRAINING)
         raise DsformerError(f"--task {config.task} heals a compressed LM: choose --method from {names}")
-    check_ratio(config.ratio)
+    if config.method != "dense":  # dense trains the model as it is, the reference of the healed ones
+        check_ratio(config.ratio)
     if config.trainer is not None and config.trainer not in TRAINERS:
         raise DsformerError(f"unknown trainer {config.trainer!r}; choose {' or '.join(TRAINERS)}")
     # conventional by default: on SmolLM2 at 2x and 65K tokens it healed DS and svd-llm better than STF
@@ -230,16 +231,20 @@ def check_lm_run(config: Any) -> str:
         value = getattr(config, name)
         if (value is not None or name != "max_windows") and (not isinstance(value, int) or value < least):
             raise DsformerError(f"{name} must be a whole number of at least {least} (got {value!r})")
-    if config.tokens == 0:  # the training-free fit: no trainer
+    if config.tokens == 0 or config.method == "dense":  # the training-free fit, or no structure: no trainer
         if config.trainer is not None or not config.schedule.is_default():
-            raise DsformerError("--tokens 0 fits without training: --trainer and the STF flags do not apply")
+            why = "--tokens 0 fits without training" if config.tokens == 0 else "dense trains no structure"
+            raise DsformerError(f"{why}: --trainer and the STF flags do not apply")
         return "-"
     return trainer
 
 
-def finetune_lm(config: Any, work: Path, trainer: str, resume: bool) -> tuple[nn.Module, Any, Report, dict[str, Any]]:
+def finetune_lm(
+    config: Any, work: Path, trainer: str, resume: bool
+) -> tuple[nn.Module, Any, Report | None, dict[str, Any]]:
     """Compress ``config.model`` with method ``config.method`` and heal it (``config``: a ``RunConfig`` with an
-    LM task); returns the model, its tokenizer, its report and the run's metrics, for the caller to save."""
+    LM task); returns the model, its tokenizer, its report and the run's metrics, for the caller to save.
+    ``dense`` trains the pretrained model itself by the same recipe (no report): the healed runs' reference."""
     begun = time.perf_counter()
     chosen = POST_TRAINING[config.method]
     test_text = read_text(config.task, "test", config.data_dir)  # a missing file fails before the model loads
@@ -262,7 +267,6 @@ def finetune_lm(config: Any, work: Path, trainer: str, resume: bool) -> tuple[nn
     device = torch.device(config.device)
     teacher.to(device).eval()
     dense_bytes = model_bytes(teacher)
-    structure = structure_config(chosen.structure, ratio=config.ratio, **chosen.options)
     student, moments, report, fit_seconds = _fitted_start(config, teacher, tokenizer, text, window, work, resume)
     student.to(device)
     stf, result = None, HealResult(steps=0, tokens=0, seconds=0.0, mean_step_seconds=0.0, losses=[])
@@ -271,6 +275,7 @@ def finetune_lm(config: Any, work: Path, trainer: str, resume: bool) -> tuple[nn
     elif trainer == "stf":
         start = {name: layer.factors for name, layer in compact_layers(student).items()}
         model = copy.deepcopy(teacher).train()
+        structure = structure_config(chosen.structure, ratio=config.ratio, **chosen.options)
         stf = STF.wrap(model, structure, schedule=config.schedule, inputs=moments, start=start)
         del student
     else:
@@ -294,7 +299,7 @@ def finetune_lm(config: Any, work: Path, trainer: str, resume: bool) -> tuple[nn
         "trainer": trainer,
         "task": config.task,
         "metric": "perplexity",
-        "ratio": config.ratio,
+        "ratio": config.ratio if chosen.structure is not None else 1.0,
         "test": test,
         "protocol": protocol,
         "steps": result.steps,
@@ -303,8 +308,8 @@ def finetune_lm(config: Any, work: Path, trainer: str, resume: bool) -> tuple[nn
         "mean_step_seconds": result.mean_step_seconds,
         "fit_seconds": fit_seconds,
         "wall_seconds": time.perf_counter() - begun,
-        "ratios": report.totals(),
-        "layers": report.to_json()["layers"],  # each layer's layout and ratio (a global budget's choices)
+        "ratios": report.totals() if report is not None else None,
+        "layers": report.to_json()["layers"] if report is not None else None,  # each layer's layout and ratio
         "model_bytes": model_bytes(model),
         "dense_model_bytes": dense_bytes,
         "history": result.losses,
@@ -317,11 +322,13 @@ def finetune_lm(config: Any, work: Path, trainer: str, resume: bool) -> tuple[nn
 
 def _fitted_start(
     config: Any, teacher: nn.Module, tokenizer: Any, text: str, window: int, work: Path, resume: bool
-) -> tuple[nn.Module, dict[str, torch.Tensor] | None, Report, float | None]:
+) -> tuple[nn.Module, dict[str, torch.Tensor] | None, Report | None, float | None]:
     """The compressed model training starts from, its calibration moments (STF's projections use them) and
     report: fitted now (and kept in ``work``), or, resuming, the kept one."""
     folder = work / START
     chosen = POST_TRAINING[config.method]
+    if chosen.structure is None:  # the dense reference: the pretrained model trains as it is
+        return copy.deepcopy(teacher), None, None, 0.0
     if resume and fitted_start(work):
         student = load(folder)
         if chosen.calibrated and not (work / MOMENTS_FILE).exists():

@@ -312,7 +312,7 @@ def summary_table(runs: list[dict]) -> str:
 def finished_run(metrics: dict[str, Any], output: Path) -> str:
     """What ``dsformer finetune`` prints at the end: the run's summary row, every test metric and what was skipped."""
     if metrics["metric"] == "perplexity":
-        ratios = metrics["ratios"]
+        ratios = metrics["ratios"] or {"ratio_params": 1.0, "ratio_bytes": 1.0}  # None: the dense model
         return (
             f"{metrics['method']} ({metrics['trainer']}) trained on {metrics['tokens']} tokens: test perplexity "
             f"{metrics['test']['perplexity']:.3f} ({metrics['protocol']}), {ratios['ratio_params']:.2f}x params, "

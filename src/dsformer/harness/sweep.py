@@ -96,7 +96,9 @@ class MethodSpec:
         unknown = set(entry) - known
         if unknown:
             raise SweepError(f"methods: unknown key(s) {sorted(unknown)} in {entry!r}")
-        known_methods = [m for m in (*COMPRESSION, *POST_TRAINING) if m != "dense"]  # dense: each task's start
+        # dense: each task's start, planned by the sweep; an LM grid may list it (the pretrained model trained
+        # by the grid's recipe, the reference of its healed runs)
+        known_methods = [*COMPRESSION, *POST_TRAINING]
         if entry["method"] not in known_methods:
             names = ", ".join(known_methods)
             raise SweepError(f"methods: {entry['method']!r} is not a compression method ({names})")
@@ -137,8 +139,9 @@ class PlannedRun:
 
     @property
     def is_start(self) -> bool:
-        """Whether this is a task's dense fine-tuning, the start of the task's other runs."""
-        return self.dense is None and self.config.method == "dense"
+        """Whether this is a task's dense fine-tuning, the start of the task's other runs (an LM task's dense run
+        is a reference beside the others: they start from the pretrained model)."""
+        return self.dense is None and self.config.method == "dense" and not is_lm_task(self.task)
 
 
 @dataclass
@@ -178,6 +181,8 @@ class Sweep:
             )  # fmt: skip
             seen = set()
             for spec in (s for s in self.methods if s.tasks is None or task in s.tasks):
+                if spec.method == "dense":
+                    raise SweepError(f"methods: dense is {task}'s start, which the sweep runs first; drop it")
                 for ratio in spec.ratios or self.ratios:
                     for seed in spec.seeds or self.seeds:
                         name = f"{task}-{spec.label}-{ratio:g}x-s{seed}"
@@ -210,9 +215,10 @@ class Sweep:
         """An LM task's grid: every run compresses and heals the pretrained model, its own dense teacher."""
         runs, seen = [], set()
         for spec in (s for s in self.methods if s.tasks is None or task in s.tasks):
-            for ratio in spec.ratios or self.ratios:
+            for ratio in (1.0,) if spec.method == "dense" else spec.ratios or self.ratios:
                 for seed in spec.seeds or self.seeds:
-                    name = f"{task_label(task)}-{spec.label}-{ratio:g}x-s{seed}"
+                    size = "" if spec.method == "dense" else f"-{ratio:g}x"
+                    name = f"{task_label(task)}-{spec.label}{size}-s{seed}"
                     if name in seen:
                         continue
                     seen.add(name)
@@ -404,7 +410,7 @@ def run_sweep(
         atomic_write_text(planned.result, json.dumps({**names, **metrics}, indent=2) + "\n")
         if not planned.is_start and not sweep.keep_models:
             shutil.rmtree(planned.output, ignore_errors=True)
-        ratio = "" if planned.is_start else f" ({metrics.get('ratios', {}).get('ratio_params', 0):.2f}x)"
+        ratio = "" if planned.is_start else f" ({(metrics.get('ratios') or {}).get('ratio_params', 1):.2f}x)"
         echo(f"    {metrics['metric']} {metrics['test'][metrics['metric']]:.4f}{ratio}")
     return todo
 
