@@ -50,7 +50,12 @@ def healed_table(healed: list[dict], free: list[dict]) -> str:
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for run in sorted(healed, key=lambda r: (r["ratio"], r["test"]["perplexity"])):
         ratios = run["ratios"] or {"ratio_params": 1.0, "ratio_bytes": 1.0}  # None: the dense model trained
-        start = before.get((run["method"], run["ratio"]))
+        dense = run["method"] == "dense"  # its training-free figure is the pretrained model's, at any ratio
+        start = (
+            next((p for (m, _), p in before.items() if m == "dense"), None)
+            if dense
+            else before.get((run["method"], run["ratio"]))
+        )
         lines.append(
             f"| {run['method']} | {run['trainer']} | {ratios['ratio_params']:.2f}x | {ratios['ratio_bytes']:.2f}x "
             f"| {'-' if start is None else format(start, '.2f')} | {run['test']['perplexity']:.2f} "

@@ -42,9 +42,10 @@ def test_cli_heals_a_compressed_lm_and_saves_it(lm_folder, tmp_path, capsys, met
     assert metrics["protocol"].startswith("the last tenth of")  # one text file: its end is held out for the test
     assert metrics["trainer"] == (trainer or "conventional") and metrics["steps"] == 3 and metrics["tokens"] == 96
     assert metrics["ratios"]["ratio_params"] == pytest.approx(2.0, rel=0.2) and metrics["test"]["perplexity"] > 1
-    assert len(metrics["layers"]) == metrics["ratios"]["layers"]  # each layer's layout and ratio
     model = load(out)
     assert {type(m).__name__ for m in compact_layers(model).values()} == {layer}
+    recorded = {row["name"]: row["params"] for row in metrics["layers"]}  # each layer's layout and size, kept
+    assert recorded == {name: m.value_params() for name, m in compact_layers(model).items()}
     assert not out.with_name(out.name + ".work").exists()
 
 
@@ -189,7 +190,7 @@ def test_zero_tokens_is_the_training_free_fit(lm_folder, tmp_path, capsys):
 
 
 def test_a_sweep_heals_an_lm_from_the_pretrained_model(lm_folder, tmp_path, capsys):
-    from dsformer.harness.sweep import load_sweep, run_sweep
+    from dsformer.harness.sweep import _select, load_sweep, run_sweep
 
     folder, text = lm_folder
     config = tmp_path / "lm.yaml"
@@ -203,6 +204,7 @@ def test_a_sweep_heals_an_lm_from_the_pretrained_model(lm_folder, tmp_path, caps
     # no dense start: the pretrained model is the teacher; dense trained by the same recipe is a run beside them
     assert [r.label for r in planned] == ["dense", "svd-llm", "ds-stf"] and not any(r.is_start for r in planned)
     assert planned[0].name.endswith("-dense-s0") and planned[0].ratio == 1.0
+    assert [r.label for r in _select(sweep, None, None, [2.0])] == ["dense", "svd-llm", "ds-stf"]  # it has no ratio
     assert all(r.config.model == str(folder) and r.config.train.max_length == 16 for r in planned)
     run_sweep(sweep, quiet=True)
     for run in planned:

@@ -224,6 +224,16 @@ def test_cli_compresses_with_calibration_and_reports_perplexity(lm_folder, tmp_p
         assert "perplexity" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("family", [*FAMILIES, "bert"])
+def test_the_global_budget_is_the_default_of_every_model_that_generates(family, make_model):
+    from dsformer.harness.runs import Calibration
+
+    model = make_model("bert") if family == "bert" else tiny_lm(family)
+    for name in ("ds", "svd"):
+        assert Calibration("text").wants_global_budget(model, CompressConfig(fast(name))) == (family != "bert")
+    assert not Calibration("text", global_budget=False).wants_global_budget(model, CompressConfig(fast("svd")))
+
+
 @pytest.mark.parametrize(
     "args, global_budget",
     [
@@ -231,6 +241,7 @@ def test_cli_compresses_with_calibration_and_reports_perplexity(lm_folder, tmp_p
         (["--structure", "svd", "--no-global-budget"], False),
         (["--structure", "ds", "--global-budget"], True),
         (["--structure", "nm"], False),  # N:M takes no per-layer ratios: one for all, no error
+        (["--structure", "svd", "--option", "rank=4"], False),  # a size fixed by an option: not the allocator's
     ],
 )
 def test_cli_gives_causal_lms_the_global_budget_by_default(lm_folder, tmp_path, args, global_budget):
@@ -242,7 +253,8 @@ def test_cli_gives_causal_lms_the_global_budget_by_default(lm_folder, tmp_path, 
     report = json.loads(record.read_text())
     assert any("global budget" in note for note in report["notes"]) == global_budget
     ratios = [layer["dense_params"] / layer["params"] for layer in report["layers"]]
-    assert (max(ratios) / min(ratios) > 1.25) == global_budget  # one ratio for all differs by rounding only
+    if "--option" not in args:  # a fixed rank gives each shape its own ratio
+        assert (max(ratios) / min(ratios) > 1.25) == global_budget  # one ratio for all differs by rounding only
 
 
 @pytest.mark.parametrize(
@@ -252,6 +264,7 @@ def test_cli_gives_causal_lms_the_global_budget_by_default(lm_folder, tmp_path, 
         (["--calibration", "wikitext2", "--data-dir", "."], "has no wiki.valid.tokens"),
         (["--length", "16"], "give --calibration"),
         (["--global-budget"], "give --calibration"),
+        (["--no-global-budget"], "give --calibration"),
         (["--calibration", "CORPUS", "--structure", "nm", "--global-budget"], "any ratio"),
         (["--calibration", "CORPUS", "--option", "share_basis=true"], "share_basis"),
     ],

@@ -812,6 +812,7 @@ def test_sweep_runs_the_grid_skips_what_is_done_and_reports(capsys, tmp_path, mo
     [
         ({"methods": ["nope"]}, "not a compression method"),
         ({"methods": ["dense"]}, "start, which the sweep runs first"),
+        ({"methods": [{"method": "dense", "ratios": [2]}]}, "dense runs at its own size"),
         ({"methods": [{"method": "svd", "colour": 1}]}, "unknown key"),
         ({"methods": [{"method": "dsformer", "schedule": {"bogus": 1}}]}, "schedule"),
         ({"methods": [{"method": "dsformer", "fisher": "yes"}]}, "fisher must be true or false"),

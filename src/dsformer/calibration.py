@@ -230,15 +230,16 @@ def layer_statistics(
 
 def _global_budget(
     model: nn.Module, config: CompressConfig, structures: dict[str, Structure], batches: list[Batch]
-) -> dict[str, Structure]:
+) -> tuple[dict[str, Structure], bool]:
     """Each target's structure at the ratio :func:`dsformer.allocation.allocate` gives it (overrides keep theirs),
     from one pass of the dense model over a quarter of the batches (the estimate ranks layers; it needs
     fewer tokens than a fit): every target's inputs and, where the model has a loss (a causal LM, or
-    batches with labels), the loss gradient at its outputs, which weighs each layer's error by its cost."""
+    batches with labels), the loss gradient at its outputs, which weighs each layer's error by its cost;
+    the second value says whether it did."""
     sources = {name: model.get_submodule(name) for name in structures}
     moments, sensitivities = layer_statistics(model, sources, batches[: max(1, len(batches) // 4)], gradients=True)
     weights = {name: linear_weight(module).detach() for name, module in sources.items()}
-    return allocate_structures(config.structure, structures, weights, moments, sensitivities)
+    return allocate_structures(config.structure, structures, weights, moments, sensitivities), bool(sensitivities)
 
 
 @torch.no_grad()
@@ -284,9 +285,10 @@ def compress_calibrated(
     bar = tqdm(total=len(structures), desc="calibrated fit", unit="layer", disable=not progress)
     try:
         if global_budget:
-            structures = _global_budget(model, config, structures, batches)
+            structures, weighed = _global_budget(model, config, structures, batches)
             check_plan(model, structures)
-            notes.append("a global budget: each layer's ratio chosen by its loss-weighted output error")
+            how = "its output error weighed by the loss gradient" if weighed else "its share of output energy (no loss)"
+            notes.append(f"a global budget: each layer's ratio chosen by {how}")
         inputs = forward_batches(model, batches, stop_at=blocks[0])
         last = max(owners.values())  # blocks after the last one with targets need no inputs
         for index, block in enumerate(blocks):

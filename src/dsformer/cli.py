@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
          ("--no-save", {"action": "store_true", "help": "only report, write no model folder"}),
          ("--quiet", {"action": "store_true", "help": "no progress bar"}))  # fmt: skip
     methods = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
-    lm_methods = ", ".join(name for name, m in POST_TRAINING.items() if m.structure)
+    lm_methods = ", ".join(name for name, m in POST_TRAINING.items() if m.structure) + " or dense (trained as is)"
     fin = verb("finetune", "fine-tune a model on a task with one method: dense, a baseline or DSFormer; "
                "on wikitext2 (or a text file), compress a causal LM and heal it with KD from the dense one",
          ("--model", {"help": MODEL}),

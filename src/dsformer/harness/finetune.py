@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +127,8 @@ def finetune(config: RunConfig, output: str | os.PathLike, resume: bool = False)
     launch``, it trains on every process (DDP); rank 0 writes and returns, the others return None.
     """
     lm = is_lm_task(config.task)
+    if lm and config.method == "dense":  # the ratio flag means nothing to it: recorded and resumed at 1
+        config = replace(config, ratio=1.0)
     trainer = check_lm_run(config) if lm else check_run(config)  # what can be checked before loading is, first
     out = check_model_output(output, source=config.model)
     _join_processes(config.device)

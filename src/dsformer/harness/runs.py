@@ -104,7 +104,7 @@ class Calibration:
         """The calibration the command line asks for (None without ``--calibration``)."""
         if source:
             return cls(source, data_dir, samples, length, global_budget)
-        if data_dir or length or global_budget:
+        if data_dir or length or global_budget is not None:
             raise DsformerError("--data-dir, --length and --global-budget go with --calibration; give --calibration")
         return None
 
@@ -117,11 +117,13 @@ class Calibration:
 
     def wants_global_budget(self, model: nn.Module, config: CompressConfig) -> bool:
         """The global budget as asked, or by default where it won every comparison measured: a causal LM
-        (whose loss gives the gradients that weigh each layer's error) with a structure that takes
-        per-layer ratios and no per-layer overrides."""
+        (whose next-token loss gives the gradients that weigh each layer's error) with a structure that
+        takes per-layer ratios, no size fixed by an option and no per-layer overrides."""
         if self.global_budget is not None:
             return self.global_budget
-        return is_causal_lm_model(model) and config.structure.allocatable and not config.overrides
+        generates = getattr(model, "can_generate", lambda: False)()  # what calibration scores next tokens of
+        fixed = any(getattr(config.structure, size, None) is not None for size in ("k", "gamma", "rank"))
+        return generates and config.structure.allocatable and not fixed and not config.overrides
 
     def batches(self, model: nn.Module, tokenizer: Any, text: str) -> list[dict]:
         if tokenizer is None:

@@ -107,6 +107,8 @@ class MethodSpec:
             raise SweepError(f"methods: unknown schedule key(s) {sorted(set(schedule) - _SCHEDULE_FIELDS)}")
         teacher = bool(entry.get("teacher", False)) or entry["method"] == "distil"
         where = f"methods: {entry.get('label', entry['method'])}"
+        if entry["method"] == "dense" and entry.get("ratios"):
+            raise SweepError(f"{where}: dense runs at its own size; drop ratios")
         ratios = tuple(_numbers(entry["ratios"], float, f"{where}: ratios")) if entry.get("ratios") else None
         for ratio in ratios or ():
             check_ratio(ratio)
@@ -182,7 +184,10 @@ class Sweep:
             seen = set()
             for spec in (s for s in self.methods if s.tasks is None or task in s.tasks):
                 if spec.method == "dense":
-                    raise SweepError(f"methods: dense is {task}'s start, which the sweep runs first; drop it")
+                    raise SweepError(
+                        f"methods: dense is {task}'s start, which the sweep runs first; an LM task's dense run "
+                        "(trained by the healing recipe) needs `tasks:` naming LM tasks only"
+                    )
                 for ratio in spec.ratios or self.ratios:
                     for seed in spec.seeds or self.seeds:
                         name = f"{task}-{spec.label}-{ratio:g}x-s{seed}"
@@ -431,6 +436,11 @@ def _compare_refit(planned: PlannedRun, metrics: dict[str, Any], echo) -> None:
     )
 
 
+def dense(run: PlannedRun) -> bool:
+    """An LM task's dense run: it has no ratio, so a ratio filter keeps it (as it keeps the starts)."""
+    return run.config.method == "dense" and not run.is_start
+
+
 def _select(
     sweep: Sweep, tasks: list[str] | None, labels: list[str] | None, ratios: list[float] | None
 ) -> list[PlannedRun]:
@@ -446,9 +456,8 @@ def _select(
             have = ", ".join(f"{k:g}" if isinstance(k, float) else k for k in sorted(known))
             missing = ", ".join(f"{k:g}" if isinstance(k, float) else k for k in sorted(unknown))
             raise SweepError(f"{sweep.name} has no {name} {missing}; it has {have}")
-    return [
-        r
-        for r in planned
-        if (tasks is None or r.task in tasks)
-        and (r.is_start or ((labels is None or r.label in labels) and (ratios is None or r.ratio in ratios)))
-    ]
+
+    def asked(r: PlannedRun) -> bool:
+        return (labels is None or r.label in labels) and (ratios is None or r.ratio in ratios or dense(r))
+
+    return [r for r in planned if (tasks is None or r.task in tasks) and (r.is_start or asked(r))]
