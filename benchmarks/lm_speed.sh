@@ -10,7 +10,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 tag=${1:-cpu}
 ds=outputs/smollm2-ds-aware-2x
 B=.venv/bin/dsformer
-[ -f "$ds/config.json" ] || $B compress --model smollm2 --ratio 2 --calibration wikitext2 \
+# one ratio for every layer, as in the stored runs (a causal LM's default is now the global budget)
+[ -f "$ds/config.json" ] || $B compress --model smollm2 --ratio 2 --calibration wikitext2 --no-global-budget \
     --data-dir ../shared/data/wikitext-2 --samples 64 --output "$ds" --quiet
 for run in 1 2 3; do
   for dtype in float32 bfloat16; do
