@@ -227,3 +227,20 @@ def lm_folder(tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text("\n".join(" ".join(rng.choices(TOY_NEUTRAL, k=12)) for _ in range(40)) + "\n")
     return folder, text
+
+
+@pytest.fixture(params=["avx512", "avx2", "neon"])
+def native_variant(request, monkeypatch):
+    """Each variant of the native kernel this CPU runs, in turn (an AVX-512 machine runs the AVX2 one too)."""
+    from dsformer.kernels import decode, native
+
+    if request.param not in native.runnable():
+        pytest.skip(f"this CPU does not run the {request.param} variant")
+    monkeypatch.setenv("DSFORMER_NATIVE", request.param)
+    native.variant.cache_clear()
+    decode._library.cache_clear()
+    if not native.available():
+        pytest.skip("no C compiler")
+    yield request.param
+    native.variant.cache_clear()
+    decode._library.cache_clear()

@@ -1,6 +1,7 @@
 /* Checks a build of a weighted-bags kernel against a plain loop, with no Python or torch: for a CPU
  * family this machine cannot run, the kernel is cross-compiled with this file and run under an
- * emulator (tests/test_kernels.py: ARM64 under qemu-aarch64). Exits 0 when every case matches.
+ * emulator (tests/test_kernels.py: ARM64 under qemu-aarch64). The decode path's two entry points too.
+ * Exits 0 when every case matches.
  */
 #include <math.h>
 #include <stdint.h>
@@ -11,6 +12,13 @@ int dsformer_weighted_bags(const float *rows, int64_t sequences, int64_t rows_pe
                            const void *index, int index_type, const int32_t *offsets, int64_t bag_size,
                            const float *weights, const float *bias, int64_t bags, float *out, int token_major,
                            int gelu, int threads);
+
+int dsformer_decode_rows(const float *x, int64_t tokens, const float *basis, int64_t k, int64_t d, const void *index,
+                         int index_type, const float *values, int64_t n, int64_t s, const float *bias, int gelu,
+                         float *y, int threads);
+int dsformer_decode_columns(const float *x, int64_t tokens, int64_t n, const void *index, int index_type,
+                            const float *values, const int32_t *starts, const int32_t *atoms, int64_t groups,
+                            const float *basis, int64_t k, int64_t d, const float *bias, float *y, int threads);
 
 static uint32_t state = 12345u;
 static float uniform(void) {  /* in [-1, 1) */
@@ -67,11 +75,122 @@ static int check(int64_t S, int64_t R, int64_t L, int64_t B, int use_offsets, in
     return ok;
 }
 
+/* indices as the kernel reads them: int32, int16 or uint8 copies of `index` */
+static void *narrowed(const int32_t *index, int64_t count, int index_type) {
+    if (index_type == 0) return (void *)index;
+    void *out = malloc((size_t)count * (index_type == 1 ? 2 : 1));
+    for (int64_t e = 0; e < count; e++) {
+        if (index_type == 1) ((int16_t *)out)[e] = (int16_t)index[e];
+        else ((uint8_t *)out)[e] = (uint8_t)index[e];
+    }
+    return out;
+}
+
+static int report(const char *what, int64_t tokens, int64_t n, int64_t d, int64_t k, int index_type, double worst) {
+    const int ok = worst < 1e-4;
+    printf("%s tokens=%lld n=%lld d=%lld k=%lld index_type=%d: max error %.2e %s\n", what, (long long)tokens,
+           (long long)n, (long long)d, (long long)k, index_type, worst, ok ? "ok" : "FAIL");
+    return ok;
+}
+
+/* the decode path of a row layer: n outputs of s entries over k atoms of d, interleaved by 16 outputs */
+static int check_decode_rows(int64_t tokens, int64_t n, int64_t d, int64_t k, int64_t s, int index_type, int gelu) {
+    const int64_t groups = (n + 15) / 16;
+    float *x = malloc(sizeof(float) * tokens * d), *basis = malloc(sizeof(float) * k * d);
+    float *values = calloc((size_t)(groups * s * 16), sizeof(float)), *bias = malloc(sizeof(float) * n);
+    float *y = malloc(sizeof(float) * tokens * n);
+    int32_t *index = calloc((size_t)(groups * s * 16), sizeof(int32_t));
+    for (int64_t i = 0; i < tokens * d; i++) x[i] = uniform();
+    for (int64_t i = 0; i < k * d; i++) basis[i] = uniform();
+    for (int64_t i = 0; i < n; i++) bias[i] = uniform();
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < s; j++) {
+            const int64_t at = ((i / 16) * s + j) * 16 + i % 16;
+            values[at] = uniform();
+            index[at] = (int32_t)((uniform() + 1.0f) * 0.5f * (float)k) % (int32_t)k;
+        }
+    void *stored = narrowed(index, groups * s * 16, index_type);
+    dsformer_decode_rows(x, tokens, basis, k, d, stored, index_type, values, n, s, bias, gelu, y, 2);
+    double worst = 0.0;
+    for (int64_t t = 0; t < tokens; t++)
+        for (int64_t i = 0; i < n; i++) {
+            double want = bias[i];
+            for (int64_t j = 0; j < s; j++) {
+                const int64_t at = ((i / 16) * s + j) * 16 + i % 16;
+                double z = 0.0;
+                for (int64_t c = 0; c < d; c++) z += (double)basis[index[at] * d + c] * x[t * d + c];
+                want += values[at] * z;
+            }
+            if (gelu) want = gelu_exact((float)want);
+            if (fabs(y[t * n + i] - want) > worst) worst = fabs(y[t * n + i] - want);
+        }
+    if (stored != index) free(stored);
+    free(x); free(basis); free(values); free(bias); free(y); free(index);
+    return report(gelu ? "decode rows gelu" : "decode rows", tokens, n, d, k, index_type, worst);
+}
+
+/* the decode path of a column layer: n inputs, k atoms of d; atoms in groups of 16 (in reverse order, some
+   bags empty), each group padded to its longest bag */
+static int check_decode_columns(int64_t tokens, int64_t n, int64_t d, int64_t k, int index_type) {
+    const int64_t groups = (k + 15) / 16;
+    int32_t *atoms = malloc(sizeof(int32_t) * groups * 16), *starts = malloc(sizeof(int32_t) * (groups + 1));
+    int64_t *length = malloc(sizeof(int64_t) * groups * 16);
+    starts[0] = 0;
+    for (int64_t g = 0; g < groups; g++) {
+        int64_t longest = 0;
+        for (int l = 0; l < 16; l++) {
+            const int64_t lane = 16 * g + l;
+            atoms[lane] = lane < k ? (int32_t)(k - 1 - lane) : -1;
+            length[lane] = lane < k && lane % 5 ? (int64_t)((uniform() + 1.0f) * 6.0f) : 0;
+            if (length[lane] > longest) longest = length[lane];
+        }
+        starts[g + 1] = starts[g] + (int32_t)longest;
+    }
+    const int64_t entries = (int64_t)starts[groups] * 16;
+    float *values = calloc((size_t)entries + 1, sizeof(float)), *x = malloc(sizeof(float) * tokens * n);
+    int32_t *index = calloc((size_t)entries + 1, sizeof(int32_t));
+    float *basis = malloc(sizeof(float) * k * d), *bias = malloc(sizeof(float) * d), *y = malloc(sizeof(float) * tokens * d);
+    for (int64_t g = 0; g < groups; g++)
+        for (int l = 0; l < 16; l++)
+            for (int64_t j = 0; j < length[16 * g + l]; j++) {
+                const int64_t at = (starts[g] + j) * 16 + l;
+                values[at] = uniform();
+                index[at] = (int32_t)((uniform() + 1.0f) * 0.5f * (float)n) % (int32_t)n;
+            }
+    for (int64_t i = 0; i < tokens * n; i++) x[i] = uniform();
+    for (int64_t i = 0; i < k * d; i++) basis[i] = uniform();
+    for (int64_t i = 0; i < d; i++) bias[i] = uniform();
+    void *stored = narrowed(index, entries, index_type);
+    dsformer_decode_columns(x, tokens, n, stored, index_type, values, starts, atoms, groups, basis, k, d, bias, y, 2);
+    double worst = 0.0;
+    for (int64_t t = 0; t < tokens; t++)
+        for (int64_t c = 0; c < d; c++) {
+            double want = bias[c];
+            for (int64_t lane = 0; lane < k; lane++) {
+                double u = 0.0;
+                for (int64_t j = 0; j < length[lane]; j++) {
+                    const int64_t at = (starts[lane / 16] + j) * 16 + lane % 16;
+                    u += (double)values[at] * x[t * n + index[at]];
+                }
+                want += u * basis[atoms[lane] * d + c];
+            }
+            if (fabs(y[t * d + c] - want) > worst) worst = fabs(y[t * d + c] - want);
+        }
+    if (stored != index) free(stored);
+    free(atoms); free(starts); free(length); free(values); free(x); free(index); free(basis); free(bias); free(y);
+    return report("decode columns", tokens, n, d, k, index_type, worst);
+}
+
 int main(void) {
     const int64_t lengths[] = {1, 7, 8, 37, 64, 65, 200};
     int ok = 1;
     for (size_t i = 0; i < sizeof lengths / sizeof *lengths; i++)
         for (int flags = 0; flags < 8; flags++)
             ok &= check(1 + (flags & 1), 11, lengths[i], 9, flags & 1, (flags >> 1) & 1, (flags >> 2) & 1, (int)(i % 3));
+    for (int index_type = 0; index_type < 3; index_type++)  /* uint8 indices need at most 256 atoms or inputs */
+        for (int64_t tokens = 1; tokens <= 3; tokens += 2) {
+            ok &= check_decode_rows(tokens, 37, 40, index_type == 2 ? 200 : 300, 9, index_type, tokens == 3);
+            ok &= check_decode_columns(tokens, index_type == 2 ? 200 : 300, 37, 35, index_type);
+        }
     return ok ? 0 : 1;
 }

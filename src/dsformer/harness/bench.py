@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsformer.kernels import calibrate, choose, seconds, use_backend
+from dsformer.kernels import calibrate, choose, native, seconds, use_backend
+from dsformer.kernels.choice import COLD_BELOW, layer_tensors
 from dsformer.kernels.gather import SHORT
 from dsformer.kernels.int8 import int8_linears
 from dsformer.structures import backends
@@ -52,14 +53,19 @@ def latency_ms(model: nn.Module, batch: int = 1, seq: int = 64, repeats: int = 2
 
 
 @torch.inference_mode()
-def alternate(fns: dict[str, Any], device: torch.device, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each callable, timed in turns (``a b a b ...``) after a warm-up of each."""
+def alternate(
+    fns: dict[str, Any], device: torch.device, repeats: int, warmup: int = 2, before: dict[str, Any] | None = None
+) -> dict[str, float]:
+    """Median seconds of each callable, timed in turns (``a b a b ...``) after a warm-up of each; ``before[name]``
+    runs untimed before each timed call of ``name``."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if before and name in before:
+                before[name]()
             times[name].append(seconds(fn, device))
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -181,7 +187,11 @@ def layer_timings(
         backend = layer.backend if layer.backend != "auto" else choose(layer, xc)
         # the backend alone: an activation fused into the layer (surgery.fuse_activations) is not part of the linear
         compact_call = functools.partial(layer.run, backend, xc)
-        t = alternate({"dense": functools.partial(linear, x), "compact": compact_call}, device, repeats)
+        before = None
+        if batch * seq < COLD_BELOW and device.type == "cpu":  # decode-sized: weights from memory, as auto times it
+            before = {"dense": functools.partial(native.evict, [linear.weight.detach()]),
+                      "compact": functools.partial(native.evict, layer_tensors(layer))}  # fmt: skip
+        t = alternate({"dense": functools.partial(linear, x), "compact": compact_call}, device, repeats, before=before)
         dense_bytes = layer.out_features * layer.in_features * linear.weight.element_size()
         row = {
             "shape": [layer.out_features, layer.in_features],

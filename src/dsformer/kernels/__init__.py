@@ -5,7 +5,8 @@ uses it) and ``dense`` (the materialized weight in one GEMM: the dense cost, the
 makes ``auto`` never slower than dense). Importing this package registers the fast backends in
 the table that compact layers consult (:mod:`dsformer.structures.backends`):
 
-- dense-sparse: ``gather`` (a compiled CPU kernel, else embedding-bags) and on CUDA ``triton``
+- dense-sparse: ``gather`` (a compiled CPU kernel, else embedding-bags; below eight tokens the
+  decode path of :mod:`~dsformer.kernels.decode`) and on CUDA ``triton``
   (:mod:`~dsformer.kernels.dense_sparse`). Low rank's reference is already its fast backend
   (two GEMMs); N:M has no kernel that beats dense on a CPU;
 - every structure: ``int8`` (every GEMM in int8, :mod:`~dsformer.kernels.int8`). It changes the

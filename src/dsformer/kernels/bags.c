@@ -102,5 +102,81 @@ void dsformer_gelu(const float *in, float *out, int64_t n) {
     DEFINE_BAG(8, T, SUFFIX)
 DEFINE_BAGS(int32_t, _i32) DEFINE_BAGS(int16_t, _i16) DEFINE_BAGS(uint8_t, _u8)
 
+/* Decode pieces (the driver's dsformer_decode_*): a dot product of a basis row with a token, and a group
+   of 16 outputs whose bags all hold m entries, stored interleaved (entry j of output l at 16 j + l), so
+   each step is one vector load of indices and of values and one gather of what they name. Both prefetch
+   AHEAD vectors ahead (2 KB of values): at a decode step the factors come from memory, and the
+   prefetches keep more of it in flight than the hardware's own (measured: 1.33x -> 1.6x against the
+   dense product with every factor in DRAM). */
+enum { AHEAD = 32 };
+static inline float dot(const float *a, const float *x, int64_t d) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= d; i += 32) {
+        _mm_prefetch((const char *)(a + i + 16 * AHEAD), _MM_HINT_T0);
+        _mm_prefetch((const char *)(a + i + 16 * AHEAD + 16), _MM_HINT_T0);
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(x + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(x + i + 16), s1);
+    }
+    for (; i < d; i += 16) {
+        const __mmask16 m = tail_mask(d - i);
+        s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, x + i), s0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+#define WIDEN_i32(p) _mm512_loadu_si512((const void *)(p))
+#define WIDEN_i16(p) _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i *)(p)))
+#define WIDEN_u8(p) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p)))
+#define DEFINE_GROUP(T, SUFFIX)                                                                     \
+    static void group##SUFFIX(const float *src, const void *index_, const float *values, int64_t m,     \
+                              const float *bias, int gelu, int64_t count, float *out) {             \
+        const T *index = (const T *)index_;                                                         \
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();                                  \
+        int64_t j = 0;                                                                              \
+        for (; j + 2 <= m; j += 2) {                                                                \
+            _mm_prefetch((const char *)(values + 16 * (j + AHEAD)), _MM_HINT_T0);                   \
+            _mm_prefetch((const char *)(values + 16 * (j + AHEAD) + 16), _MM_HINT_T0);              \
+            _mm_prefetch((const char *)(index + 16 * (j + AHEAD)), _MM_HINT_T0);                    \
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(values + 16 * j),                                  \
+                                 _mm512_i32gather_ps(WIDEN##SUFFIX(index + 16 * j), src, 4), a0);   \
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(values + 16 * j + 16),                             \
+                                 _mm512_i32gather_ps(WIDEN##SUFFIX(index + 16 * j + 16), src, 4), a1); \
+        }                                                                                           \
+        if (j < m)                                                                                  \
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(values + 16 * j),                                  \
+                                 _mm512_i32gather_ps(WIDEN##SUFFIX(index + 16 * j), src, 4), a0);   \
+        const __mmask16 keep = tail_mask(count);                                                    \
+        __m512 acc = _mm512_add_ps(a0, a1);                                                         \
+        if (bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(keep, bias));                      \
+        if (gelu) acc = gelu16(acc);                                                                \
+        _mm512_mask_storeu_ps(out, keep, acc);                                                      \
+    }
+DEFINE_GROUP(int32_t, _i32) DEFINE_GROUP(int16_t, _i16) DEFINE_GROUP(uint8_t, _u8)
+
+/* acc (d floats) += sum over the rows a of w[a] * rows[a] (count rows of d), two rows a pass */
+static void add_rows(float *acc, const float *rows, const float *w, int64_t count, int64_t d) {
+    int64_t a = 0;
+    for (; a + 2 <= count; a += 2) {
+        const float *r0 = rows + a * d, *r1 = r0 + d;
+        const __m512 w0 = _mm512_set1_ps(w[a]), w1 = _mm512_set1_ps(w[a + 1]);
+        for (int64_t i = 0; i < d; i += 16) {
+            const __mmask16 m = tail_mask(d - i);
+            _mm_prefetch((const char *)(r0 + i + 16 * AHEAD), _MM_HINT_T0);
+            _mm_prefetch((const char *)(r1 + i + 16 * AHEAD), _MM_HINT_T0);
+            __m512 v = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m, r0 + i), _mm512_maskz_loadu_ps(m, acc + i));
+            _mm512_mask_storeu_ps(acc + i, m, _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(m, r1 + i), v));
+        }
+    }
+    if (a < count) {
+        const __m512 w0 = _mm512_set1_ps(w[a]);
+        for (int64_t i = 0; i < d; i += 16) {
+            const __mmask16 m = tail_mask(d - i);
+            _mm512_mask_storeu_ps(acc + i, m, _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m, rows + a * d + i),
+                                                               _mm512_maskz_loadu_ps(m, acc + i)));
+        }
+    }
+}
+
 enum { LANES = 16, SLICE = 128 };
 #include "bags_driver.h"

@@ -3,7 +3,10 @@
  * defines SLICE (floats per slice: what its accumulators hold) and bag_1 .. bag_8 (a bag over a
  * slice of 1 .. 8 vectors of LANES floats), then includes this file.
  */
+#include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 typedef void (*BagFn)(const float *, int64_t, const void *, const float *, int64_t, int64_t, float, float *,
                       int64_t, int64_t, int);
@@ -82,4 +85,106 @@ int dsformer_weighted_bags(const float *rows, int64_t sequences, int64_t rows_pe
         }
     }
     return 0;
+}
+
+/* Decode: a dense-sparse layer for a few tokens, one token at a time, reading each factor once per token
+ * (at a decode step the factors stream from memory and the layer is bound by their bytes). A variant
+ * defines dot (a basis row times a token) and group_* (16 outputs over interleaved bags of m entries
+ * each: entry j of output l at 16 j + l; padding entries have value 0 and index 0). */
+typedef void (*GroupFn)(const float *, const void *, const float *, int64_t, const float *, int, int64_t, float *);
+static const GroupFn GROUPS[3] = {group_i32, group_i16, group_u8};
+static const int64_t INDEX_BYTES[3] = {4, 2, 1};
+
+/* Row vectors: z = B x (k atoms of d), then output i = bias[i] + sum_j values[i, j] z[index[i, j]], GELU
+   applied where asked; index and values (ceil(n / 16), s, 16) interleaved. Returns 2 out of memory. */
+int dsformer_decode_rows(const float *x, int64_t tokens, const float *basis, int64_t k, int64_t d, const void *index,
+                         int index_type, const float *values, int64_t n, int64_t s, const float *bias, int gelu,
+                         float *y, int threads) {
+    if (index_type < 0 || index_type > 2) return 1;
+    float *z = malloc((size_t)(tokens * k) * sizeof(float));
+    if (!z) return 2;
+    const GroupFn group = GROUPS[index_type];
+    const int64_t groups = (n + 15) / 16, width = INDEX_BYTES[index_type];
+    #pragma omp parallel num_threads(threads < 1 ? 1 : threads)
+    for (int64_t t = 0; t < tokens; t++) {
+        #pragma omp for schedule(static)
+        for (int64_t a = 0; a < k; a++) z[t * k + a] = dot(basis + a * d, x + t * d, d);
+        #pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t count = n - 16 * g < 16 ? n - 16 * g : 16;
+            group(z + t * k, (const char *)index + g * s * 16 * width, values + g * s * 16, s, bias ? bias + 16 * g : 0,
+                  gelu, count, y + t * n + 16 * g);
+        }
+    }
+    free(z);
+    return 0;
+}
+
+/* Column vectors: u = C^T x, each atom's bag of the input entries that use it, then y = u B + bias. The atoms
+   come in groups of 16 with interleaved bags padded to the group's longest (starts: each group's first
+   entry / 16, then the end; atoms: the atom of each lane, -1 for none). u B: each thread adds up its share of
+   B's rows (whole rows, read in order) into its own partial sum, then the partials are added. */
+int dsformer_decode_columns(const float *x, int64_t tokens, int64_t n, const void *index, int index_type,
+                            const float *values, const int32_t *starts, const int32_t *atoms, int64_t groups,
+                            const float *basis, int64_t k, int64_t d, const float *bias, float *y, int threads) {
+    if (index_type < 0 || index_type > 2) return 1;
+    if (threads < 1) threads = 1;
+    float *scratch = malloc((size_t)(tokens * k + threads * d) * sizeof(float));
+    if (!scratch) return 2;
+    const GroupFn group = GROUPS[index_type];
+    const int64_t width = INDEX_BYTES[index_type];
+    float *u = scratch, *partials = scratch + tokens * k;
+    #pragma omp parallel num_threads(threads)
+    {
+        const int me = omp_get_thread_num(), team = omp_get_num_threads();
+        for (int64_t t = 0; t < tokens; t++) {
+            #pragma omp for schedule(static)
+            for (int64_t g = 0; g < groups; g++) {
+                float part[16];
+                group(x + t * n, (const char *)index + (int64_t)starts[g] * 16 * width,
+                      values + (int64_t)starts[g] * 16, starts[g + 1] - starts[g], 0, 0, 16, part);
+                for (int l = 0; l < 16; l++)
+                    if (atoms[16 * g + l] >= 0) u[t * k + atoms[16 * g + l]] = part[l];
+            }  /* the implied barrier: u is whole */
+            const int64_t a0 = k * me / team, a1 = k * (me + 1) / team;
+            float *mine = partials + (int64_t)me * d;
+            memset(mine, 0, (size_t)d * sizeof(float));
+            add_rows(mine, basis + a0 * d, u + t * k + a0, a1 - a0, d);
+            #pragma omp barrier
+            #pragma omp for schedule(static)
+            for (int64_t c = 0; c < d; c++) {
+                float sum = bias ? bias[c] : 0.0f;
+                for (int p = 0; p < team; p++) sum += partials[(int64_t)p * d + c];
+                y[t * d + c] = sum;
+            }
+        }
+    }
+    free(scratch);
+    return 0;
+}
+
+/* Write back and drop [p, p + bytes) from every cache level, so the next read comes from memory (timing a
+   decode step, where a model larger than the cache streams its weights). Split over the threads, which
+   leaves them awake as a model's previous operation would. Returns 1 where it cannot. */
+int dsformer_evict(const void *p, int64_t bytes, int threads) {
+#if defined(__x86_64__) || defined(__aarch64__)
+    const int64_t lines = (bytes + 63) / 64;
+    #pragma omp parallel for schedule(static) num_threads(threads < 1 ? 1 : threads)
+    for (int64_t i = 0; i < lines; i++) {
+#if defined(__x86_64__)
+        __builtin_ia32_clflush((const char *)p + 64 * i);
+#else
+        __asm__ volatile("dc civac, %0" : : "r"((const char *)p + 64 * i) : "memory");
+#endif
+    }
+#if defined(__x86_64__)
+    __builtin_ia32_mfence();
+#else
+    __asm__ volatile("dsb sy" : : : "memory");
+#endif
+    return 0;
+#else
+    (void)p; (void)bytes; (void)threads;
+    return 1;
+#endif
 }

@@ -25,13 +25,13 @@ static inline void store_n(float *p, vf x, int64_t n) {
 
 static inline vf splat(float v) { return (vf){0} + v; }
 
-static inline vf select(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); }
+static inline vf blend(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); }
 
 /* GELU, erf form, as bags.c computes it: erf by Abramowitz and Stegun 7.1.26, exp(-z) by a degree-6
    polynomial on the reduced argument, scaled by 2^n built in the exponent bits (z is clamped at 87,
    where exp(-z) is already below float's smallest normal number times 2^1). */
 static inline vf exp_neg(vf z) {
-    const vf x = -(select(z < 87.0f, z, splat(87.0f)));
+    const vf x = -(blend(z < 87.0f, z, splat(87.0f)));
     const vi n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi);  /* round to nearest: x <= 0 */
     const vf nf = __builtin_convertvector(n, vf);
     vf r = x - nf * 0.693359375f;
@@ -57,7 +57,7 @@ static inline vf gelu_v(vf x) {
     q = q * t + 0.254829592f;
     q = q * t;
     const vf erf_abs = 1.0f - q * exp_neg(a * a);
-    return x * 0.5f * select(u < 0.0f, 1.0f - erf_abs, 1.0f + erf_abs);
+    return x * 0.5f * blend(u < 0.0f, 1.0f - erf_abs, 1.0f + erf_abs);
 }
 
 /* test hook: out[i] = gelu(in[i]) */
@@ -104,5 +104,57 @@ void dsformer_gelu(const float *in, float *out, int64_t n) {
     DEFINE_BAG(4, T, SUFFIX) DEFINE_BAG(5, T, SUFFIX) DEFINE_BAG(6, T, SUFFIX) DEFINE_BAG(7, T, SUFFIX) \
     DEFINE_BAG(8, T, SUFFIX)
 DEFINE_BAGS(int32_t, _i32) DEFINE_BAGS(int16_t, _i16) DEFINE_BAGS(uint8_t, _u8)
+
+/* Decode pieces (see bags.c): a dot product, and a group of 16 outputs over interleaved entries; the
+   gathers are plain loads, which the compiler turns into gathers where the ISA has them; prefetches as
+   there. */
+enum { AHEAD = 32 };
+static inline float dot(const float *a, const float *x, int64_t d) {
+    vf s0 = {0}, s1 = {0};
+    int64_t i = 0;
+    for (; i + 2 * LANES <= d; i += 2 * LANES) {
+        __builtin_prefetch(a + i + 16 * AHEAD);
+        s0 += load_n(a + i, LANES) * load_n(x + i, LANES);
+        s1 += load_n(a + i + LANES, LANES) * load_n(x + i + LANES, LANES);
+    }
+    for (; i < d; i += LANES) s0 += load_n(a + i, d - i) * load_n(x + i, d - i);
+    s0 += s1;
+    float total = 0.0f;
+    for (int l = 0; l < LANES; l++) total += s0[l];
+    return total;
+}
+
+#define DEFINE_GROUP(T, SUFFIX)                                                                     \
+    static void group##SUFFIX(const float *src, const void *index_, const float *values, int64_t m,     \
+                              const float *bias, int gelu, int64_t count, float *out) {             \
+        const T *index = (const T *)index_;                                                         \
+        vf lo = {0}, hi = {0};                                                                      \
+        for (int64_t j = 0; j < m; j++) {                                                           \
+            const T *i = index + 16 * j;                                                            \
+            __builtin_prefetch(values + 16 * (j + AHEAD));                                          \
+            __builtin_prefetch(values + 16 * (j + AHEAD) + 8);                                      \
+            __builtin_prefetch(i + 16 * AHEAD);                                                     \
+            vf g0, g1;                                                                              \
+            for (int l = 0; l < LANES; l++) { g0[l] = src[i[l]]; g1[l] = src[i[LANES + l]]; }       \
+            lo += load_n(values + 16 * j, LANES) * g0;                                              \
+            hi += load_n(values + 16 * j + LANES, LANES) * g1;                                      \
+        }                                                                                           \
+        if (bias) { lo += load_n(bias, count); if (count > LANES) hi += load_n(bias + LANES, count - LANES); } \
+        if (gelu) { lo = gelu_v(lo); hi = gelu_v(hi); }                                             \
+        store_n(out, lo, count < LANES ? count : LANES);                                            \
+        if (count > LANES) store_n(out + LANES, hi, count - LANES);                                 \
+    }
+DEFINE_GROUP(int32_t, _i32) DEFINE_GROUP(int16_t, _i16) DEFINE_GROUP(uint8_t, _u8)
+
+/* acc (d floats) += sum over the rows a of w[a] * rows[a] (count rows of d) */
+static void add_rows(float *acc, const float *rows, const float *w, int64_t count, int64_t d) {
+    for (int64_t a = 0; a < count; a++) {
+        const float *r = rows + a * d;
+        for (int64_t i = 0; i < d; i += LANES) {
+            __builtin_prefetch(r + i + 16 * AHEAD);
+            store_n(acc + i, load_n(acc + i, d - i) + w[a] * load_n(r + i, d - i), d - i);
+        }
+    }
+}
 
 #include "bags_driver.h"

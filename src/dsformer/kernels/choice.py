@@ -43,9 +43,14 @@ from dsformer.structures.backends import available, backend_of, registered, set_
 from dsformer.surgery import fuse_activations, unfuse_activations
 
 _REPEATS = 7
+# inputs of fewer tokens than this (decode steps) are timed with the layer's memory evicted from the caches
+# before each call: at a decode step each layer's weights are read once per token and, in a model larger
+# than the cache, come from memory; timed hot in a loop, a 1536 x 576 dense product at one token took a
+# quarter of its time in a decoding model (Xeon VM), and the choice went to the wrong backend
+COLD_BELOW = 16
 _SAMPLE_SECONDS, _MAX_CALLS = 0.002, 50  # each timing sample repeats a fast backend up to this long
 # part of every cache key: bump it when a backend's implementation changes, so old timings are not reused
-REVISION = 7
+REVISION = 9
 
 
 def use_backend(model: nn.Module, name: str) -> int:
@@ -179,6 +184,8 @@ def _time_backends(layer: CompactLinear, tokens: int, seq: int, dtype: torch.dty
         x = x.mT.contiguous().mT
     names = [p for p in available(layer) if backend_of(layer, p).exact and _runs(layer, p, x)]
     times: dict[str, list[float]] = {p: [] for p in names}
+    if tokens < COLD_BELOW and device.type == "cpu" and native.evict(layer_tensors(layer)):
+        return _time_cold(layer, names, x)
     with torch.inference_mode():
         # a sample runs a backend enough times to take about 2 ms: single calls of a 0.1 ms layer are
         # noise-dominated, and a wrong choice there is paid on every forward
@@ -190,6 +197,31 @@ def _time_backends(layer: CompactLinear, tokens: int, seq: int, dtype: torch.dty
                 times[p].append(seconds(run, x.device) / calls[p])
     median = {p: statistics.median(t) for p, t in times.items()}
     return {"choice": min(median, key=median.get), "seconds": median}
+
+
+def _time_cold(layer: CompactLinear, names: list[str], x: torch.Tensor) -> dict:
+    """Median time of one call of each backend with the layer's memory evicted from the caches before it."""
+    times: dict[str, list[float]] = {p: [] for p in names}
+    with torch.inference_mode():
+        for _ in range(_REPEATS):
+            for p in names:
+                native.evict(layer_tensors(layer))
+                times[p].append(seconds(functools.partial(layer.run, p, x), x.device))
+    median = {p: statistics.median(t) for p, t in times.items()}
+    return {"choice": min(median, key=median.get), "seconds": median, "cold": True}
+
+
+def layer_tensors(layer: nn.Module) -> list[torch.Tensor]:
+    """Every tensor a compact layer holds: its factors, bias and what its backends cached (plans, a dense weight)."""
+    found = [t.detach() for t in [*layer.parameters(), *layer.buffers()]]
+    pending = [value for _, value in layer.__dict__.get("_kernel_cache", {}).values()]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, torch.Tensor):
+            found.append(item)
+        elif isinstance(item, (tuple, list)):
+            pending.extend(item)
+    return found
 
 
 def _run_times(layer: CompactLinear, backend: str, x: torch.Tensor, calls: int) -> None:

@@ -17,13 +17,15 @@ import torch
 
 from dsformer import hardware
 from dsformer.errors import DsformerError
-from dsformer.kernels import gather, native, triton_ds
+from dsformer.kernels import decode, gather, native, triton_ds
 from dsformer.kernels.int8 import int8_linear, int8_weight
 from dsformer.structures import DenseSparseLinear
 from dsformer.structures.backends import Backend, register_backend
 
 
 def _sparse(name: str, layer: DenseSparseLinear, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    if name == "gather" and _decodes(layer, x):
+        return _decode(layer, x, gelu)
     if name == "triton" and not triton_ds.runs_on(x):
         raise NotImplementedError(f"the triton backend needs CUDA and Triton (input on {x.device})")
     basis, values = layer.basis.detach(), layer.values.detach()  # inference only: the kernels skip autograd
@@ -46,6 +48,29 @@ def _sparse(name: str, layer: DenseSparseLinear, x: torch.Tensor, gelu: bool = F
         indices = layer.cached("indices", lambda: native.readable(_checked(layer)), layer.indices)
         return gather.ds_rows(x, basis, indices, values, bias, dense_stage, gelu=gelu)
     return gather.ds_columns(x, plan, basis, bias, dense_stage)
+
+
+def _decodes(layer: DenseSparseLinear, x: torch.Tensor) -> bool:
+    """Whether ``x`` takes the decode path: a few float32 tokens on a CPU where the compiled kernel runs."""
+    return (
+        x.numel() < decode.TOKENS * x.shape[-1]
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and native.available()
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _decode(layer: DenseSparseLinear, x: torch.Tensor, gelu: bool) -> torch.Tensor:
+    # the plan is built (and its indices checked) once; it holds views of the basis and bias, so it is keyed on them
+    params = layer._parameters  # not through nn.Module's attribute lookup: paid by every layer at every step
+    values, basis, bias, indices = params["values"], params["basis"], params.get("bias"), layer._buffers["indices"]
+    sources = (values, indices, basis) if bias is None else (values, indices, basis, bias)
+    if layer.rows:
+        plan = layer.cached("decode_plan", lambda: decode.row_plan(_checked(layer), values, basis, bias), *sources)
+        return decode.rows(x, plan, gelu)
+    plan = layer.cached("decode_plan", lambda: decode.column_plan(_checked(layer), values, basis, bias), *sources)
+    return decode.columns(x, plan)
 
 
 def _checked(layer: DenseSparseLinear) -> torch.Tensor:
@@ -74,7 +99,7 @@ def _on_gpu(layer: DenseSparseLinear) -> bool:
     return layer.basis.device.type == "cuda" and hardware.triton_installed()
 
 
-register_backend(DenseSparseLinear, _backend("gather", slots=("indices", "plan")))
+register_backend(DenseSparseLinear, _backend("gather", slots=("indices", "plan", "decode_plan")))
 register_backend(DenseSparseLinear, _backend("int8", exact=False, slots=("indices", "plan", "int8_basis")))
 register_backend(
     DenseSparseLinear,

@@ -222,6 +222,32 @@ def _built(name: str) -> ctypes.CDLL | None:
     c_int = ctypes.c_int
     fn.argtypes = [ptr, i64, i64, i64, ptr, c_int, ptr, i64, ptr, ptr, i64, ptr, c_int, c_int, c_int]
     fn.restype = ctypes.c_int
+    lib.dsformer_decode_rows.argtypes = [ptr, i64, ptr, i64, i64, ptr, c_int, ptr, i64, i64, ptr, c_int, ptr, c_int]
+    lib.dsformer_decode_columns.argtypes = [
+        ptr, i64, i64, ptr, c_int, ptr, ptr, ptr, i64, ptr, i64, i64, ptr, ptr, c_int
+    ]  # fmt: skip
+    lib.dsformer_decode_rows.restype = lib.dsformer_decode_columns.restype = ctypes.c_int
+    lib.dsformer_evict.argtypes, lib.dsformer_evict.restype = [ptr, i64, c_int], ctypes.c_int
+    return lib
+
+
+def evict(tensors: list[torch.Tensor]) -> bool:
+    """Drop the memory of CPU ``tensors`` from every cache level (the next read comes from memory); False where
+    this CPU or build cannot."""
+    lib, threads = _library(), torch.get_num_threads()
+    if lib is None:
+        return False
+    for t in tensors:
+        if t.device.type == "cpu" and t.numel() and lib.dsformer_evict(t.data_ptr(), t.nbytes, threads):
+            return False
+    return True
+
+
+def library() -> ctypes.CDLL:
+    """The loaded kernel library (callers check :func:`available` first)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the native kernel is not available here (dsformer.kernels.native.available())")
     return lib
 
 

@@ -1,0 +1,148 @@
+"""The decode path of dense-sparse layers: what it computes, when the gather backend takes it, how it is timed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import relative_error
+from torch.nn import functional as F
+
+from dsformer import kernels
+from dsformer.errors import DsformerError
+from dsformer.kernels import choice, decode, native
+from dsformer.structures import DenseSparseLinear
+from dsformer.structures.dense_sparse.layout import DenseSparseFactors, DenseSparseLayout
+
+native_only = pytest.mark.skipif(not native.available(), reason="no native kernel for this CPU, or no C compiler")
+
+
+@pytest.fixture(autouse=True)
+def kernel_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSFORMER_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "kernels.json"
+
+
+def coefficients(n: int, k: int, s: int, index_type: torch.dtype, seed: int = 0):
+    """ELL indices (distinct per row) and values, and the dense ``C (n, k)`` they stand for."""
+    gen = torch.Generator().manual_seed(seed)
+    indices = torch.rand(n, k, generator=gen).argsort(dim=1)[:, :s].to(index_type)
+    values = torch.randn(n, s, generator=gen)
+    return indices, values, torch.zeros(n, k).scatter_(1, indices.long(), values)
+
+
+CASES = {  # n vectors, k atoms, s entries, index type: uint8 (k <= 256), int16, int32; n not a multiple of 16
+    "uint8": (37, 200, 9, torch.uint8),
+    "int16": (50, 300, 7, torch.int16),
+    "int32": (16, 40, 5, torch.int32),
+}
+
+
+@pytest.mark.parametrize("tokens", [(1,), (1, 1), (3,), (2, 3)], ids=["one", "batch-of-one", "three", "2x3"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_decode_rows_and_columns_compute_the_plain_product(native_variant, case, bias, tokens):
+    n, k, s, index_type = case
+    d = 24
+    indices, values, c = coefficients(n, k, s, index_type)
+    gen = torch.Generator().manual_seed(1)
+    basis = torch.randn(k, d, generator=gen)
+    # rows: y = C B x (+ bias over n)
+    x = torch.randn(*tokens, d, generator=gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    want = x @ (c @ basis).T + (b if bias else 0)
+    plan = decode.row_plan(indices, values, basis, b)
+    assert relative_error(decode.rows(x, plan), want) < 1e-5
+    assert relative_error(decode.rows(x, plan, gelu=True), F.gelu(want)) < 1e-5
+    # columns: y = Bᵀ Cᵀ x (+ bias over d), the input of n entries
+    x = torch.randn(*tokens, n, generator=gen)
+    b = torch.randn(d, generator=gen) if bias else None
+    want = x @ c @ basis + (b if bias else 0)
+    got = decode.columns(x, decode.column_plan(indices, values, basis, b))
+    assert got.shape == (*tokens, d) and relative_error(got, want) < 1e-5
+
+
+def test_column_plan_places_every_entry_once_in_groups_of_similar_bags():
+    indices, values, c = coefficients(60, 40, 6, torch.uint8)
+    basis = torch.randn(40, 8)
+    plan = decode.column_plan(indices, values, basis)
+    lanes = plan.atoms.reshape(-1, 16)
+    assert sorted(a for a in plan.atoms.tolist() if a >= 0) == list(range(40))
+    assert plan.groups == 3 and plan.starts[-1] * 16 == plan.index.numel()
+    # each atom's entries are the column of C that it scales, lane by lane
+    for g in range(plan.groups):
+        rows = slice(int(plan.starts[g]), int(plan.starts[g + 1]))
+        for lane, atom in enumerate(lanes[g].tolist()):
+            if atom < 0:
+                assert not plan.values[rows, lane].any()
+                continue
+            got = torch.zeros(60).index_add_(0, plan.index[rows, lane].long(), plan.values[rows, lane])
+            assert torch.equal(got, c[:, atom])
+    # atoms sorted by bag length, longest first: padding only evens out similar bags
+    used = (c != 0).sum(0)
+    firsts = [int(used[a]) for a in lanes[:, 0].tolist()]
+    assert firsts == sorted(firsts, reverse=True)
+
+
+def ds_layer(out: int, inp: int, k: int = 300, s: int = 12, seed: int = 0) -> DenseSparseLinear:
+    layout = DenseSparseLayout(out, inp, k=k, s=s)
+    gen = torch.Generator().manual_seed(seed)
+    indices = torch.rand(layout.n, layout.k, generator=gen).argsort(dim=1)[:, : layout.s]
+    basis, values = torch.randn(layout.k, layout.d, generator=gen), torch.randn(layout.n, layout.s, generator=gen)
+    layer = DenseSparseLinear(DenseSparseFactors(layout, basis, values, indices), torch.randn(out, generator=gen))
+    return layer.requires_grad_(False)
+
+
+@native_only
+@pytest.mark.parametrize("shape", [(600, 300), (300, 600)], ids=["rows", "columns"])
+def test_gather_takes_the_decode_path_below_eight_tokens_and_the_bags_above(shape):
+    layer = ds_layer(*shape)
+    kernels.use_backend(layer, "gather")
+    slots = layer.__dict__.setdefault("_kernel_cache", {})
+    for lead, path in [((1, 1), "decode_plan"), ((7,), "decode_plan"), ((1, 8), "indices" if layer.rows else "plan")]:
+        slots.clear()
+        x = torch.randn(*lead, shape[1])
+        assert relative_error(layer(x), layer.reference(x)) < 1e-5
+        assert set(slots) - {"coefficients"} == {path}, lead  # (the reference caches its dense coefficients)
+
+
+@native_only
+def test_the_decode_plan_follows_edited_factors_and_refuses_bad_indices():
+    layer = ds_layer(600, 300)
+    kernels.use_backend(layer, "gather")
+    x = torch.randn(1, 300)
+    layer(x)
+    with torch.no_grad():
+        layer.values.mul_(2.0)  # in place: the plan is rebuilt from the new values
+        layer.bias.add_(1.0)
+    assert relative_error(layer(x), layer.reference(x)) < 1e-5
+    layer.indices[3, 2] = 300  # one past the basis: the kernel would read outside it
+    with pytest.raises(DsformerError, match="reach outside its 300 atoms"):
+        layer(x)
+
+
+@native_only
+def test_auto_times_decode_sizes_with_the_weights_evicted_and_prefill_sizes_hot(kernel_cache):
+    if not native.evict([torch.ones(16)]):
+        pytest.skip("this CPU cannot evict lines from its caches")
+    layer = ds_layer(600, 300)
+    kernels.use_backend(layer, "auto")
+    for lead in [(1, 1), (1, 64)]:
+        x = torch.randn(*lead, 300)
+        assert relative_error(layer(x), layer.reference(x)) < 1e-5
+    entries = json.loads(kernel_cache.read_text())
+    cold = {key.split("|T=")[1].split("|")[0]: entry.get("cold", False) for key, entry in entries.items()}
+    assert cold == {"1": True, "64": False}
+    assert choice.COLD_BELOW > 1
+
+
+def test_layer_tensors_finds_factors_bias_and_cached_plans():
+    layer = ds_layer(600, 300)
+    found = {t.data_ptr() for t in choice.layer_tensors(layer)}
+    assert {layer.basis.data_ptr(), layer.values.data_ptr(), layer.indices.data_ptr(), layer.bias.data_ptr()} <= found
+    if native.available():
+        kernels.use_backend(layer, "gather")
+        layer(torch.randn(1, 300))
+        plan = layer.__dict__["_kernel_cache"]["decode_plan"][1]
+        assert {plan.index.data_ptr(), plan.values.data_ptr()} <= {t.data_ptr() for t in choice.layer_tensors(layer)}
