@@ -7,7 +7,9 @@ finds its factors in memory as a decode step does. Per shape and token count: th
 (``F.linear``), the decode path (``dsformer.kernels.decode``: one call of the compiled kernel) and the
 bags path it replaces (the basis GEMM, then the weighted bags), microseconds a call and the dense
 time over each. What it decides: below how many tokens the gather backend takes the decode path
-(``decode.TOKENS``). Run alone on the machine.
+(``decode.TOKENS``). Then the fixed cost of a call: tiny layers (16 x 16) in a loop, ``nn.Linear``,
+the decode kernel's Python entry, and a dense-sparse layer on the ``dense`` and ``gather`` backends.
+Run alone on the machine.
 
     .venv/bin/python benchmarks/decode_layers.py --output results/bench/decode-layers-<tag>.json   # 1 2 4 8 tokens
 """
@@ -75,6 +77,29 @@ def time_shape(out: int, inp: int, k: int, s: int, by_rows: bool, token_counts: 
     return rows
 
 
+def call_overheads() -> dict[str, float]:
+    """Microseconds a call of tiny layers (16 x 16) with weights in cache: what a call costs besides its work."""
+    from dsformer import kernels
+    from dsformer.structures import DenseSparseLinear
+    from dsformer.structures.dense_sparse.layout import DenseSparseFactors, DenseSparseLayout
+
+    layout = DenseSparseLayout(16, 16, k=8, s=4)
+    factors = DenseSparseFactors(layout, torch.randn(8, 16), torch.randn(16, 4), torch.randint(0, 8, (16, 4)))
+    layer = DenseSparseLinear(factors).requires_grad_(False)
+    linear = torch.nn.Linear(16, 16).requires_grad_(False)
+    plan, x = decode.row_plan(layer.indices, layer.values, layer.basis), torch.randn(1, 1, 16)
+    calls = 20000
+    with torch.inference_mode():
+        times = {"nn.Linear": median_us(lambda: [linear(x) for _ in range(calls)], calls),
+                 "decode.rows": median_us(lambda: [decode.rows(x, plan) for _ in range(calls)], calls)}  # fmt: skip
+        for backend in ("dense", "gather"):
+            kernels.use_backend(layer, backend)
+            times[f"DenseSparseLinear on {backend}"] = median_us(lambda: [layer(x) for _ in range(calls)], calls)
+    for name, us in times.items():
+        print(f"a call of a 16 x 16 layer, {name}: {us:.1f} us")
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8])
@@ -84,10 +109,11 @@ def main() -> None:
         raise SystemExit("the compiled kernel does not run here (dsformer.kernels.native.available())")
     torch.manual_seed(0)
     rows = [row for shape in SHAPES for row in time_shape(*shape, args.tokens)]
+    overheads = call_overheads()
     if args.output:
         hardware = {**describe(), "native_kernel": native.variant()}
         record = {"command": "benchmarks/decode_layers.py", "threads": torch.get_num_threads(), "rows": rows,
-                  "hardware": hardware}  # fmt: skip
+                  "call_overhead_us": overheads, "hardware": hardware}  # fmt: skip
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(record, indent=1) + "\n")
 
