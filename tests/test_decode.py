@@ -39,28 +39,43 @@ CASES = {  # n vectors, k atoms, s entries, index type: uint8 (k <= 256), int16,
 }
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("tokens", [(1,), (1, 1), (3,), (2, 3)], ids=["one", "batch-of-one", "three", "2x3"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_decode_rows_and_columns_compute_the_plain_product(native_variant, case, bias, tokens):
+def test_decode_rows_and_columns_compute_the_plain_product(native_variant, case, bias, tokens, dtype):
+    """Factors and input in ``dtype``, sums in float32: against the float32 product of the same (rounded) numbers,
+    within float32's error, or bfloat16's rounding of the output."""
     n, k, s, index_type = case
-    d = 24
+    d = 25  # bfloat16 rows of an odd length: the scalar tails run
     indices, values, c = coefficients(n, k, s, index_type)
+    values = values.to(dtype)
+    c = c.to(dtype).float()
     gen = torch.Generator().manual_seed(1)
-    basis = torch.randn(k, d, generator=gen)
+    basis = torch.randn(k, d, generator=gen).to(dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 8e-3
     # rows: y = C B x (+ bias over n)
-    x = torch.randn(*tokens, d, generator=gen)
-    b = torch.randn(n, generator=gen) if bias else None
-    want = x @ (c @ basis).T + (b if bias else 0)
+    x = torch.randn(*tokens, d, generator=gen).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    want = x.float() @ (c @ basis.float()).T + (b.float() if bias else 0)
     plan = decode.row_plan(indices, values, basis, b)
-    assert relative_error(decode.rows(x, plan), want) < 1e-5
-    assert relative_error(decode.rows(x, plan, gelu=True), F.gelu(want)) < 1e-5
+    got = decode.rows(x, plan)
+    assert got.dtype == dtype and relative_error(got.float(), want) < tolerance
+    assert relative_error(decode.rows(x, plan, gelu=True).float(), F.gelu(want)) < tolerance
     # columns: y = Bᵀ Cᵀ x (+ bias over d), the input of n entries
-    x = torch.randn(*tokens, n, generator=gen)
-    b = torch.randn(d, generator=gen) if bias else None
-    want = x @ c @ basis + (b if bias else 0)
+    x = torch.randn(*tokens, n, generator=gen).to(dtype)
+    b = torch.randn(d, generator=gen).to(dtype) if bias else None
+    want = x.float() @ c @ basis.float() + (b.float() if bias else 0)
     got = decode.columns(x, decode.column_plan(indices, values, basis, b))
-    assert got.shape == (*tokens, d) and relative_error(got, want) < 1e-5
+    assert got.shape == (*tokens, d) and got.dtype == dtype and relative_error(got.float(), want) < tolerance
+
+
+@native_only
+def test_decode_refuses_an_input_in_another_type_than_its_plan():
+    indices, values, _ = coefficients(20, 30, 4, torch.uint8)
+    plan = decode.row_plan(indices, values, torch.randn(30, 8))
+    with pytest.raises(ValueError, match="bfloat16"):
+        decode.rows(torch.randn(1, 8).bfloat16(), plan)
 
 
 def test_column_plan_places_every_entry_once_in_groups_of_similar_bags():

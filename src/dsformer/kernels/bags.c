@@ -13,6 +13,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <string.h>
 
 static inline __mmask16 tail_mask(int64_t n) {
     return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
@@ -153,6 +154,63 @@ static inline float dot(const float *a, const float *x, int64_t d) {
         _mm512_mask_storeu_ps(out, keep, acc);                                                      \
     }
 DEFINE_GROUP(int32_t, _i32) DEFINE_GROUP(int16_t, _i16) DEFINE_GROUP(uint8_t, _u8)
+
+/* The same three for bfloat16 factors (basis, values: uint16 bit patterns), widened to float in registers;
+   sums in float. Tails past the last full vector run scalar (no masked 16-bit loads in AVX-512F). */
+static inline float widen(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+#define LOAD_H(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+
+static inline float dot_h(const uint16_t *a, const float *x, int64_t d) {
+    __m512 s0 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= d; i += 16) {
+        _mm_prefetch((const char *)(a + i + 32 * AHEAD), _MM_HINT_T0);
+        s0 = _mm512_fmadd_ps(LOAD_H(a + i), _mm512_loadu_ps(x + i), s0);
+    }
+    float total = _mm512_reduce_add_ps(s0);
+    for (; i < d; i++) total += widen(a[i]) * x[i];
+    return total;
+}
+
+#define DEFINE_GROUP_H(T, SUFFIX)                                                                   \
+    static void group_h##SUFFIX(const float *src, const void *index_, const uint16_t *values, int64_t m, \
+                                const float *bias, int gelu, float *out) {                          \
+        const T *index = (const T *)index_;                                                         \
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();                                  \
+        int64_t j = 0;                                                                              \
+        for (; j + 2 <= m; j += 2) {                                                                \
+            _mm_prefetch((const char *)(values + 16 * (j + AHEAD)), _MM_HINT_T0);                   \
+            _mm_prefetch((const char *)(index + 16 * (j + AHEAD)), _MM_HINT_T0);                    \
+            a0 = _mm512_fmadd_ps(LOAD_H(values + 16 * j), _mm512_i32gather_ps(WIDEN##SUFFIX(index + 16 * j), src, 4), a0); \
+            a1 = _mm512_fmadd_ps(LOAD_H(values + 16 * j + 16),                                      \
+                                 _mm512_i32gather_ps(WIDEN##SUFFIX(index + 16 * j + 16), src, 4), a1); \
+        }                                                                                           \
+        if (j < m)                                                                                  \
+            a0 = _mm512_fmadd_ps(LOAD_H(values + 16 * j), _mm512_i32gather_ps(WIDEN##SUFFIX(index + 16 * j), src, 4), a0); \
+        __m512 acc = _mm512_add_ps(a0, a1);                                                         \
+        if (bias) acc = _mm512_add_ps(acc, _mm512_loadu_ps(bias));                                  \
+        if (gelu) acc = gelu16(acc);                                                                \
+        _mm512_storeu_ps(out, acc);                                                                 \
+    }
+DEFINE_GROUP_H(int32_t, _i32) DEFINE_GROUP_H(int16_t, _i16) DEFINE_GROUP_H(uint8_t, _u8)
+
+static void add_rows_h(float *acc, const uint16_t *rows, const float *w, int64_t count, int64_t d) {
+    for (int64_t a = 0; a < count; a++) {
+        const uint16_t *r = rows + a * d;
+        const __m512 wa = _mm512_set1_ps(w[a]);
+        int64_t i = 0;
+        for (; i + 16 <= d; i += 16) {
+            _mm_prefetch((const char *)(r + i + 32 * AHEAD), _MM_HINT_T0);
+            _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(wa, LOAD_H(r + i), _mm512_loadu_ps(acc + i)));
+        }
+        for (; i < d; i++) acc[i] += w[a] * widen(r[i]);
+    }
+}
 
 /* acc (d floats) += sum over the rows a of w[a] * rows[a] (count rows of d), two rows a pass */
 static void add_rows(float *acc, const float *rows, const float *w, int64_t count, int64_t d) {

@@ -90,30 +90,59 @@ int dsformer_weighted_bags(const float *rows, int64_t sequences, int64_t rows_pe
 /* Decode: a dense-sparse layer for a few tokens, one token at a time, reading each factor once per token
  * (at a decode step the factors stream from memory and the layer is bound by their bytes). A variant
  * defines dot (a basis row times a token) and group_* (16 outputs over interleaved bags of m entries
- * each: entry j of output l at 16 j + l; padding entries have value 0 and index 0). */
+ * each: entry j of output l at 16 j + l; padding entries have value 0 and index 0), add_rows, and their
+ * bfloat16 forms (dot_h, group_h_*, add_rows_h: factors stored as bfloat16, sums in float). With half set,
+ * x, basis, values and y are bfloat16 (uint16 bit patterns); the bias is float either way. */
 typedef void (*GroupFn)(const float *, const void *, const float *, int64_t, const float *, int, int64_t, float *);
+typedef void (*GroupHalfFn)(const float *, const void *, const uint16_t *, int64_t, const float *, int, float *);
 static const GroupFn GROUPS[3] = {group_i32, group_i16, group_u8};
+static const GroupHalfFn GROUPS_H[3] = {group_h_i32, group_h_i16, group_h_u8};
 static const int64_t INDEX_BYTES[3] = {4, 2, 1};
+
+static inline uint16_t narrow(float f) {  /* to bfloat16, rounding to nearest even as torch does */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);  /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* a token's inputs as floats: x itself, or its bfloat16 values widened into scratch */
+static const float *as_floats(const void *x, int64_t count, int half, float *scratch) {
+    if (!half) return (const float *)x;
+    for (int64_t i = 0; i < count; i++) scratch[i] = widen(((const uint16_t *)x)[i]);
+    return scratch;
+}
 
 /* Row vectors: z = B x (k atoms of d), then output i = bias[i] + sum_j values[i, j] z[index[i, j]], GELU
    applied where asked; index and values (ceil(n / 16), s, 16) interleaved. Returns 2 out of memory. */
-int dsformer_decode_rows(const float *x, int64_t tokens, const float *basis, int64_t k, int64_t d, const void *index,
-                         int index_type, const float *values, int64_t n, int64_t s, const float *bias, int gelu,
-                         float *y, int threads) {
+int dsformer_decode_rows(const void *x, int64_t tokens, const void *basis, int64_t k, int64_t d, const void *index,
+                         int index_type, const void *values, int64_t n, int64_t s, const float *bias, int gelu,
+                         void *y, int half, int threads) {
     if (index_type < 0 || index_type > 2) return 1;
-    float *z = malloc((size_t)(tokens * k) * sizeof(float));
+    float *z = malloc((size_t)(tokens * (k + d)) * sizeof(float));  /* z, then the inputs as floats */
     if (!z) return 2;
-    const GroupFn group = GROUPS[index_type];
+    const float *xs = as_floats(x, tokens * d, half, z + tokens * k);
     const int64_t groups = (n + 15) / 16, width = INDEX_BYTES[index_type];
     #pragma omp parallel num_threads(threads < 1 ? 1 : threads)
     for (int64_t t = 0; t < tokens; t++) {
         #pragma omp for schedule(static)
-        for (int64_t a = 0; a < k; a++) z[t * k + a] = dot(basis + a * d, x + t * d, d);
+        for (int64_t a = 0; a < k; a++)
+            z[t * k + a] = half ? dot_h((const uint16_t *)basis + a * d, xs + t * d, d)
+                                : dot((const float *)basis + a * d, xs + t * d, d);
         #pragma omp for schedule(static)
         for (int64_t g = 0; g < groups; g++) {
             const int64_t count = n - 16 * g < 16 ? n - 16 * g : 16;
-            group(z + t * k, (const char *)index + g * s * 16 * width, values + g * s * 16, s, bias ? bias + 16 * g : 0,
-                  gelu, count, y + t * n + 16 * g);
+            const void *ig = (const char *)index + g * s * 16 * width;
+            if (!half) {
+                GROUPS[index_type](z + t * k, ig, (const float *)values + g * s * 16, s, bias ? bias + 16 * g : 0,
+                                   gelu, count, (float *)y + t * n + 16 * g);
+                continue;
+            }
+            float b16[16] = {0}, out[16];  /* the bias padded to the group, the outputs before rounding */
+            if (bias)
+                for (int64_t l = 0; l < count; l++) b16[l] = bias[16 * g + l];
+            GROUPS_H[index_type](z + t * k, ig, (const uint16_t *)values + g * s * 16, s, b16, gelu, out);
+            for (int64_t l = 0; l < count; l++) ((uint16_t *)y)[t * n + 16 * g + l] = narrow(out[l]);
         }
     }
     free(z);
@@ -124,16 +153,17 @@ int dsformer_decode_rows(const float *x, int64_t tokens, const float *basis, int
    come in groups of 16 with interleaved bags padded to the group's longest (starts: each group's first
    entry / 16, then the end; atoms: the atom of each lane, -1 for none). u B: each thread adds up its share of
    B's rows (whole rows, read in order) into its own partial sum, then the partials are added. */
-int dsformer_decode_columns(const float *x, int64_t tokens, int64_t n, const void *index, int index_type,
-                            const float *values, const int32_t *starts, const int32_t *atoms, int64_t groups,
-                            const float *basis, int64_t k, int64_t d, const float *bias, float *y, int threads) {
+int dsformer_decode_columns(const void *x, int64_t tokens, int64_t n, const void *index, int index_type,
+                            const void *values, const int32_t *starts, const int32_t *atoms, int64_t groups,
+                            const void *basis, int64_t k, int64_t d, const float *bias, void *y, int half,
+                            int threads) {
     if (index_type < 0 || index_type > 2) return 1;
     if (threads < 1) threads = 1;
-    float *scratch = malloc((size_t)(tokens * k + threads * d) * sizeof(float));
+    float *scratch = malloc((size_t)(tokens * (k + n) + threads * d) * sizeof(float));
     if (!scratch) return 2;
-    const GroupFn group = GROUPS[index_type];
-    const int64_t width = INDEX_BYTES[index_type];
     float *u = scratch, *partials = scratch + tokens * k;
+    const float *xs = as_floats(x, tokens * n, half, partials + threads * d);
+    const int64_t width = INDEX_BYTES[index_type];
     #pragma omp parallel num_threads(threads)
     {
         const int me = omp_get_thread_num(), team = omp_get_num_threads();
@@ -141,21 +171,29 @@ int dsformer_decode_columns(const float *x, int64_t tokens, int64_t n, const voi
             #pragma omp for schedule(static)
             for (int64_t g = 0; g < groups; g++) {
                 float part[16];
-                group(x + t * n, (const char *)index + (int64_t)starts[g] * 16 * width,
-                      values + (int64_t)starts[g] * 16, starts[g + 1] - starts[g], 0, 0, 16, part);
+                const void *ig = (const char *)index + (int64_t)starts[g] * 16 * width;
+                const int64_t m = starts[g + 1] - starts[g];
+                if (half)
+                    GROUPS_H[index_type](xs + t * n, ig, (const uint16_t *)values + (int64_t)starts[g] * 16, m, 0, 0, part);
+                else
+                    GROUPS[index_type](xs + t * n, ig, (const float *)values + (int64_t)starts[g] * 16, m, 0, 0, 16, part);
                 for (int l = 0; l < 16; l++)
                     if (atoms[16 * g + l] >= 0) u[t * k + atoms[16 * g + l]] = part[l];
             }  /* the implied barrier: u is whole */
             const int64_t a0 = k * me / team, a1 = k * (me + 1) / team;
             float *mine = partials + (int64_t)me * d;
             memset(mine, 0, (size_t)d * sizeof(float));
-            add_rows(mine, basis + a0 * d, u + t * k + a0, a1 - a0, d);
+            if (half)
+                add_rows_h(mine, (const uint16_t *)basis + a0 * d, u + t * k + a0, a1 - a0, d);
+            else
+                add_rows(mine, (const float *)basis + a0 * d, u + t * k + a0, a1 - a0, d);
             #pragma omp barrier
             #pragma omp for schedule(static)
             for (int64_t c = 0; c < d; c++) {
                 float sum = bias ? bias[c] : 0.0f;
                 for (int p = 0; p < team; p++) sum += partials[(int64_t)p * d + c];
-                y[t * d + c] = sum;
+                if (half) ((uint16_t *)y)[t * d + c] = narrow(sum);
+                else ((float *)y)[t * d + c] = sum;
             }
         }
     }

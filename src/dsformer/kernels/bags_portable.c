@@ -146,6 +146,68 @@ static inline float dot(const float *a, const float *x, int64_t d) {
     }
 DEFINE_GROUP(int32_t, _i32) DEFINE_GROUP(int16_t, _i16) DEFINE_GROUP(uint8_t, _u8)
 
+/* The same three for bfloat16 factors (uint16 bit patterns), widened to float; sums in float. */
+typedef uint16_t vh __attribute__((vector_size(2 * LANES)));
+
+static inline vf load_h(const uint16_t *p) {
+    vh h;
+    memcpy(&h, p, sizeof h);
+    return (vf)(__builtin_convertvector(h, vi) << 16);
+}
+
+static inline float widen(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline float dot_h(const uint16_t *a, const float *x, int64_t d) {
+    vf s0 = {0};
+    int64_t i = 0;
+    for (; i + LANES <= d; i += LANES) {
+        __builtin_prefetch(a + i + 32 * AHEAD);
+        s0 += load_h(a + i) * load_n(x + i, LANES);
+    }
+    float total = 0.0f;
+    for (int l = 0; l < LANES; l++) total += s0[l];
+    for (; i < d; i++) total += widen(a[i]) * x[i];
+    return total;
+}
+
+#define DEFINE_GROUP_H(T, SUFFIX)                                                                   \
+    static void group_h##SUFFIX(const float *src, const void *index_, const uint16_t *values, int64_t m, \
+                                const float *bias, int gelu, float *out) {                          \
+        const T *index = (const T *)index_;                                                         \
+        vf lo = {0}, hi = {0};                                                                      \
+        for (int64_t j = 0; j < m; j++) {                                                           \
+            const T *i = index + 16 * j;                                                            \
+            __builtin_prefetch(values + 16 * (j + AHEAD));                                          \
+            __builtin_prefetch(i + 16 * AHEAD);                                                     \
+            vf g0, g1;                                                                              \
+            for (int l = 0; l < LANES; l++) { g0[l] = src[i[l]]; g1[l] = src[i[LANES + l]]; }       \
+            lo += load_h(values + 16 * j) * g0;                                                     \
+            hi += load_h(values + 16 * j + LANES) * g1;                                             \
+        }                                                                                           \
+        if (bias) { lo += load_n(bias, LANES); hi += load_n(bias + LANES, LANES); }                 \
+        if (gelu) { lo = gelu_v(lo); hi = gelu_v(hi); }                                             \
+        store_n(out, lo, LANES);                                                                    \
+        store_n(out + LANES, hi, LANES);                                                            \
+    }
+DEFINE_GROUP_H(int32_t, _i32) DEFINE_GROUP_H(int16_t, _i16) DEFINE_GROUP_H(uint8_t, _u8)
+
+static void add_rows_h(float *acc, const uint16_t *rows, const float *w, int64_t count, int64_t d) {
+    for (int64_t a = 0; a < count; a++) {
+        const uint16_t *r = rows + a * d;
+        int64_t i = 0;
+        for (; i + LANES <= d; i += LANES) {
+            __builtin_prefetch(r + i + 32 * AHEAD);
+            store_n(acc + i, load_n(acc + i, LANES) + w[a] * load_h(r + i), LANES);
+        }
+        for (; i < d; i++) acc[i] += w[a] * widen(r[i]);
+    }
+}
+
 /* acc (d floats) += sum over the rows a of w[a] * rows[a] (count rows of d) */
 static void add_rows(float *acc, const float *rows, const float *w, int64_t count, int64_t d) {
     for (int64_t a = 0; a < count; a++) {

@@ -50,7 +50,7 @@ _REPEATS = 7
 COLD_BELOW = 16
 _SAMPLE_SECONDS, _MAX_CALLS = 0.002, 50  # each timing sample repeats a fast backend up to this long
 # part of every cache key: bump it when a backend's implementation changes, so old timings are not reused
-REVISION = 9
+REVISION = 10
 
 
 def use_backend(model: nn.Module, name: str) -> int:

@@ -12,7 +12,8 @@ call of the compiled kernel (:mod:`dsformer.kernels.native`) per layer:
 - column vectors: ``u = Cᵀ x``, each atom's bag of the inputs that use it (atoms sorted by bag
   length and grouped by 16, each group padded to its longest bag), then ``y = u B``.
 
-The plans are copies of the coefficients in another order, built once per layer (the cost in memory
+Factors and input in float32 or bfloat16 (read as stored, summed in float32, the output rounded to
+the input's type). The plans are copies of the coefficients in another order, built once per layer (the cost in memory
 of this path). Tokens are taken one at a time (the factors stay in cache after the first), so the
 path pays off for a few tokens; the ``gather`` backend uses it below :data:`TOKENS`.
 
@@ -68,6 +69,15 @@ class ColumnPlan(NamedTuple):
     bias: torch.Tensor | None
 
 
+DTYPES = (torch.float32, torch.bfloat16)  # of the factors and the input: sums are in float32 either way
+
+
+def _factor(basis: torch.Tensor) -> torch.Tensor:
+    """The basis as the kernel reads it: float32 or bfloat16 as stored (a view), any other float as float32."""
+    basis = basis.detach()
+    return basis if basis.dtype in DTYPES else basis.float()
+
+
 def _interleaved(t: torch.Tensor) -> torch.Tensor:
     n, s = t.shape
     groups = -(-n // GROUP)
@@ -80,10 +90,10 @@ def row_plan(
 ) -> RowPlan:
     """The decode plan of a row layer: its ELL ``indices (N, s)`` (checked: the kernel trusts them), ``values``,
     ``basis (k, d)`` and ``bias``."""
-    index = _interleaved(native.readable(indices))
+    index, basis = _interleaved(native.readable(indices)), _factor(basis)
     return RowPlan(
-        index, _interleaved(values.detach().float()), indices.shape[0], native.INDEX_TYPES[index.dtype],
-        basis.detach().float(), None if bias is None else bias.detach().float(),
+        index, _interleaved(values.detach().to(basis.dtype)), indices.shape[0], native.INDEX_TYPES[index.dtype],
+        basis, None if bias is None else bias.detach().float(),
     )  # fmt: skip
 
 
@@ -92,8 +102,8 @@ def column_plan(
 ) -> ColumnPlan:
     """The decode plan of a column layer: its ELL ``indices (N, s)`` (checked), ``values``, ``basis (k, d)``,
     ``bias``."""
-    k = basis.shape[0]
-    by_atom = gather.column_plan(indices, values.detach().float(), k)
+    k, basis = basis.shape[0], _factor(basis)
+    by_atom = gather.column_plan(indices, values.detach().to(basis.dtype), k)
     offsets = by_atom.offsets.long()
     lengths = offsets.diff()
     order = torch.argsort(lengths, descending=True, stable=True)  # similar lengths share a group: less padding
@@ -107,25 +117,28 @@ def column_plan(
     row = starts[position[atom] // GROUP] + torch.arange(atom.numel()) - offsets[atom]
     lane = position[atom] % GROUP
     index = by_atom.vectors.new_zeros(int(starts[-1]), GROUP)
-    vals = torch.zeros(int(starts[-1]), GROUP)
+    vals = torch.zeros(int(starts[-1]), GROUP, dtype=basis.dtype)
     index[row, lane] = by_atom.vectors
     vals[row, lane] = by_atom.values
     return ColumnPlan(
-        index, vals, starts.int(), lanes.int(), groups, native.INDEX_TYPES[index.dtype], basis.detach().float(),
+        index, vals, starts.int(), lanes.int(), groups, native.INDEX_TYPES[index.dtype], basis,
         None if bias is None else bias.detach().float(),
     )  # fmt: skip
 
 
 def rows(x: torch.Tensor, plan: RowPlan, gelu: bool = False) -> torch.Tensor:
-    """``x (..., d) -> (..., N)`` for a row layer, ``gelu`` applied before each output is stored."""
+    """``x (..., d) -> (..., N)`` for a row layer, ``gelu`` applied before each output is stored; ``x`` in the
+    plan's dtype."""
     # lean on purpose: at a decode step each microsecond here is paid by every layer
+    if x.dtype != plan.basis.dtype:
+        raise ValueError(f"input in {x.dtype}, the plan's factors in {plan.basis.dtype}")
     x = x.contiguous()
     k, d = plan.basis.shape
     y = x.new_empty((*x.shape[:-1], plan.outputs))
     failed = _library().dsformer_decode_rows(
         x.data_ptr(), x.numel() // d, plan.basis.data_ptr(), k, d, plan.index.data_ptr(), plan.index_type,
         plan.values.data_ptr(), plan.outputs, plan.index.shape[1], None if plan.bias is None else plan.bias.data_ptr(),
-        gelu, y.data_ptr(), torch.get_num_threads(),
+        gelu, y.data_ptr(), x.dtype == torch.bfloat16, torch.get_num_threads(),
     )  # fmt: skip
     if failed:
         raise MemoryError("the decode kernel could not allocate its scratch")
@@ -133,14 +146,17 @@ def rows(x: torch.Tensor, plan: RowPlan, gelu: bool = False) -> torch.Tensor:
 
 
 def columns(x: torch.Tensor, plan: ColumnPlan) -> torch.Tensor:
-    """``x (..., N) -> (..., d)`` for a column layer."""
+    """``x (..., N) -> (..., d)`` for a column layer; ``x`` in the plan's dtype."""
+    if x.dtype != plan.basis.dtype:
+        raise ValueError(f"input in {x.dtype}, the plan's factors in {plan.basis.dtype}")
     x = x.contiguous()
     k, d = plan.basis.shape
     y = x.new_empty((*x.shape[:-1], d))
     failed = _library().dsformer_decode_columns(
         x.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], plan.index.data_ptr(), plan.index_type,
         plan.values.data_ptr(), plan.starts.data_ptr(), plan.atoms.data_ptr(), plan.groups, plan.basis.data_ptr(), k,
-        d, None if plan.bias is None else plan.bias.data_ptr(), y.data_ptr(), torch.get_num_threads(),
+        d, None if plan.bias is None else plan.bias.data_ptr(), y.data_ptr(), x.dtype == torch.bfloat16,
+        torch.get_num_threads(),
     )  # fmt: skip
     if failed:
         raise MemoryError("the decode kernel could not allocate its scratch")

@@ -51,10 +51,12 @@ def _sparse(name: str, layer: DenseSparseLinear, x: torch.Tensor, gelu: bool = F
 
 
 def _decodes(layer: DenseSparseLinear, x: torch.Tensor) -> bool:
-    """Whether ``x`` takes the decode path: a few float32 tokens on a CPU where the compiled kernel runs."""
+    """Whether ``x`` takes the decode path: a few float32 or bfloat16 tokens, in the layer's own type, on a CPU
+    where the compiled kernel runs."""
     return (
         x.numel() < decode.TOKENS * x.shape[-1]
-        and x.dtype == torch.float32
+        and x.dtype in decode.DTYPES
+        and x.dtype == layer._parameters["basis"].dtype
         and x.device.type == "cpu"
         and native.available()
         and not torch.compiler.is_compiling()

@@ -222,9 +222,11 @@ def _built(name: str) -> ctypes.CDLL | None:
     c_int = ctypes.c_int
     fn.argtypes = [ptr, i64, i64, i64, ptr, c_int, ptr, i64, ptr, ptr, i64, ptr, c_int, c_int, c_int]
     fn.restype = ctypes.c_int
-    lib.dsformer_decode_rows.argtypes = [ptr, i64, ptr, i64, i64, ptr, c_int, ptr, i64, i64, ptr, c_int, ptr, c_int]
+    lib.dsformer_decode_rows.argtypes = [
+        ptr, i64, ptr, i64, i64, ptr, c_int, ptr, i64, i64, ptr, c_int, ptr, c_int, c_int
+    ]  # fmt: skip
     lib.dsformer_decode_columns.argtypes = [
-        ptr, i64, i64, ptr, c_int, ptr, ptr, ptr, i64, ptr, i64, i64, ptr, ptr, c_int
+        ptr, i64, i64, ptr, c_int, ptr, ptr, ptr, i64, ptr, i64, i64, ptr, ptr, c_int, c_int
     ]  # fmt: skip
     lib.dsformer_decode_rows.restype = lib.dsformer_decode_columns.restype = ctypes.c_int
     lib.dsformer_evict.argtypes, lib.dsformer_evict.restype = [ptr, i64, c_int], ctypes.c_int
