@@ -36,6 +36,7 @@ CASES = {  # n vectors, k atoms, s entries, index type: uint8 (k <= 256), int16,
     "uint8": (37, 200, 9, torch.uint8),
     "int16": (50, 300, 7, torch.int16),
     "int32": (16, 40, 5, torch.int32),
+    "wide": (300, 40, 3, torch.uint8),  # a column plan's indices name one of 300 inputs: int16
 }
 
 
@@ -111,11 +112,12 @@ def ds_layer(out: int, inp: int, k: int = 300, s: int = 12, seed: int = 0) -> De
 
 @native_only
 @pytest.mark.parametrize("shape", [(600, 300), (300, 600)], ids=["rows", "columns"])
-def test_gather_takes_the_decode_path_below_eight_tokens_and_the_bags_above(shape):
+def test_gather_takes_the_decode_path_up_to_four_tokens_and_the_bags_above(shape):
     layer = ds_layer(*shape)
     kernels.use_backend(layer, "gather")
     slots = layer.__dict__.setdefault("_kernel_cache", {})
-    for lead, path in [((1, 1), "decode_plan"), ((7,), "decode_plan"), ((1, 8), "indices" if layer.rows else "plan")]:
+    bags = "indices" if layer.rows else "plan"
+    for lead, path in [((1, 1), "decode_plan"), ((4,), "decode_plan"), ((5,), bags), ((1, 8), bags)]:
         slots.clear()
         x = torch.randn(*lead, shape[1])
         assert relative_error(layer(x), layer.reference(x)) < 1e-5
@@ -149,7 +151,9 @@ def test_auto_times_decode_sizes_with_the_weights_evicted_and_prefill_sizes_hot(
     entries = json.loads(kernel_cache.read_text())
     cold = {key.split("|T=")[1].split("|")[0]: entry.get("cold", False) for key, entry in entries.items()}
     assert cold == {"1": True, "64": False}
-    assert choice.COLD_BELOW > 1
+    cpu = torch.device("cpu")
+    assert choice.timed_cold(8, cpu) and not choice.timed_cold(9, cpu)
+    assert not choice.timed_cold(1, torch.device("meta"))
 
 
 def test_layer_tensors_finds_factors_bias_and_cached_plans():
@@ -161,3 +165,31 @@ def test_layer_tensors_finds_factors_bias_and_cached_plans():
         layer(torch.randn(1, 300))
         plan = layer.__dict__["_kernel_cache"]["decode_plan"][1]
         assert {plan.index.data_ptr(), plan.values.data_ptr()} <= {t.data_ptr() for t in choice.layer_tensors(layer)}
+
+
+@native_only
+@pytest.mark.parametrize("shape", [(600, 300), (300, 600)], ids=["rows", "columns"])
+@pytest.mark.parametrize("lead", [(1, 1), (1, 8)], ids=["decode", "bags"])
+def test_an_input_of_the_wrong_width_is_refused_on_every_path(shape, lead):
+    layer = ds_layer(*shape)
+    kernels.use_backend(layer, "gather")
+    with pytest.raises(RuntimeError, match=f"a {shape[1]}-feature layer"):
+        layer(torch.randn(*lead, shape[1] - 1))
+    plan = decode.row_plan(layer.indices, layer.values, layer.basis) if layer.rows else None
+    if plan is not None:
+        with pytest.raises(ValueError, match="takes"):
+            decode.rows(torch.randn(1, shape[1] + 1), plan)
+
+
+@native_only
+def test_a_basis_stored_transposed_is_read_as_the_rows_it_holds():
+    layout = DenseSparseLayout(40, 24, k=30, s=5)
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.randn(24, 30, generator=gen).T  # (k, d) as a transposed view: strides (1, 30)
+    indices = torch.rand(40, 30, generator=gen).argsort(dim=1)[:, :5]
+    layer = DenseSparseLinear(DenseSparseFactors(layout, basis, torch.randn(40, 5, generator=gen), indices))
+    layer.requires_grad_(False)
+    assert not layer.basis.is_contiguous()
+    kernels.use_backend(layer, "gather")
+    x = torch.randn(1, 24, generator=gen)
+    assert relative_error(layer(x), layer.reference(x)) < 1e-5

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from dsformer.kernels import calibrate, choose, native, seconds, use_backend
-from dsformer.kernels.choice import COLD_BELOW, layer_tensors
+from dsformer.kernels.choice import layer_tensors, timed_cold
 from dsformer.kernels.gather import SHORT
 from dsformer.kernels.int8 import int8_linears
 from dsformer.structures import backends
@@ -188,9 +188,9 @@ def layer_timings(
         # the backend alone: an activation fused into the layer (surgery.fuse_activations) is not part of the linear
         compact_call = functools.partial(layer.run, backend, xc)
         before = None
-        if batch * seq < COLD_BELOW and device.type == "cpu":  # decode-sized: weights from memory, as auto times it
-            before = {"dense": functools.partial(native.evict, [linear.weight.detach()]),
-                      "compact": functools.partial(native.evict, layer_tensors(layer))}  # fmt: skip
+        if timed_cold(batch * seq, device):  # decode-sized: weights from memory, as auto times it
+            before = {"dense": lambda linear=linear: native.evict([p.detach() for p in linear.parameters()]),
+                      "compact": lambda layer=layer: native.evict(layer_tensors(layer))}  # fmt: skip
         t = alternate({"dense": functools.partial(linear, x), "compact": compact_call}, device, repeats, before=before)
         dense_bytes = layer.out_features * layer.in_features * linear.weight.element_size()
         row = {

@@ -5,7 +5,7 @@ uses it) and ``dense`` (the materialized weight in one GEMM: the dense cost, the
 makes ``auto`` never slower than dense). Importing this package registers the fast backends in
 the table that compact layers consult (:mod:`dsformer.structures.backends`):
 
-- dense-sparse: ``gather`` (a compiled CPU kernel, else embedding-bags; below eight tokens the
+- dense-sparse: ``gather`` (a compiled CPU kernel, else embedding-bags; up to four tokens the
   decode path of :mod:`~dsformer.kernels.decode`) and on CUDA ``triton``
   (:mod:`~dsformer.kernels.dense_sparse`). Low rank's reference is already its fast backend
   (two GEMMs); N:M has no kernel that beats dense on a CPU;

@@ -148,11 +148,12 @@ DEFINE_GROUP(int32_t, _i32) DEFINE_GROUP(int16_t, _i16) DEFINE_GROUP(uint8_t, _u
 
 /* The same three for bfloat16 factors (uint16 bit patterns), widened to float; sums in float. */
 typedef uint16_t vh __attribute__((vector_size(2 * LANES)));
+typedef uint32_t vu __attribute__((vector_size(4 * LANES)));
 
 static inline vf load_h(const uint16_t *p) {
     vh h;
     memcpy(&h, p, sizeof h);
-    return (vf)(__builtin_convertvector(h, vi) << 16);
+    return (vf)(__builtin_convertvector(h, vu) << 16);
 }
 
 static inline float widen(uint16_t h) {

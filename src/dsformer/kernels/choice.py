@@ -43,14 +43,15 @@ from dsformer.structures.backends import available, backend_of, registered, set_
 from dsformer.surgery import fuse_activations, unfuse_activations
 
 _REPEATS = 7
-# inputs of fewer tokens than this (decode steps) are timed with the layer's memory evicted from the caches
-# before each call: at a decode step each layer's weights are read once per token and, in a model larger
-# than the cache, come from memory; timed hot in a loop, a 1536 x 576 dense product at one token took a
-# quarter of its time in a decoding model (Xeon VM), and the choice went to the wrong backend
+# inputs of fewer tokens than this, rounded up to a power of two (decode steps: at most 8 tokens), are timed
+# with the layer's memory evicted from the caches before each call (`timed_cold`): at a decode step each
+# layer's weights are read once per token and, in a model larger than the cache, come from memory; timed hot
+# in a loop, a 1536 x 576 dense product at one token took a quarter of its time in a decoding model (Xeon VM),
+# and the choice went to the wrong backend
 COLD_BELOW = 16
 _SAMPLE_SECONDS, _MAX_CALLS = 0.002, 50  # each timing sample repeats a fast backend up to this long
 # part of every cache key: bump it when a backend's implementation changes, so old timings are not reused
-REVISION = 10
+REVISION = 11
 
 
 def use_backend(model: nn.Module, name: str) -> int:
@@ -184,7 +185,7 @@ def _time_backends(layer: CompactLinear, tokens: int, seq: int, dtype: torch.dty
         x = x.mT.contiguous().mT
     names = [p for p in available(layer) if backend_of(layer, p).exact and _runs(layer, p, x)]
     times: dict[str, list[float]] = {p: [] for p in names}
-    if tokens < COLD_BELOW and device.type == "cpu" and native.evict(layer_tensors(layer)):
+    if timed_cold(tokens, device) and native.evict(layer_tensors(layer)):
         return _time_cold(layer, names, x)
     with torch.inference_mode():
         # a sample runs a backend enough times to take about 2 ms: single calls of a 0.1 ms layer are
@@ -197,6 +198,11 @@ def _time_backends(layer: CompactLinear, tokens: int, seq: int, dtype: torch.dty
                 times[p].append(seconds(run, x.device) / calls[p])
     median = {p: statistics.median(t) for p, t in times.items()}
     return {"choice": min(median, key=median.get), "seconds": median}
+
+
+def timed_cold(tokens: int, device: torch.device) -> bool:
+    """Whether inputs of ``tokens`` tokens are timed with the weights evicted from the caches (decode sizes, CPU)."""
+    return token_bucket(tokens) < COLD_BELOW and device.type == "cpu"
 
 
 def _time_cold(layer: CompactLinear, names: list[str], x: torch.Tensor) -> dict:

@@ -15,7 +15,7 @@ call of the compiled kernel (:mod:`dsformer.kernels.native`) per layer:
 Factors and input in float32 or bfloat16 (read as stored, summed in float32, the output rounded to
 the input's type). The plans are copies of the coefficients in another order, built once per layer (the cost in memory
 of this path). Tokens are taken one at a time (the factors stay in cache after the first), so the
-path pays off for a few tokens; the ``gather`` backend uses it below :data:`TOKENS`.
+path pays off for a few tokens; the ``gather`` backend uses it up to :data:`TOKENS`.
 
 Example:
     >>> import torch
@@ -37,10 +37,11 @@ import torch
 
 from dsformer.kernels import gather, native
 
-# inputs of fewer tokens than this take the decode path: on SmolLM2's layer shapes with the factors streamed
+# inputs of at most this many tokens take the decode path: on SmolLM2's layer shapes with the factors streamed
 # from memory it beat the bags path at 1, 2 and 4 tokens on every shape, and lost at 8 on a column layer
-# (benchmarks/decode_layers.py; the tokens after the first find the factors in cache)
-TOKENS = 8
+# (benchmarks/decode_layers.py; the tokens after the first find the factors in cache). A power of two: `auto`
+# times a token count rounded up to one, so 5 to 7 tokens are timed, and run, on the bags path
+TOKENS = 4
 GROUP = 16  # outputs (rows) or atoms (columns) whose entries are interleaved
 
 
@@ -63,6 +64,7 @@ class ColumnPlan(NamedTuple):
     values: torch.Tensor  # (E, 16)
     starts: torch.Tensor  # (groups + 1,) int32: each group's first row of E, then E
     atoms: torch.Tensor  # (groups * 16,) int32: the atom of each lane, -1 for padding lanes
+    inputs: int  # N
     groups: int
     index_type: int
     basis: torch.Tensor  # (k, d)
@@ -74,8 +76,8 @@ DTYPES = (torch.float32, torch.bfloat16)  # of the factors and the input: sums a
 
 def _factor(basis: torch.Tensor) -> torch.Tensor:
     """The basis as the kernel reads it: float32 or bfloat16 as stored (a view), any other float as float32."""
-    basis = basis.detach()
-    return basis if basis.dtype in DTYPES else basis.float()
+    basis = basis.detach()  # the kernel reads rows in order
+    return (basis if basis.dtype in DTYPES else basis.float()).contiguous()
 
 
 def _interleaved(t: torch.Tensor) -> torch.Tensor:
@@ -93,7 +95,7 @@ def row_plan(
     index, basis = _interleaved(native.readable(indices)), _factor(basis)
     return RowPlan(
         index, _interleaved(values.detach().to(basis.dtype)), indices.shape[0], native.INDEX_TYPES[index.dtype],
-        basis, None if bias is None else bias.detach().float(),
+        basis, None if bias is None else bias.detach().float().contiguous(),
     )  # fmt: skip
 
 
@@ -121,8 +123,8 @@ def column_plan(
     index[row, lane] = by_atom.vectors
     vals[row, lane] = by_atom.values
     return ColumnPlan(
-        index, vals, starts.int(), lanes.int(), groups, native.INDEX_TYPES[index.dtype], basis,
-        None if bias is None else bias.detach().float(),
+        index, vals, starts.int(), lanes.int(), indices.shape[0], groups, native.INDEX_TYPES[index.dtype], basis,
+        None if bias is None else bias.detach().float().contiguous(),
     )  # fmt: skip
 
 
@@ -130,10 +132,10 @@ def rows(x: torch.Tensor, plan: RowPlan, gelu: bool = False) -> torch.Tensor:
     """``x (..., d) -> (..., N)`` for a row layer, ``gelu`` applied before each output is stored; ``x`` in the
     plan's dtype."""
     # lean on purpose: at a decode step each microsecond here is paid by every layer
-    if x.dtype != plan.basis.dtype:
-        raise ValueError(f"input in {x.dtype}, the plan's factors in {plan.basis.dtype}")
-    x = x.contiguous()
     k, d = plan.basis.shape
+    if x.dtype != plan.basis.dtype or x.shape[-1] != d:
+        raise ValueError(f"input {tuple(x.shape)} {x.dtype}; the plan takes {d} features in {plan.basis.dtype}")
+    x = x.contiguous()
     y = x.new_empty((*x.shape[:-1], plan.outputs))
     failed = _library().dsformer_decode_rows(
         x.data_ptr(), x.numel() // d, plan.basis.data_ptr(), k, d, plan.index.data_ptr(), plan.index_type,
@@ -147,10 +149,12 @@ def rows(x: torch.Tensor, plan: RowPlan, gelu: bool = False) -> torch.Tensor:
 
 def columns(x: torch.Tensor, plan: ColumnPlan) -> torch.Tensor:
     """``x (..., N) -> (..., d)`` for a column layer; ``x`` in the plan's dtype."""
-    if x.dtype != plan.basis.dtype:
-        raise ValueError(f"input in {x.dtype}, the plan's factors in {plan.basis.dtype}")
-    x = x.contiguous()
     k, d = plan.basis.shape
+    if x.dtype != plan.basis.dtype or x.shape[-1] != plan.inputs:
+        raise ValueError(
+            f"input {tuple(x.shape)} {x.dtype}; the plan takes {plan.inputs} features in {plan.basis.dtype}"
+        )
+    x = x.contiguous()
     y = x.new_empty((*x.shape[:-1], d))
     failed = _library().dsformer_decode_columns(
         x.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], plan.index.data_ptr(), plan.index_type,

@@ -24,6 +24,8 @@ from dsformer.structures.backends import Backend, register_backend
 
 
 def _sparse(name: str, layer: DenseSparseLinear, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    if x.shape[-1] != layer.in_features:  # the kernels index the input with the layer's own indices
+        raise RuntimeError(f"a {layer.in_features}-feature layer got input of shape {tuple(x.shape)}")
     if name == "gather" and _decodes(layer, x):
         return _decode(layer, x, gelu)
     if name == "triton" and not triton_ds.runs_on(x):
@@ -54,7 +56,7 @@ def _decodes(layer: DenseSparseLinear, x: torch.Tensor) -> bool:
     """Whether ``x`` takes the decode path: a few float32 or bfloat16 tokens, in the layer's own type, on a CPU
     where the compiled kernel runs."""
     return (
-        x.numel() < decode.TOKENS * x.shape[-1]
+        x.numel() <= decode.TOKENS * x.shape[-1]
         and x.dtype in decode.DTYPES
         and x.dtype == layer._parameters["basis"].dtype
         and x.device.type == "cpu"

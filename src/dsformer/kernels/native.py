@@ -240,7 +240,9 @@ def evict(tensors: list[torch.Tensor]) -> bool:
     if lib is None:
         return False
     for t in tensors:
-        if t.device.type == "cpu" and t.numel() and lib.dsformer_evict(t.data_ptr(), t.nbytes, threads):
+        storage = t.untyped_storage()  # all of it: a strided view's bytes are not one span from its first
+        size = storage.nbytes()
+        if t.device.type == "cpu" and size and lib.dsformer_evict(storage.data_ptr(), size, threads):
             return False
     return True
 

@@ -148,9 +148,8 @@ class CompactLinear(nn.Module):
         """
         if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
             return build()
-        # a tensor moved or cast gets new storage (the old is alive while the new is made), so the address and
-        # the in-place version say whether a source changed; cheap, as a decode step calls this for every layer
-        key = tuple([(t.data_ptr(), t._version) for t in sources])
+        # a list, not a generator: a decode step calls this for every layer
+        key = tuple([(t.data_ptr(), t._version, t.device, t.dtype) for t in sources])
         cache = self.__dict__.setdefault("_kernel_cache", {})
         entry = cache.get(slot)
         if entry is None or entry[0] != key:
