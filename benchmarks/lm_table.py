@@ -15,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dsformer.harness.results import measured_ratios  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,7 +51,7 @@ def healed_table(healed: list[dict], free: list[dict]) -> str:
     )
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for run in sorted(healed, key=lambda r: (r["ratio"], r["test"]["perplexity"])):
-        ratios = run["ratios"] or {"ratio_params": 1.0, "ratio_bytes": 1.0}  # None: the dense model trained
+        ratios = measured_ratios(run)
         dense = run["method"] == "dense"  # its training-free figure is the pretrained model's, at any ratio
         start = (
             next((p for (m, _), p in before.items() if m == "dense"), None)

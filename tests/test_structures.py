@@ -546,3 +546,21 @@ def test_indices_are_stored_in_the_narrowest_type_that_holds_them(k, dtype):
     from dsformer.structures.dense_sparse.layout import index_dtype
 
     assert index_dtype(k) == dtype and torch.iinfo(dtype).max >= k - 1
+
+
+@pytest.mark.parametrize(
+    "structure, sized_by_ratio",
+    [
+        (DenseSparseConfig(), True),
+        (DenseSparseConfig(k=8), False),
+        (DenseSparseConfig(gamma=0.5), False),
+        (DenseSparseConfig(ratio=None, k=8, delta=0.25), False),
+        (LowRankConfig(), True),
+        (LowRankConfig(rank=4), False),
+        (NMConfig(), False),
+    ],
+    ids=["ds", "ds-k", "ds-gamma", "ds-no-ratio", "svd", "svd-rank", "nm"],
+)
+def test_a_structure_is_sized_by_its_ratio_alone_unless_an_option_fixes_a_size(structure, sized_by_ratio):
+    """What a global budget may choose for each layer (and what makes it a causal LM's default)."""
+    assert structure.sized_by_ratio == sized_by_ratio

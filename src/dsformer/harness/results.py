@@ -19,10 +19,18 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean, stdev
+from typing import Any
 
 from dsformer.errors import DsformerError
 from dsformer.files import atomic_write_text, check_file_output
 from dsformer.harness.methods import METHODS
+
+DENSE_RATIOS = {"ratio_params": 1.0, "ratio_bytes": 1.0}
+
+
+def measured_ratios(run: dict[str, Any]) -> dict[str, float]:
+    """A run result's compression ratios (``ratio_params``, ``ratio_bytes``); a dense run records none: 1x."""
+    return run.get("ratios") or DENSE_RATIOS
 
 
 @dataclass(frozen=True)
@@ -71,7 +79,7 @@ def collect(folders: list[Path]) -> list[Cell]:
     cells = []
     for (task, label, ratio), runs in sorted(groups.items()):
         metric = runs[0][0]["metric"]
-        measured = [r["ratios"]["ratio_params"] if r.get("ratios") else 1.0 for r, _ in runs]
+        measured = [measured_ratios(r)["ratio_params"] for r, _ in runs]
         cells.append(
             Cell(
                 task,

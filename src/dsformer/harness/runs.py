@@ -28,6 +28,7 @@ from dsformer.harness.finetune import METRICS_FILE
 from dsformer.harness.lm import calibration_batches, context_length, eval_windows, is_lm_task, perplexity, read_text
 from dsformer.harness.lm_bench import PROMPT, bench_lm, bench_lm_table, is_causal_lm_model
 from dsformer.harness.models import load_pretrained, resolve
+from dsformer.harness.results import measured_ratios
 from dsformer.harness.squad import STRIDE
 from dsformer.harness.tasks import TaskData, load_task
 from dsformer.kernels import check_backend, native, use_backend
@@ -122,8 +123,7 @@ class Calibration:
         if self.global_budget is not None:
             return self.global_budget
         generates = getattr(model, "can_generate", lambda: False)()  # what calibration scores next tokens of
-        fixed = any(getattr(config.structure, size, None) is not None for size in ("k", "gamma", "rank"))
-        return generates and config.structure.allocatable and not fixed and not config.overrides
+        return generates and config.structure.sized_by_ratio and not config.overrides
 
     def batches(self, model: nn.Module, tokenizer: Any, text: str) -> list[dict]:
         if tokenizer is None:
@@ -299,7 +299,7 @@ def summary_table(runs: list[dict]) -> str:
         rows.append(
             (
                 f"{m['method']} ({m['trainer']})" if m["method"] != "dense" else "dense",
-                f"{m['ratios']['ratio_params']:.2f}x" if m.get("ratios") else "1.00x",
+                f"{measured_ratios(m)['ratio_params']:.2f}x",
                 key,
                 f"{100 * m['test'][key]:.2f}",
                 "" if diff is None else f"{100 * diff:+.2f}",
@@ -314,7 +314,7 @@ def summary_table(runs: list[dict]) -> str:
 def finished_run(metrics: dict[str, Any], output: Path) -> str:
     """What ``dsformer finetune`` prints at the end: the run's summary row, every test metric and what was skipped."""
     if metrics["metric"] == "perplexity":
-        ratios = metrics["ratios"] or {"ratio_params": 1.0, "ratio_bytes": 1.0}  # None: the dense model
+        ratios = measured_ratios(metrics)
         return (
             f"{metrics['method']} ({metrics['trainer']}) trained on {metrics['tokens']} tokens: test perplexity "
             f"{metrics['test']['perplexity']:.3f} ({metrics['protocol']}), {ratios['ratio_params']:.2f}x params, "

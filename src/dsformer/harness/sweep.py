@@ -52,6 +52,7 @@ from dsformer.harness.finetune import RunConfig, check_run, finetune, has_checkp
 from dsformer.harness.healing import check_lm_run
 from dsformer.harness.lm import is_lm_task, task_label
 from dsformer.harness.methods import COMPRESSION, POST_TRAINING
+from dsformer.harness.results import measured_ratios
 from dsformer.harness.tasks import task_spec
 from dsformer.harness.training import TrainConfig
 from dsformer.stf import Schedule
@@ -415,7 +416,7 @@ def run_sweep(
         atomic_write_text(planned.result, json.dumps({**names, **metrics}, indent=2) + "\n")
         if not planned.is_start and not sweep.keep_models:
             shutil.rmtree(planned.output, ignore_errors=True)
-        ratio = "" if planned.is_start else f" ({(metrics.get('ratios') or {}).get('ratio_params', 1):.2f}x)"
+        ratio = "" if planned.is_start else f" ({measured_ratios(metrics)['ratio_params']:.2f}x)"
         echo(f"    {metrics['metric']} {metrics['test'][metrics['metric']]:.4f}{ratio}")
     return todo
 

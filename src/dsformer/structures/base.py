@@ -85,6 +85,12 @@ class Structure:
     # whether any ratio gives a layout (a global budget may then give each layer its own)
     allocatable: ClassVar[bool] = False
 
+    @property
+    def sized_by_ratio(self) -> bool:
+        """Whether the ratio alone sets each layer's size (no size fixed by another option), so that a
+        global budget may choose every layer's ratio."""
+        return self.allocatable and getattr(self, "ratio", None) is not None
+
     def candidates(self, out_features: int, in_features: int) -> list[Any]:
         """The layouts a fit may choose for this shape; raises InfeasibleRatioError where none fits. A layout
         has ``value_params``, ``ratio`` and ``stored_bytes(element_size)`` (indices included)."""

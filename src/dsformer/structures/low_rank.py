@@ -131,6 +131,10 @@ class LowRankConfig(Structure):
     allocatable: ClassVar[bool] = True
     layer: ClassVar[type[CompactLinear]] = LowRankLinear
 
+    @property
+    def sized_by_ratio(self) -> bool:
+        return super().sized_by_ratio and self.rank is None
+
     def candidates(self, out_features: int, in_features: int) -> list[LowRankLayout]:
         full = min(out_features, in_features)
         if self.rank is not None:

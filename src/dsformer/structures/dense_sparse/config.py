@@ -72,6 +72,10 @@ class DenseSparseConfig(Structure):
     allocatable: ClassVar[bool] = True
     layer: ClassVar[type[CompactLinear]] = DenseSparseLinear
 
+    @property
+    def sized_by_ratio(self) -> bool:
+        return super().sized_by_ratio and self.k is None and self.gamma is None
+
     def __post_init__(self) -> None:
         if self.budget not in ("params", "bytes"):
             raise DsformerError(f"ds: budget is params or bytes (got {self.budget!r})")
