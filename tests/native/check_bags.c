@@ -116,6 +116,12 @@ static void *maybe_half(float *v, int64_t count, int half) {
     return h;
 }
 
+/* a bfloat16 run's outputs as floats in y; the bfloat16 copies freed */
+static void widen_outputs(float *y, void *yh, int64_t count, void *xh, void *bh, void *vh) {
+    for (int64_t i = 0; i < count; i++) y[i] = from_half(((uint16_t *)yh)[i]);
+    free(xh); free(bh); free(vh); free(yh);
+}
+
 /* the decode path of a row layer: n outputs of s entries over k atoms of d, interleaved by 16 outputs */
 static int check_decode_rows(int64_t tokens, int64_t n, int64_t d, int64_t k, int64_t s, int index_type, int gelu,
                              int half) {
@@ -137,10 +143,7 @@ static int check_decode_rows(int64_t tokens, int64_t n, int64_t d, int64_t k, in
     void *xh = maybe_half(x, tokens * d, half), *bh = maybe_half(basis, k * d, half);
     void *vh = maybe_half(values, groups * s * 16, half), *yh = half ? malloc(sizeof(uint16_t) * tokens * n) : y;
     dsformer_decode_rows(xh, tokens, bh, k, d, stored, index_type, vh, n, s, bias, gelu, yh, half, 2);
-    if (half) {
-        for (int64_t i = 0; i < tokens * n; i++) y[i] = from_half(((uint16_t *)yh)[i]);
-        free(xh); free(bh); free(vh); free(yh);
-    }
+    if (half) widen_outputs(y, yh, tokens * n, xh, bh, vh);
     double worst = 0.0, largest = 0.0;
     for (int64_t t = 0; t < tokens; t++)
         for (int64_t i = 0; i < n; i++) {
@@ -195,10 +198,7 @@ static int check_decode_columns(int64_t tokens, int64_t n, int64_t d, int64_t k,
     void *xh = maybe_half(x, tokens * n, half), *bh = maybe_half(basis, k * d, half);
     void *vh = maybe_half(values, entries, half), *yh = half ? malloc(sizeof(uint16_t) * tokens * d) : y;
     dsformer_decode_columns(xh, tokens, n, stored, index_type, vh, starts, atoms, groups, bh, k, d, bias, yh, half, 2);
-    if (half) {
-        for (int64_t i = 0; i < tokens * d; i++) y[i] = from_half(((uint16_t *)yh)[i]);
-        free(xh); free(bh); free(vh); free(yh);
-    }
+    if (half) widen_outputs(y, yh, tokens * d, xh, bh, vh);
     double worst = 0.0, largest = 0.0;
     for (int64_t t = 0; t < tokens; t++)
         for (int64_t c = 0; c < d; c++) {
