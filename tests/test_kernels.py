@@ -151,6 +151,19 @@ def test_dense_path_follows_edited_factors():
     assert relative_error(layer(x), layer.reference(x)) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["dense", "gather", "auto"])
+def test_a_model_cast_inside_inference_mode_runs_on_every_backend(backend):
+    """Its factors become inference tensors, which keep no version counter for the backends' caches to read."""
+    layer = layer_of("ds", (96, 64))
+    with torch.inference_mode():
+        layer = layer.to(torch.float64)
+        assert layer.basis.is_inference()
+        kernels.use_backend(layer, backend)
+        for tokens in (1, 3):
+            x = torch.randn(tokens, 64, dtype=torch.float64)
+            assert relative_error(layer(x), layer.reference(x)) < 1e-5
+
+
 def test_unknown_backend_is_refused():
     with pytest.raises(
         DsformerError, match="unknown backend 'fast'; choose one of auto, dense, gather, int8, reference"

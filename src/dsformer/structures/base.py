@@ -154,8 +154,9 @@ class CompactLinear(nn.Module):
         """
         if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
             return build()
-        # a list, not a generator: a decode step calls this for every layer
-        key = tuple([(t.data_ptr(), t._version, t.device, t.dtype) for t in sources])
+        # a list, not a generator: a decode step calls this for every layer. Inference tensors (a model cast
+        # inside inference mode) keep no version: for them only a new address, device or type rebuilds
+        key = tuple([(t.data_ptr(), None if t.is_inference() else t._version, t.device, t.dtype) for t in sources])
         cache = self.__dict__.setdefault("_kernel_cache", {})
         entry = cache.get(slot)
         if entry is None or entry[0] != key:
