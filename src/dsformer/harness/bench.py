@@ -189,7 +189,7 @@ def layer_timings(
         compact_call = functools.partial(layer.run, backend, xc)
         before = None
         if timed_cold(batch * seq, device):  # decode-sized: weights from memory, as auto times it
-            before = {"dense": lambda linear=linear: native.evict([p.detach() for p in linear.parameters()]),
+            before = {"dense": lambda linear=linear: native.evict(layer_tensors(linear)),
                       "compact": lambda layer=layer: native.evict(layer_tensors(layer))}  # fmt: skip
         t = alternate({"dense": functools.partial(linear, x), "compact": compact_call}, device, repeats, before=before)
         dense_bytes = layer.out_features * layer.in_features * linear.weight.element_size()

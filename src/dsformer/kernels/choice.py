@@ -185,19 +185,24 @@ def _time_backends(layer: CompactLinear, tokens: int, seq: int, dtype: torch.dty
         x = x.mT.contiguous().mT
     names = [p for p in available(layer) if backend_of(layer, p).exact and _runs(layer, p, x)]
     times: dict[str, list[float]] = {p: [] for p in names}
-    if timed_cold(tokens, device) and native.evict(layer_tensors(layer)):
-        return _time_cold(layer, names, x)
+    cold = timed_cold(tokens, device) and native.evict(layer_tensors(layer))
     with torch.inference_mode():
-        # a sample runs a backend enough times to take about 2 ms: single calls of a 0.1 ms layer are
-        # noise-dominated, and a wrong choice there is paid on every forward
-        once = {p: seconds(functools.partial(layer.run, p, x), x.device) for p in names}
-        calls = {p: max(1, min(_MAX_CALLS, math.ceil(_SAMPLE_SECONDS / max(t, 1e-7)))) for p, t in once.items()}
+        if cold:  # one call a sample, each after the layer's memory is evicted
+            calls = dict.fromkeys(names, 1)
+        else:
+            # a sample runs a backend enough times to take about 2 ms: single calls of a 0.1 ms layer are
+            # noise-dominated, and a wrong choice there is paid on every forward
+            once = {p: seconds(functools.partial(layer.run, p, x), x.device) for p in names}
+            calls = {p: max(1, min(_MAX_CALLS, math.ceil(_SAMPLE_SECONDS / max(t, 1e-7)))) for p, t in once.items()}
         for _ in range(_REPEATS):
             for p in names:
+                if cold:
+                    native.evict(layer_tensors(layer))
                 run = functools.partial(_run_times, layer, p, x, calls[p])
                 times[p].append(seconds(run, x.device) / calls[p])
     median = {p: statistics.median(t) for p, t in times.items()}
-    return {"choice": min(median, key=median.get), "seconds": median}
+    chosen = {"choice": min(median, key=median.get), "seconds": median}
+    return {**chosen, "cold": True} if cold else chosen
 
 
 def timed_cold(tokens: int, device: torch.device) -> bool:
@@ -205,20 +210,9 @@ def timed_cold(tokens: int, device: torch.device) -> bool:
     return token_bucket(tokens) < COLD_BELOW and device.type == "cpu"
 
 
-def _time_cold(layer: CompactLinear, names: list[str], x: torch.Tensor) -> dict:
-    """Median time of one call of each backend with the layer's memory evicted from the caches before it."""
-    times: dict[str, list[float]] = {p: [] for p in names}
-    with torch.inference_mode():
-        for _ in range(_REPEATS):
-            for p in names:
-                native.evict(layer_tensors(layer))
-                times[p].append(seconds(functools.partial(layer.run, p, x), x.device))
-    median = {p: statistics.median(t) for p, t in times.items()}
-    return {"choice": min(median, key=median.get), "seconds": median, "cold": True}
-
-
 def layer_tensors(layer: nn.Module) -> list[torch.Tensor]:
-    """Every tensor a compact layer holds: its factors, bias and what its backends cached (plans, a dense weight)."""
+    """Every tensor a layer holds: its parameters and buffers, and what a compact layer's backends cached (plans, a
+    dense weight)."""
     found = [t.detach() for t in [*layer.parameters(), *layer.buffers()]]
     pending = [value for _, value in layer.__dict__.get("_kernel_cache", {}).values()]
     while pending:

@@ -70,11 +70,9 @@ def _decode(layer: DenseSparseLinear, x: torch.Tensor, gelu: bool) -> torch.Tens
     params = layer._parameters  # not through nn.Module's attribute lookup: paid by every layer at every step
     values, basis, bias, indices = params["values"], params["basis"], params.get("bias"), layer._buffers["indices"]
     sources = (values, indices, basis) if bias is None else (values, indices, basis, bias)
-    if layer.rows:
-        plan = layer.cached("decode_plan", lambda: decode.row_plan(_checked(layer), values, basis, bias), *sources)
-        return decode.rows(x, plan, gelu)
-    plan = layer.cached("decode_plan", lambda: decode.column_plan(_checked(layer), values, basis, bias), *sources)
-    return decode.columns(x, plan)
+    build = decode.row_plan if layer.rows else decode.column_plan
+    plan = layer.cached("decode_plan", lambda: build(_checked(layer), values, basis, bias), *sources)
+    return decode.rows(x, plan, gelu) if layer.rows else decode.columns(x, plan)  # GELU is fused into rows only
 
 
 def _checked(layer: DenseSparseLinear) -> torch.Tensor:
